@@ -1,0 +1,424 @@
+"""Classifier adapter: any image classifier as ``images in [0, 1] -> logits``, differentiably.
+
+Specs (what ``--classifier`` accepts):
+
+- a bare name, ``hf-hub:ORG/NAME`` or ``local-dir:PATH`` (or an existing folder): timm
+  (``resnet50``, ``vit_base_patch16_224.augreg_in21k_ft_in1k``);
+- ``tv:NAME`` or ``tv:NAME.WEIGHTS``: torchvision weights (``tv:resnet50.IMAGENET1K_V2``);
+- ``hf:ORG/MODEL`` (or ``hf:PATH``): a transformers image classifier;
+- ``file:PATH``: a TorchScript module, with ``--labels FILE`` (one label per line) and optional
+  preprocessing in ``PATH.json`` (``input_size``, ``crop_pct``, ``mean``, ``std``, ``interpolation``).
+
+Preprocessing always comes from the model's own config (timm's data config, torchvision's weights
+transforms, the transformers image processor) and runs as torch code so gradients reach the image.
+ImageNet label names come from ``timm.data.ImageNetInfo``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import DctAuditError
+from . import hub
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_PIL_RESAMPLE = {0: "nearest", 1: "bicubic", 2: "bilinear", 3: "bicubic", 4: "bilinear", 5: "bicubic"}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Labels
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LabelSet:
+    """Class names of a classifier: a display name per index plus the synonyms a query may match."""
+
+    names: tuple[str, ...]
+    synonyms: tuple[tuple[str, ...], ...]
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    @classmethod
+    def from_lines(cls, lines: list[str], source: str) -> LabelSet:
+        """One label per line; ``a, b, c`` lines give synonyms with ``a`` as the display name."""
+        syn = tuple(
+            tuple(s.strip() for s in line.split(",") if s.strip()) or (line.strip(),) for line in lines
+        )
+        return cls(names=tuple(s[0] for s in syn), synonyms=syn, source=source)
+
+    @classmethod
+    def imagenet(cls, subset: str = "imagenet-1k") -> LabelSet:
+        from timm.data import ImageNetInfo
+
+        info = ImageNetInfo(subset)
+        lines = [info.index_to_description(i) for i in range(info.num_classes())]
+        return cls.from_lines(lines, source=f"timm.data.ImageNetInfo({subset!r})")
+
+
+def read_labels_file(path: str | os.PathLike) -> LabelSet:
+    p = Path(path)
+    if not p.is_file():
+        raise DctAuditError(
+            f"labels file '{path}' does not exist; pass --labels with one class name per line"
+        )
+    lines = [ln for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    if not lines:
+        raise DctAuditError(f"labels file '{path}' is empty; it needs one class name per line")
+    return LabelSet.from_lines(lines, source=f"file:{p}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Differentiable preprocessing
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Resize (shorter side, or squash to a square), centre crop, normalise; all as torch ops.
+
+    ``resize`` is the shorter-side length before the crop (``None``: squash straight to ``crop``).
+    """
+
+    crop: tuple[int, int]
+    resize: int | None
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bilinear"
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        # images: (B, 3, H, W) in [0, 1]
+        mode = self.interpolation if self.interpolation in ("bilinear", "bicubic", "nearest") else "bilinear"
+        aa = mode != "nearest"
+        h, w = images.shape[-2:]
+        if self.resize is None:
+            size = self.crop
+        else:
+            scale = self.resize / min(h, w)
+            size = (max(self.crop[0], round(h * scale)), max(self.crop[1], round(w * scale)))
+        if (h, w) != tuple(size):
+            kw = {} if mode == "nearest" else {"align_corners": False, "antialias": aa}
+            images = F.interpolate(images, size=size, mode=mode, **kw)
+        top = (images.shape[-2] - self.crop[0]) // 2
+        left = (images.shape[-1] - self.crop[1]) // 2
+        images = images[..., top : top + self.crop[0], left : left + self.crop[1]]  # (B, 3, h, w)
+        mean = images.new_tensor(self.mean).view(1, 3, 1, 1)
+        std = images.new_tensor(self.std).view(1, 3, 1, 1)
+        return (images - mean) / std
+
+    @classmethod
+    def from_timm(cls, cfg: dict) -> Preprocess:
+        size = tuple(cfg["input_size"][-2:])
+        crop_pct = cfg.get("crop_pct") or 1.0
+        mode = cfg.get("crop_mode", "center")
+        resize = None if mode == "squash" else math.floor(min(size) / crop_pct)
+        if mode == "squash" and crop_pct != 1.0:
+            raise DctAuditError(f"timm crop_mode 'squash' with crop_pct {crop_pct} is not supported yet")
+        return cls(size, resize, tuple(cfg["mean"]), tuple(cfg["std"]), cfg.get("interpolation", "bilinear"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The adapter
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ClassifierSpec:
+    """A classifier as resolved: which library, which id and weights; recorded in the manifest."""
+
+    spec: str
+    kind: str  # timm | torchvision | transformers | torchscript
+    model_id: str
+    weights: str | None = None
+    labels_source: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Classifier(nn.Module):
+    """Frozen classifier: ``forward(images)`` takes (B, 3, H, W) in [0, 1] and returns logits (B, C)."""
+
+    def __init__(self, model: nn.Module, preprocess: Preprocess, labels: LabelSet, spec: ClassifierSpec):
+        super().__init__()
+        self.model = model.eval()
+        for param in self.model.parameters():
+            param.requires_grad_(False)
+        self.preprocess = preprocess
+        self.labels = labels
+        self.spec = spec
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        out = self.model(self.preprocess(images))
+        if hasattr(out, "logits"):  # transformers output
+            out = out.logits
+        return out  # (B, C)
+
+    @property
+    def device(self) -> torch.device:
+        for p in self.model.parameters():
+            return p.device
+        for b in self.model.buffers():
+            return b.device
+        return torch.device("cpu")
+
+
+def parse_spec(spec: str) -> tuple[str, str]:
+    """``(kind, id)`` from a ``--classifier`` string."""
+    if not spec or not spec.strip():
+        raise DctAuditError(
+            "--classifier is empty; give a timm name (resnet50), tv:NAME, hf:ORG/MODEL or file:PATH"
+        )
+    spec = spec.strip()
+    for prefix, kind in (
+        ("tv:", "torchvision"),
+        ("hf:", "transformers"),
+        ("file:", "torchscript"),
+        ("timm:", "timm"),
+    ):
+        if spec.startswith(prefix):
+            rest = spec[len(prefix) :]
+            if not rest:
+                raise DctAuditError(f"--classifier '{spec}' names no model after '{prefix}'")
+            return kind, rest
+    if os.path.isdir(spec):
+        return "timm", f"local-dir:{spec}"
+    return "timm", spec
+
+
+def _timm_pretrained_cfg(model_id: str) -> dict:
+    """The timm pretrained config (preprocessing, label info) without creating the model or its weights."""
+    import timm
+    from timm.models import get_pretrained_cfg
+
+    if model_id.startswith("local-dir:"):
+        folder = Path(model_id[len("local-dir:") :])
+        cfg_file = folder / "config.json"
+        if not cfg_file.is_file():
+            raise DctAuditError(
+                f"classifier folder '{folder}' has no config.json (a timm model folder is expected)"
+            )
+        raw = json.loads(cfg_file.read_text())
+        cfg = dict(raw.get("pretrained_cfg", {}))
+        cfg.setdefault("num_classes", raw.get("num_classes"))
+        cfg.setdefault("label_names", raw.get("label_names"))
+        cfg.setdefault("architecture", raw.get("architecture"))
+        return cfg
+    if model_id.startswith("hf-hub:"):
+        path = hub.hf_file(
+            model_id[len("hf-hub:") :], "config.json", what="classifier", flag=f"--classifier {model_id}"
+        )
+        raw = json.loads(Path(path).read_text())
+        cfg = dict(raw.get("pretrained_cfg", {}))
+        cfg.setdefault("num_classes", raw.get("num_classes"))
+        cfg.setdefault("label_names", raw.get("label_names"))
+        return cfg
+    if not timm.is_model(model_id):
+        import difflib
+
+        close = difflib.get_close_matches(model_id, timm.list_models(pretrained=True), n=3, cutoff=0.6)
+        hint = (
+            f"; did you mean {', '.join(close)}?"
+            if close
+            else "; see timm.list_models() or use tv:, hf: or file:"
+        )
+        raise DctAuditError(f"unknown classifier '{model_id}'{hint}")
+    cfg = get_pretrained_cfg(model_id)
+    if cfg is None:
+        raise DctAuditError(
+            f"timm model '{model_id}' has no pretrained weights; name one with a tag (e.g. resnet50.a1_in1k)"
+        )
+    return cfg.to_dict()
+
+
+def _labels_from_timm_cfg(cfg: dict, model_id: str) -> LabelSet:
+    from timm.data import infer_imagenet_subset
+
+    if cfg.get("label_names"):
+        descriptions = cfg.get("label_descriptions")
+        if isinstance(descriptions, dict):
+            lines = [descriptions.get(n, n) for n in cfg["label_names"]]
+        else:
+            lines = list(cfg["label_names"])
+        return LabelSet.from_lines(lines, source=f"{model_id} pretrained_cfg.label_names")
+    subset = infer_imagenet_subset(cfg)
+    if subset is None:
+        raise DctAuditError(
+            f"classifier '{model_id}' has {cfg.get('num_classes')} classes and no label names; pass --labels FILE"
+        )
+    return LabelSet.imagenet(subset)
+
+
+def _tv_weights(model_id: str):
+    """``(model name, weights enum)`` for ``resnet50`` (default weights) or ``resnet50.IMAGENET1K_V2``."""
+    import difflib
+
+    from torchvision.models import get_model_weights, list_models
+
+    name, _, tag = model_id.partition(".")
+    if name not in list_models():
+        close = difflib.get_close_matches(name, list_models(), n=3)
+        hint = f"; did you mean {', '.join('tv:' + c for c in close)}?" if close else ""
+        raise DctAuditError(f"unknown torchvision classifier 'tv:{name}'{hint}")
+    enum = get_model_weights(name)
+    if not tag:
+        return name, enum.DEFAULT
+    if tag not in enum.__members__:
+        raise DctAuditError(
+            f"torchvision model '{name}' has no weights '{tag}'; choose from {', '.join(enum.__members__)}"
+        )
+    return name, enum[tag]
+
+
+def _labels_from_categories(categories: list[str], source: str) -> LabelSet:
+    if len(categories) == 1000:
+        return LabelSet.imagenet("imagenet-1k")
+    return LabelSet.from_lines(list(categories), source=source)
+
+
+def describe_classifier(spec: str, labels_file: str | None = None) -> tuple[ClassifierSpec, LabelSet]:
+    """Resolve a classifier spec to its record and label set without loading any weights."""
+    kind, model_id = parse_spec(spec)
+    if kind == "torchscript":
+        path = Path(model_id)
+        if not path.is_file():
+            raise DctAuditError(f"classifier file '{model_id}' does not exist")
+        if labels_file is None:
+            raise DctAuditError(f"--classifier file:{model_id} needs --labels FILE (one class name per line)")
+        labels = read_labels_file(labels_file)
+        return ClassifierSpec(spec, kind, str(path.resolve()), labels_source=labels.source), labels
+    if labels_file is not None:
+        labels = read_labels_file(labels_file)
+    else:
+        labels = None
+    if kind == "timm":
+        cfg = _timm_pretrained_cfg(model_id)
+        labels = labels or _labels_from_timm_cfg(cfg, model_id)
+        tag = cfg.get("tag") or cfg.get("hf_hub_id")
+        rec = ClassifierSpec(spec, kind, model_id, weights=tag, labels_source=labels.source)
+        return rec, labels
+    if kind == "torchvision":
+        name, weights = _tv_weights(model_id)
+        labels = labels or _labels_from_categories(weights.meta["categories"], f"torchvision {weights}")
+        return ClassifierSpec(spec, kind, name, weights=str(weights), labels_source=labels.source), labels
+    if kind == "transformers":
+        config = hub.hf_config(model_id, what="classifier", flag=f"--classifier hf:{model_id}")
+        if labels is None:
+            id2label = {int(k): v for k, v in (config.id2label or {}).items()}
+            lines = [id2label[i] for i in range(len(id2label))]
+            labels = _labels_from_categories(lines, source=f"hf:{model_id} config.id2label")
+        return ClassifierSpec(spec, kind, model_id, labels_source=labels.source), labels
+    raise AssertionError(kind)
+
+
+def load_classifier(
+    spec: str, labels_file: str | None = None, device: str | torch.device = "cpu"
+) -> Classifier:
+    """Load a classifier with its weights and preprocessing, frozen, on ``device``."""
+    rec, labels = describe_classifier(spec, labels_file)
+    kind, model_id = rec.kind, rec.model_id
+    if kind == "timm":
+        import timm
+        from timm.data import resolve_data_config
+
+        with hub.missing_model_guard("classifier", f"--classifier {spec}"):
+            model = timm.create_model(model_id, pretrained=True)
+        cfg = resolve_data_config({}, model=model)
+        pre = Preprocess.from_timm(cfg)
+    elif kind == "torchvision":
+        from torchvision.models import get_model
+
+        _, weights = _tv_weights(parse_spec(spec)[1])
+        with hub.missing_model_guard("classifier", f"--classifier {spec}", torch_hub=True):
+            model = get_model(model_id, weights=weights)
+        t = weights.transforms()
+        crop = tuple(t.crop_size) * (2 // len(t.crop_size))
+        pre = Preprocess(crop, int(t.resize_size[0]), tuple(t.mean), tuple(t.std), t.interpolation.value)
+    elif kind == "transformers":
+        from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+        with hub.missing_model_guard("classifier", f"--classifier {spec}"):
+            model = AutoModelForImageClassification.from_pretrained(model_id, **hub.hf_kwargs(model_id))
+            proc = AutoImageProcessor.from_pretrained(model_id, **hub.hf_kwargs(model_id))
+        pre = _preprocess_from_hf(proc)
+    else:  # torchscript
+        model = torch.jit.load(model_id, map_location="cpu")
+        pre = _preprocess_from_sidecar(Path(model_id))
+        rec.extra["preprocess"] = asdict(pre)
+    clf = Classifier(model, pre, labels, rec).to(device)
+    n_out = _probe_num_classes(clf)
+    if n_out is not None and n_out != len(labels):
+        raise DctAuditError(
+            f"classifier '{spec}' outputs {n_out} classes but its labels list {len(labels)}; check --labels"
+        )
+    return clf
+
+
+def _probe_num_classes(clf: Classifier) -> int | None:
+    head = getattr(clf.model, "num_classes", None)
+    if isinstance(head, int):
+        return head
+    cfg = getattr(clf.model, "config", None)
+    if cfg is not None and getattr(cfg, "num_labels", None):
+        return int(cfg.num_labels)
+    with torch.no_grad():
+        x = torch.rand(1, 3, *clf.preprocess.crop, device=clf.device)
+        try:
+            return int(clf.model(x).shape[-1])
+        except Exception:
+            return None
+
+
+def _preprocess_from_hf(proc) -> Preprocess:
+    size = getattr(proc, "size", None) or {"height": 224, "width": 224}
+    size = dict(size) if not isinstance(size, int) else {"shortest_edge": size}
+    crop_pct = getattr(proc, "crop_pct", None)
+    mode = _PIL_RESAMPLE.get(int(getattr(proc, "resample", 2) or 2), "bilinear")
+    mean = tuple(getattr(proc, "image_mean", None) or IMAGENET_MEAN)
+    std = tuple(getattr(proc, "image_std", None) or IMAGENET_STD)
+    do_crop = bool(getattr(proc, "do_center_crop", False))
+    if "shortest_edge" in size:
+        edge = int(size["shortest_edge"])
+        if crop_pct and edge < 384:  # ConvNeXt-style: resize to edge / crop_pct, crop to edge
+            return Preprocess((edge, edge), int(edge / crop_pct), mean, std, mode)
+        crop = dict(getattr(proc, "crop_size", None) or {"height": edge, "width": edge})
+        crop_hw = (int(crop["height"]), int(crop["width"])) if do_crop else (edge, edge)
+        return Preprocess(crop_hw, edge, mean, std, mode)
+    hw = (int(size["height"]), int(size["width"]))
+    if do_crop:
+        crop = dict(proc.crop_size)
+        # squash to (h, w), then crop: expressed as shorter-side resize of a square input
+        return Preprocess((int(crop["height"]), int(crop["width"])), min(hw), mean, std, mode)
+    return Preprocess(hw, None, mean, std, mode)
+
+
+def _preprocess_from_sidecar(path: Path) -> Preprocess:
+    side = path.with_name(path.name + ".json")
+    cfg = {
+        "input_size": (3, 224, 224),
+        "crop_pct": 0.875,
+        "mean": IMAGENET_MEAN,
+        "std": IMAGENET_STD,
+        "interpolation": "bicubic",
+        "crop_mode": "center",
+    }
+    if side.is_file():
+        try:
+            cfg.update(json.loads(side.read_text()))
+        except json.JSONDecodeError as e:
+            raise DctAuditError(f"preprocessing file '{side}' is not valid JSON ({e})") from None
+    if isinstance(cfg["input_size"], int):
+        cfg["input_size"] = (3, cfg["input_size"], cfg["input_size"])
+    return Preprocess.from_timm(cfg)

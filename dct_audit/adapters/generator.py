@@ -1,0 +1,315 @@
+"""Generator adapter over a diffusers Stable Diffusion pipeline (SD 1.x, SD 2.x, SD-Turbo).
+
+Two things diffusers' ``__call__`` cannot do for us, and which this adapter adds:
+
+1. a learned token: a new placeholder token whose input embedding is a tensor we own (an
+   ``nn.Parameter`` during inversion), injected by wrapping the text encoder's input-embedding module,
+   so the vocabulary matrix and every other weight stay untouched;
+2. gradients through the last ``grad_steps`` denoising steps, the VAE decoder and (outside) the
+   classifier, with every earlier step run without autograd (DCT's gradient skipping).
+
+The sampling loop mirrors ``StableDiffusionPipeline.__call__`` step by step (same noise, scheduler
+calls, guidance and decoding), and a test checks that both give the same images.
+SDXL would add a second tokenizer/encoder pair: ``encode`` is the one place that changes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import DctAuditError
+from . import hub
+
+DEFAULT_GENERATOR = "stabilityai/sd-turbo"
+
+# family -> (denoising steps, guidance scale); users override with --steps / --guidance
+FAMILY_DEFAULTS = {
+    "sd-turbo": (1, 0.0),
+    "sd1": (30, 7.0),  # the DCT paper's settings
+    "sd2": (30, 7.0),
+}
+
+
+class TokenInjectingEmbedding(nn.Module):
+    """Input embedding with extra token ids: ids < vocab go to the frozen matrix, the others to our vectors.
+
+    The wrapped ``nn.Embedding`` is never modified; a learned vector enters the graph through
+    ``torch.where`` so its gradient is exactly what flows back to the token's positions.
+    """
+
+    def __init__(self, base: nn.Embedding):
+        super().__init__()
+        self.base = base
+        self.extra: dict[int, torch.Tensor] = {}
+
+    @property
+    def weight(self) -> torch.Tensor:  # some code paths read ``token_embedding.weight``
+        return self.base.weight
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.base.num_embeddings
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        n = self.base.num_embeddings
+        out = self.base(input_ids.clamp_max(n - 1))  # (B, L, D)
+        unknown = input_ids >= n
+        for token_id, vector in self.extra.items():
+            hit = input_ids == token_id
+            unknown = unknown & ~hit
+            out = torch.where(hit.unsqueeze(-1), vector.to(out.dtype), out)
+        if bool(unknown.any()):
+            raise RuntimeError("a prompt uses an added token that has no vector; call set_token first")
+        return out
+
+
+@dataclass
+class GeneratorSpec:
+    """The generator as resolved; recorded in the manifest."""
+
+    spec: str
+    model_id: str
+    family: str
+    prediction_type: str
+    scheduler: str
+    resolution: int
+    default_steps: int
+    default_guidance: float
+    dtype: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def detect_family(model_id: str, pipe) -> str:
+    name = model_id.lower()
+    if "turbo" in name:
+        return "sd-turbo"
+    marker = Path(model_id) / "dct_audit_family.txt"
+    if marker.is_file():  # local folders may say what they are
+        fam = marker.read_text().strip()
+        if fam in FAMILY_DEFAULTS:
+            return fam
+    width = pipe.text_encoder.config.hidden_size
+    return "sd2" if width >= 1024 else "sd1"
+
+
+class Generator:
+    """A loaded Stable Diffusion pipeline with learned-token injection and a gradient-skipping sampler."""
+
+    def __init__(self, pipe, spec: GeneratorSpec, device: torch.device):
+        self.pipe = pipe
+        self.spec = spec
+        self.device = device
+        self.tokenizer = pipe.tokenizer
+        self.text_encoder = pipe.text_encoder
+        self.unet = pipe.unet
+        self.vae = pipe.vae
+        self.scheduler = pipe.scheduler
+        for module in (self.text_encoder, self.unet, self.vae):
+            module.requires_grad_(False).eval()
+        base = self.text_encoder.get_input_embeddings()
+        if not isinstance(base, TokenInjectingEmbedding):
+            base = TokenInjectingEmbedding(base)
+            self.text_encoder.set_input_embeddings(base)
+        self.embedding: TokenInjectingEmbedding = base
+
+    # -- tokens ------------------------------------------------------------------------------------
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.embedding.base.embedding_dim
+
+    def add_token(self, placeholder: str) -> int:
+        """Add ``placeholder`` to the tokenizer (once) and return its id."""
+        if placeholder not in self.tokenizer.get_vocab():
+            self.tokenizer.add_tokens([placeholder])
+        ids = self.tokenizer(placeholder, add_special_tokens=False).input_ids
+        if len(ids) != 1:
+            raise DctAuditError(f"placeholder '{placeholder}' did not become a single token")
+        return ids[0]
+
+    def word_vector(self, word: str) -> torch.Tensor:
+        """The frozen input embedding of a one-token word (the learned token's initialisation)."""
+        ids = self.tokenizer(word, add_special_tokens=False).input_ids
+        if len(ids) != 1:
+            raise DctAuditError(
+                f"--init-word '{word}' is {len(ids)} tokens for this tokenizer; choose a one-token word"
+            )
+        return self.embedding.base.weight[ids[0]].detach().float().clone()
+
+    def set_token(self, placeholder: str, vector: torch.Tensor) -> None:
+        """Make ``placeholder`` in prompts mean ``vector`` (a tensor or a trainable parameter)."""
+        self.embedding.extra[self.add_token(placeholder)] = vector
+
+    # -- text --------------------------------------------------------------------------------------
+
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        """Text-encoder hidden states for ``prompts`` exactly as diffusers' ``encode_prompt`` makes them."""
+        tok = self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        mask = None
+        if getattr(self.text_encoder.config, "use_attention_mask", False):
+            mask = tok.attention_mask.to(self.device)
+        hidden = self.text_encoder(tok.input_ids.to(self.device), attention_mask=mask)[0]  # (B, 77, D)
+        return hidden.to(self.text_encoder.dtype)
+
+    def use_cfg(self, guidance: float) -> bool:
+        return guidance > 1.0 and self.unet.config.time_cond_proj_dim is None
+
+    # -- sampling ----------------------------------------------------------------------------------
+
+    def sample(
+        self,
+        prompts: list[str],
+        seeds: list[int],
+        steps: int | None = None,
+        guidance: float | None = None,
+        grad_steps: int = 0,
+        uncond: torch.Tensor | None = None,
+        height: int | None = None,
+        width: int | None = None,
+    ) -> torch.Tensor:
+        """Images (B, 3, H, W) in [0, 1] for one prompt per seed.
+
+        Steps before the last ``grad_steps`` run under ``torch.no_grad``; the last ones, the decoder and
+        the prompt encoding keep their graph, so a loss on the images reaches the learned token.
+        ``uncond`` is the empty-prompt embedding (1, 77, D), computed once by the caller when guiding.
+        """
+        # 1. Check inputs
+        if len(prompts) != len(seeds):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
+        steps = self.spec.default_steps if steps is None else steps
+        guidance = self.spec.default_guidance if guidance is None else guidance
+        grad_steps = max(0, min(grad_steps, steps))
+        height = height or self.spec.resolution
+        width = width or self.spec.resolution
+        cfg = self.use_cfg(guidance)
+        pipe = self.pipe
+
+        # 2. Encode the prompts; the conditional branch is where the learned token lives
+        with torch.set_grad_enabled(grad_steps > 0 and torch.is_grad_enabled()):
+            cond = self.encode(prompts)  # (B, 77, D)
+        if cfg:
+            if uncond is None:
+                with torch.no_grad():
+                    uncond = self.encode([""])
+            embeds = torch.cat([uncond.expand(len(prompts), -1, -1), cond])  # (2B, 77, D)
+        else:
+            embeds = cond
+
+        # 3. Timesteps and initial noise, drawn per seed on the CPU as diffusers does
+        self.scheduler.set_timesteps(steps, device=self.device)
+        timesteps = self.scheduler.timesteps
+        generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+        latents = pipe.prepare_latents(
+            len(prompts), self.unet.config.in_channels, height, width, embeds.dtype, self.device, generators
+        )
+        extra = pipe.prepare_extra_step_kwargs(generators, 0.0)
+        timestep_cond = None
+        if self.unet.config.time_cond_proj_dim is not None:
+            g = torch.tensor(guidance - 1).repeat(len(prompts))
+            timestep_cond = pipe.get_guidance_scale_embedding(
+                g, embedding_dim=self.unet.config.time_cond_proj_dim
+            )
+            timestep_cond = timestep_cond.to(device=self.device, dtype=latents.dtype)
+
+        # 4. Denoising loop: no autograd except for the last grad_steps steps
+        first_grad = len(timesteps) - grad_steps
+        for i, t in enumerate(timesteps):
+            with torch.set_grad_enabled(i >= first_grad and torch.is_grad_enabled()):
+                model_in = torch.cat([latents] * 2) if cfg else latents
+                model_in = self.scheduler.scale_model_input(model_in, t)
+                noise = self.unet(
+                    model_in, t, encoder_hidden_states=embeds, timestep_cond=timestep_cond, return_dict=False
+                )[0]
+                if cfg:
+                    uncond_pred, text_pred = noise.chunk(2)
+                    noise = uncond_pred + guidance * (text_pred - uncond_pred)
+                latents = self.scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
+
+        # 5. Decode; clamp to [0, 1] in the forward pass only (a plain clamp would zero the gradient
+        #    of every out-of-range pixel, the norm early in training)
+        with torch.set_grad_enabled(grad_steps > 0 and torch.is_grad_enabled()):
+            decoded = self.vae.decode(
+                latents / self.vae.config.scaling_factor, return_dict=False, generator=generators
+            )[0]
+            images = decoded.float() / 2 + 0.5
+            images = images + (images.clamp(0, 1) - images).detach()
+        return images  # (B, 3, H, W)
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.unet.enable_gradient_checkpointing()
+        if hasattr(self.vae, "enable_gradient_checkpointing"):
+            self.vae.enable_gradient_checkpointing()
+
+
+def check_generator_spec(spec: str) -> str:
+    """Validate a local generator folder cheaply (before anything is written); returns the spec to load."""
+    if not spec or not spec.strip():
+        raise DctAuditError("--generator is empty; give a hub id (stabilityai/sd-turbo) or a pipeline folder")
+    if not hub.looks_like_path(spec):
+        return spec
+    folder = Path(spec).expanduser()
+    if not folder.is_dir():
+        raise DctAuditError(
+            f"generator folder '{spec}' does not exist; pass a diffusers pipeline folder or a hub id"
+        )
+    if not (folder / "model_index.json").is_file():
+        raise DctAuditError(f"generator folder '{spec}' is not a diffusers pipeline (no model_index.json)")
+    index = json.loads((folder / "model_index.json").read_text())
+    if index.get("_class_name") not in ("StableDiffusionPipeline", None):
+        raise DctAuditError(
+            f"generator '{spec}' is a {index.get('_class_name')}; dct-audit supports StableDiffusionPipeline (SD 1.x/2.x/Turbo)"
+        )
+    return str(folder)
+
+
+def load_generator(
+    spec: str = DEFAULT_GENERATOR, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> Generator:
+    """Load a Stable Diffusion pipeline by hub id or local folder through diffusers' own loader."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    device = torch.device(device)
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    spec = check_generator_spec(spec)
+    with hub.missing_model_guard("generator", f"--generator {spec}"):
+        pipe = StableDiffusionPipeline.from_pretrained(
+            spec, dtype=dtype, safety_checker=None, requires_safety_checker=False, **hub.hf_kwargs(spec)
+        )
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    family = detect_family(spec, pipe)
+    steps, guidance = FAMILY_DEFAULTS[family]
+    gspec = GeneratorSpec(
+        spec=spec,
+        model_id=spec,
+        family=family,
+        prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon"),
+        scheduler=type(pipe.scheduler).__name__,
+        resolution=int(pipe.unet.config.sample_size * pipe.vae_scale_factor),
+        default_steps=steps,
+        default_guidance=guidance,
+        dtype=str(dtype).replace("torch.", ""),
+    )
+    return Generator(pipe, gspec, device)

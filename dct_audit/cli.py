@@ -1,0 +1,227 @@
+"""The ``dct-audit`` command line: parses arguments and calls the Python API, nothing more.
+
+Every user error becomes one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from . import __version__
+from .errors import DctAuditError
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], not {value}")
+    return value
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that prints one line (no usage block) and exits 2 on a bad argument."""
+
+    def error(self, message: str):  # noqa: D102
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="dct-audit", description="Audit what an image classifier has learned, class by class."
+    )
+    parser.add_argument("--version", action="version", version=f"dct-audit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    # run ---------------------------------------------------------------------------------------
+    p = sub.add_parser(
+        "run", help="learn a discriminative token per class, generate paired images, score them"
+    )
+    p.add_argument(
+        "--classifier", required=True, help="resnet50 | tv:NAME[.WEIGHTS] | hf:ORG/MODEL | file:PATH | FOLDER"
+    )
+    p.add_argument("--classes", required=True, help="comma-separated indices, names or fragments (_ = space)")
+    p.add_argument("--labels", help="labels file, one class per line (needed for file:)")
+    p.add_argument(
+        "--generator",
+        default=None,
+        help="diffusers SD pipeline: hub id or folder (default stabilityai/sd-turbo)",
+    )
+    p.add_argument("--out", default="reports", help="parent folder of the run folder (default reports/)")
+    p.add_argument("--name", help="run folder name (default CLASSIFIER-DATE)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument(
+        "--steps", type=_positive_int, help="denoising steps (default per family: SD-Turbo 1, SD 1.x/2.x 30)"
+    )
+    p.add_argument(
+        "--guidance", type=_float, help="guidance scale (default per family: SD-Turbo 0, SD 1.x/2.x 7)"
+    )
+    p.add_argument(
+        "--grad-steps", type=_positive_int, default=1, help="last denoising steps with gradient (default 1)"
+    )
+    p.add_argument("--batch", type=_positive_int, help="seeds per update (default 4 on GPU, 2 on CPU)")
+    p.add_argument("--grad-accum", type=_positive_int, default=1, help="micro-batches per update (default 1)")
+    p.add_argument("--lr", type=_float, default=1e-3, help="AdamW learning rate (default 1e-3)")
+    p.add_argument(
+        "--max-updates", type=_positive_int, default=50, help="most updates per class (default 50)"
+    )
+    p.add_argument(
+        "--stop-accuracy", type=_fraction, default=0.7, help="stop at this batch accuracy (default 0.7)"
+    )
+    p.add_argument("--init-word", default="a", help="one-token word the token starts from (default 'a')")
+    p.add_argument(
+        "--template",
+        action="append",
+        dest="templates",
+        metavar="TEXT",
+        help="inversion prompt with {} for '<tok> class' (repeatable; default: the paper's three)",
+    )
+    p.add_argument(
+        "--context",
+        action="append",
+        dest="contexts",
+        metavar="TEXT",
+        help="generation context with {} for the subject (repeatable; default: photo, statue, snow)",
+    )
+    p.add_argument(
+        "--n-images", type=_positive_int, default=16, help="seeds per context and variant (default 16)"
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="first inversion seed; grids use seed+1000... (default 0)"
+    )
+    p.add_argument(
+        "--snapshot-every", type=_positive_int, default=5, help="evolution snapshot period in updates"
+    )
+    p.add_argument(
+        "--grad-checkpointing", action="store_true", help="trade compute for memory in the UNet/VAE"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace a run folder made with other settings")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    # classes -----------------------------------------------------------------------------------
+    p = sub.add_parser("classes", help="list a classifier's classes matching a query (loads no weights)")
+    p.add_argument("--classifier", required=True)
+    p.add_argument("--labels")
+    p.add_argument("query", nargs="?", help="name, fragment or index; omit to list all")
+
+    # download ----------------------------------------------------------------------------------
+    p = sub.add_parser("download", help="prefetch weights into the local caches for offline runs")
+    p.add_argument("--generator")
+    p.add_argument("--classifier")
+    p.add_argument("--tagger", help="open_clip ARCH/TAG, e.g. ViT-B-32/laion2b_s34b_b79k")
+    return parser
+
+
+def _cmd_run(args) -> int:
+    from .adapters.generator import DEFAULT_GENERATOR
+    from .pipeline import RunOptions, run_with_options
+
+    kwargs = {
+        k: getattr(args, k)
+        for k in (
+            "labels",
+            "out",
+            "name",
+            "device",
+            "steps",
+            "guidance",
+            "grad_steps",
+            "batch",
+            "grad_accum",
+            "lr",
+            "max_updates",
+            "stop_accuracy",
+            "init_word",
+            "n_images",
+            "seed",
+            "snapshot_every",
+            "grad_checkpointing",
+            "overwrite",
+            "quiet",
+        )
+    }
+    kwargs["generator"] = args.generator or DEFAULT_GENERATOR
+    if args.templates:
+        kwargs["templates"] = tuple(args.templates)
+    if args.contexts:
+        kwargs["contexts"] = tuple(args.contexts)
+    result = run_with_options(RunOptions(classifier=args.classifier, classes=args.classes, **kwargs))
+    for c in result.classes:
+        print(
+            f"{c['name']} ({c['index']}): token accuracy {c['token_accuracy']:.2f} vs baseline {c['baseline_accuracy']:.2f}, "
+            f"{c['updates']} updates ({c['stop_reason']}), {c['timings']['total_s']:.1f} s"
+        )
+    print(f"run folder: {result.run_dir}")
+    return 0
+
+
+def _cmd_classes(args) -> int:
+    from .adapters.classifier import describe_classifier
+    from .resolve import search_classes
+
+    _, labels = describe_classifier(args.classifier, args.labels)
+    hits = search_classes(args.query, labels)
+    if not hits:
+        from .resolve import match_query
+
+        match_query(args.query, labels)  # raises with the closest names
+    for i in hits:
+        names = labels.synonyms[i]
+        extra = f"  ({', '.join(names[1:])})" if len(names) > 1 else ""
+        print(f"{i:5d}  {labels.names[i]}{extra}")
+    return 0
+
+
+def _cmd_download(args) -> int:
+    from .download import download
+
+    download(generator=args.generator, classifier=args.classifier, tagger=args.tagger)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    handlers = {"run": _cmd_run, "classes": _cmd_classes, "download": _cmd_download}
+    try:
+        return handlers[args.command](args)
+    except DctAuditError as e:
+        print(f"dct-audit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "dct-audit: interrupted; finished classes are kept, run the same command to resume",
+            file=sys.stderr,
+        )
+        return 130
+    except BrokenPipeError:  # `dct-audit classes ... | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""Paired generation: the same seeds and contexts with the learned token and with the plain prompt."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from .adapters.generator import Generator
+
+DEFAULT_CONTEXTS = ("a photo of {}", "a statue of {}", "{} in the snow")
+VARIANTS = ("token", "baseline")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One image to make: which variant, which context, which seed, and its prompt."""
+
+    variant: str  # "token" | "baseline"
+    context_index: int
+    context: str
+    seed: int
+    prompt: str
+
+    @property
+    def filename(self) -> str:
+        return f"images/{self.variant}/c{self.context_index}_s{self.seed}.png"
+
+
+def eval_seeds(seed: int, n: int) -> list[int]:
+    """Seeds of the generated grids: disjoint from the inversion's seeds (which start at ``seed``)."""
+    return [seed + 1000 + i for i in range(n)]
+
+
+def plan_jobs(placeholder: str, class_name: str, contexts: tuple[str, ...], seeds: list[int]) -> list[Job]:
+    """Every (variant, context, seed) combination; token and baseline share seeds, so they pair up."""
+    jobs = []
+    for variant in VARIANTS:
+        subject = f"{placeholder} {class_name}" if variant == "token" else class_name
+        for ci, ctx in enumerate(contexts):
+            for s in seeds:
+                jobs.append(Job(variant, ci, ctx, s, ctx.format(subject)))
+    return jobs
+
+
+def generate(
+    generator: Generator, jobs: list[Job], batch: int, steps: int | None, guidance: float | None
+) -> Iterator[tuple[list[Job], torch.Tensor]]:
+    """Yield ``(jobs, images (b, 3, H, W))`` in batches, without autograd."""
+    uncond = None
+    g = generator.spec.default_guidance if guidance is None else guidance
+    with torch.no_grad():
+        if generator.use_cfg(g):
+            uncond = generator.encode([""])
+        for i in range(0, len(jobs), batch):
+            chunk = jobs[i : i + batch]
+            images = generator.sample(
+                [j.prompt for j in chunk], [j.seed for j in chunk], steps, guidance, uncond=uncond
+            )
+            yield chunk, images.float()

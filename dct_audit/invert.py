@@ -1,0 +1,232 @@
+"""Inversion: learn one discriminative class token for one class (Schwartz et al., ICCV 2023).
+
+Only one embedding vector is optimised. Each update generates images from fixed seeds with the token
+in the prompt, keeps autograd only for the last ``grad_steps`` denoising steps, the decoder and the
+classifier, and steps AdamW on the cross-entropy toward the target class.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .adapters.classifier import Classifier
+from .adapters.generator import Generator
+
+# The prompt templates of the DCT paper; ``{}`` becomes "<tok> <class name>".
+PAPER_TEMPLATES = ("A photo of {}", "a high resolution realistic image of {}", "A close-up photo of a {}")
+
+
+@dataclass
+class InvertConfig:
+    """Settings of the inversion loop (the CLI flags of the same names)."""
+
+    steps: int | None = None  # denoising steps; None: the generator family's default
+    guidance: float | None = None  # None: the family's default
+    grad_steps: int = 1  # last denoising steps with gradient (exact for one-step models)
+    batch: int = 2  # seeds per micro-batch
+    grad_accum: int = 1  # micro-batches per update (the official code: batch 1, 5 accumulations)
+    lr: float = 1e-3
+    max_updates: int = 50
+    stop_accuracy: float = 0.7
+    init_word: str = "a"
+    templates: tuple[str, ...] = PAPER_TEMPLATES
+    seed: int = 0
+    snapshot_every: int = 5
+    jump_factor: float = 2.0  # a loss above jump_factor x best moves to fresh seeds
+
+    def check(self) -> None:
+        if self.batch < 1 or self.grad_accum < 1:
+            raise ValueError(f"batch ({self.batch}) and grad_accum ({self.grad_accum}) must be >= 1")
+        if self.max_updates < 1:
+            raise ValueError(f"max_updates must be >= 1, not {self.max_updates}")
+        if not 0.0 < self.stop_accuracy <= 1.0:
+            raise ValueError(f"stop_accuracy must be in (0, 1], not {self.stop_accuracy}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, not {self.lr}")
+        for t in self.templates:
+            if t.count("{}") != 1:
+                raise ValueError(f"prompt template {t!r} must contain '{{}}' exactly once")
+
+
+@dataclass
+class InversionResult:
+    placeholder: str
+    vector: torch.Tensor  # (D,) the best token, float32 on CPU
+    init_vector: torch.Tensor  # (D,)
+    best_update: int
+    best_loss: float
+    stop_reason: str  # "accuracy" | "max_updates"
+    history: list[dict] = field(default_factory=list)
+    snapshots: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)  # (update, seed, (3, H, W))
+    seconds: float = 0.0
+
+
+def token_prompts(templates: tuple[str, ...], placeholder: str, class_name: str, n: int) -> list[str]:
+    """Prompt j (for seed slot j) uses template j mod len(templates)."""
+    subject = f"{placeholder} {class_name}" if placeholder else class_name
+    return [templates[j % len(templates)].format(subject) for j in range(n)]
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def invert_class(
+    generator: Generator,
+    classifier: Classifier,
+    target: int,
+    class_name: str,
+    placeholder: str,
+    config: InvertConfig,
+    progress: Callable[[dict], None] | None = None,
+) -> InversionResult:
+    """Learn the token for ``target``; returns the best token (lowest loss), not the last one."""
+    # 1. Check inputs
+    config.check()
+    device = generator.device
+    start = time.perf_counter()
+
+    # 2. The learned vector: initialised from a word, the only tensor with a gradient
+    init = generator.word_vector(config.init_word)
+    vector = nn.Parameter(init.clone().to(device))
+    generator.set_token(placeholder, vector)
+    optimizer = torch.optim.AdamW([vector], lr=config.lr, weight_decay=0.0)
+
+    # 3. The unconditional branch is fixed: compute it once for the class
+    guidance = generator.spec.default_guidance if config.guidance is None else config.guidance
+    uncond = None
+    if generator.use_cfg(guidance):
+        with torch.no_grad():
+            uncond = generator.encode([""])  # (1, 77, D)
+
+    per_update = config.batch * config.grad_accum
+    prompts = token_prompts(config.templates, placeholder, class_name, per_update)
+    seed_offset = 0
+    best_loss, best_update = math.inf, 0
+    best_vector = init.clone()
+    history: list[dict] = []
+    snapshots: list[tuple[int, int, torch.Tensor]] = []
+    stop_reason = "max_updates"
+    target_t = torch.full((config.batch,), target, device=device, dtype=torch.long)
+
+    # 4. Updates
+    for update in range(config.max_updates):
+        t0 = time.perf_counter()
+        seeds = [config.seed + seed_offset + j for j in range(per_update)]
+        optimizer.zero_grad(set_to_none=True)
+        losses, probs, hits = [], [], []
+        first_image = None
+        for m in range(config.grad_accum):
+            sl = slice(m * config.batch, (m + 1) * config.batch)
+            with _autocast(device):
+                images = generator.sample(
+                    prompts[sl],
+                    seeds[sl],
+                    config.steps,
+                    guidance,
+                    grad_steps=config.grad_steps,
+                    uncond=uncond,
+                )  # (b, 3, H, W)
+                logits = classifier(images).float()  # (b, C)
+            loss = F.cross_entropy(logits, target_t)
+            if torch.isfinite(loss):
+                (loss / config.grad_accum).backward()
+            losses.append(loss.item())
+            with torch.no_grad():
+                p = logits.softmax(-1)
+                probs += p[:, target].tolist()
+                hits += (logits.argmax(-1) == target).tolist()
+            if first_image is None:
+                first_image = images[0].detach().float().cpu()
+        loss_value = sum(losses) / len(losses)
+        accuracy = sum(hits) / len(hits)
+        row = {
+            "update": update,
+            "loss": loss_value,
+            "target_prob": sum(probs) / len(probs),
+            "accuracy": accuracy,
+            "seed_offset": seed_offset,
+            "lr": optimizer.param_groups[0]["lr"],
+            "grad_norm": float("nan"),
+            "event": "",
+        }
+        if update % config.snapshot_every == 0:
+            snapshots.append((update, seeds[0], first_image))
+
+        # 5. Bookkeeping before the step: the vector that produced this loss is the candidate
+        if not math.isfinite(loss_value):
+            vector.data.copy_(best_vector.to(device))
+            for g in optimizer.param_groups:
+                g["lr"] *= 0.5
+            optimizer.state.clear()
+            row["event"] = "non-finite loss: restored best token, halved lr"
+        else:
+            if loss_value < best_loss:
+                best_loss, best_update = loss_value, update
+                best_vector = vector.detach().float().cpu().clone()
+            if accuracy >= config.stop_accuracy:
+                row["seconds"] = time.perf_counter() - t0
+                history.append(row)
+                stop_reason = "accuracy"
+                if progress:
+                    progress(row)
+                if update % config.snapshot_every != 0:
+                    snapshots.append((update, seeds[0], first_image))
+                break
+            if loss_value > config.jump_factor * best_loss:
+                seed_offset += per_update
+                row["event"] = "loss jumped: fresh seeds"
+            grad = vector.grad
+            if grad is not None and torch.isfinite(grad).all():
+                row["grad_norm"] = grad.norm().item()
+                optimizer.step()
+            else:
+                row["event"] = "no usable gradient"
+        row["seconds"] = time.perf_counter() - t0
+        history.append(row)
+        if progress:
+            progress(row)
+
+    # 6. Keep the best token, not the last one
+    if not math.isfinite(best_loss):
+        best_vector = init.clone()
+    generator.set_token(placeholder, best_vector.to(device=device))
+    return InversionResult(
+        placeholder=placeholder,
+        vector=best_vector,
+        init_vector=init,
+        best_update=best_update,
+        best_loss=best_loss,
+        stop_reason=stop_reason,
+        history=history,
+        snapshots=snapshots,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def save_token(path, placeholder: str, vector: torch.Tensor) -> None:
+    """Write ``{placeholder: vector}`` as safetensors: the format ``load_textual_inversion`` reads."""
+    from safetensors.torch import save_file
+
+    from .rundir import atomic_write
+
+    tensors = {placeholder: vector.detach().float().cpu().contiguous()}
+    atomic_write(path, lambda p: save_file(tensors, str(p), metadata={"format": "pt", "dct_audit": "1"}))
+
+
+def load_token(path) -> tuple[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    if len(tensors) != 1:
+        raise ValueError(f"{path} holds {len(tensors)} tensors; a dct-audit token file holds one")
+    return next(iter(tensors.items()))

@@ -1,0 +1,375 @@
+"""``dct_audit.run``: resolve, load, and for each class invert -> generate -> score, into a run folder.
+
+The per-class job (:func:`audit_class`) reads top to bottom as numbered steps and touches nothing
+outside its class folder except the manifest, so classes can resume, retry or run elsewhere.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from . import __version__, rundir
+from .adapters.classifier import Classifier, describe_classifier, load_classifier
+from .adapters.generator import DEFAULT_GENERATOR, Generator, check_generator_spec, load_generator
+from .errors import DctAuditError
+from .generate import DEFAULT_CONTEXTS, eval_seeds, generate, plan_jobs
+from .invert import PAPER_TEMPLATES, InvertConfig, invert_class, save_token
+from .resolve import ResolvedClass, resolve_classes
+from .score import score_images
+
+
+@dataclass
+class RunOptions:
+    """Everything ``dct-audit run`` accepts; the fields that change results go into ``settings()``."""
+
+    classifier: str
+    classes: str | list[str]
+    generator: str = DEFAULT_GENERATOR
+    labels: str | None = None
+    out: str = "reports"
+    name: str | None = None
+    device: str = "auto"
+    steps: int | None = None
+    guidance: float | None = None
+    grad_steps: int = 1
+    batch: int | None = None  # None: 4 on CUDA, 2 on CPU
+    grad_accum: int = 1
+    lr: float = 1e-3
+    max_updates: int = 50
+    stop_accuracy: float = 0.7
+    init_word: str = "a"
+    templates: tuple[str, ...] = PAPER_TEMPLATES
+    contexts: tuple[str, ...] = DEFAULT_CONTEXTS
+    n_images: int = 16
+    seed: int = 0
+    snapshot_every: int = 5
+    grad_checkpointing: bool = False
+    overwrite: bool = False
+    quiet: bool = False
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            dev = torch.device(self.device)
+        except RuntimeError:
+            raise DctAuditError(
+                f"--device '{self.device}' is not a torch device; use auto, cpu or cuda"
+            ) from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise DctAuditError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
+        return dev
+
+    def check(self) -> None:
+        """Reject bad values before any model loads (one line each, with the fix)."""
+        if self.n_images < 1:
+            raise DctAuditError(f"--n-images must be at least 1, not {self.n_images}")
+        if self.steps is not None and self.steps < 1:
+            raise DctAuditError(f"--steps must be at least 1, not {self.steps}")
+        if self.grad_steps < 1:
+            raise DctAuditError(f"--grad-steps must be at least 1, not {self.grad_steps}")
+        if self.batch is not None and self.batch < 1:
+            raise DctAuditError(f"--batch must be at least 1, not {self.batch}")
+        for ctx in self.contexts:
+            if ctx.count("{}") != 1:
+                raise DctAuditError(
+                    f"context {ctx!r} must contain '{{}}' exactly once (where the class goes)"
+                )
+        try:
+            self.invert_config(2).check()
+        except ValueError as e:
+            raise DctAuditError(str(e)) from None
+
+    def invert_config(self, batch: int) -> InvertConfig:
+        return InvertConfig(
+            steps=self.steps,
+            guidance=self.guidance,
+            grad_steps=self.grad_steps,
+            batch=batch,
+            grad_accum=self.grad_accum,
+            lr=self.lr,
+            max_updates=self.max_updates,
+            stop_accuracy=self.stop_accuracy,
+            init_word=self.init_word,
+            templates=tuple(self.templates),
+            seed=self.seed,
+            snapshot_every=self.snapshot_every,
+        )
+
+    def settings(self, batch: int) -> dict:
+        keys = (
+            "classifier",
+            "labels",
+            "generator",
+            "steps",
+            "guidance",
+            "grad_steps",
+            "grad_accum",
+            "lr",
+            "max_updates",
+            "stop_accuracy",
+            "init_word",
+            "n_images",
+            "seed",
+            "snapshot_every",
+        )
+        s = {k: getattr(self, k) for k in keys}
+        s.update(batch=batch, templates=list(self.templates), contexts=list(self.contexts))
+        return s
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    classes: list[dict] = field(default_factory=list)  # class.json of each class, in order
+    skipped: list[int] = field(default_factory=list)  # already finished before this call
+
+
+def placeholder_for(index: int) -> str:
+    return f"<dct-{index}>"
+
+
+def _package_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version(), "dct-audit": __version__}
+    for pkg in (
+        "torch",
+        "torchvision",
+        "diffusers",
+        "transformers",
+        "timm",
+        "open_clip_torch",
+        "captum",
+        "safetensors",
+    ):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def _peak_memory_mb(device: torch.device) -> dict:
+    out = {"process_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if device.type == "cuda":
+        out["cuda_peak_allocated_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return out
+
+
+def default_run_name(classifier: str) -> str:
+    return f"{rundir.slugify(classifier.split('/')[-1].split(':')[-1])}-{_dt.date.today().isoformat()}"
+
+
+def run(classifier: str, classes: str | list[str], **kwargs) -> RunResult:
+    """Audit ``classes`` of ``classifier``: a token, paired images and scores per class, in a run folder.
+
+    Keyword arguments are the fields of :class:`RunOptions` (the CLI flags). Finished classes of an
+    existing run with the same settings are kept; a half-finished class is redone.
+    """
+    opts = RunOptions(classifier=classifier, classes=classes, **kwargs)
+    return run_with_options(opts)
+
+
+def run_with_options(opts: RunOptions) -> RunResult:
+    # 1. Check inputs and resolve names, before any weights load
+    opts.check()
+    device = opts.resolved_device()
+    batch = opts.batch or (4 if device.type == "cuda" else 2)
+    clf_record, labels = describe_classifier(opts.classifier, opts.labels)
+    targets, notes = resolve_classes(opts.classes, labels)
+    say = (lambda msg: None) if opts.quiet else (lambda msg: print(msg, file=sys.stderr))
+    for note in notes:
+        say(note)
+
+    # 2. Check the run folder (refuses other settings unless --overwrite); nothing is written yet
+    root = Path(opts.out) / (opts.name or default_run_name(opts.classifier))
+    settings = opts.settings(batch)
+    run_dir, previous = rundir.open_run_dir(root, settings, opts.overwrite)
+    todo = [c for c in targets if opts.overwrite or not run_dir.is_done(c.index, c.name)]
+    skipped = [c.index for c in targets if c not in todo]
+    if skipped:
+        say(f"resuming {root}: {len(skipped)} class(es) already finished")
+
+    # 3. Load models (only if there is work left), then create the folder
+    generator = classifier_model = None
+    if todo:
+        check_generator_spec(opts.generator)
+        classifier_model = load_classifier(opts.classifier, opts.labels, device)
+        generator = load_generator(opts.generator, device)
+        if opts.grad_checkpointing:
+            generator.enable_gradient_checkpointing()
+    rundir.create_run_dir(run_dir, opts.overwrite)
+    manifest = _manifest(previous or {}, opts, settings, device, clf_record, generator, targets)
+    run_dir.write_manifest(manifest)
+
+    # 4. One class at a time
+    from tqdm.auto import tqdm
+
+    bar = tqdm(todo, desc="classes", unit="class", disable=opts.quiet or not todo)
+    for cls in bar:
+        bar.set_postfix_str(cls.name[:30])
+        summary = audit_class(run_dir, cls, generator, classifier_model, opts, batch, device)
+        manifest["class_runs"][str(cls.index)] = {
+            "name": cls.name,
+            "folder": run_dir.class_dir(cls.index, cls.name).name,
+            "seconds": summary["timings"],
+            "memory": summary["memory"],
+            "finished": _dt.datetime.now().isoformat(timespec="seconds"),
+        }
+        run_dir.write_manifest(manifest)
+    bar.close()
+
+    results = [rundir.read_json(run_dir.class_dir(c.index, c.name) / "class.json") for c in targets]
+    return RunResult(run_dir=root, classes=results, skipped=skipped)
+
+
+def _manifest(
+    old: dict, opts: RunOptions, settings: dict, device, clf_record, generator: Generator | None, targets
+) -> dict:
+    m = dict(old)
+    m.setdefault("created", _dt.datetime.now().isoformat(timespec="seconds"))
+    m["tool"] = "dct-audit"
+    m["settings"] = settings
+    m["command"] = sys.argv if sys.argv and "dct-audit" in Path(sys.argv[0]).name else None
+    m["device"] = {
+        "type": device.type,
+        "name": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or platform.machine(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    m["versions"] = _package_versions()
+    models = m.setdefault("models", {})
+    models["classifier"] = clf_record.to_dict()
+    if generator is not None:
+        models["generator"] = generator.spec.to_dict()
+    known = {c["index"]: c for c in m.get("classes", [])}
+    for c in targets:
+        known.setdefault(
+            c.index,
+            {"index": c.index, "name": c.name, "query": c.query, "placeholder": placeholder_for(c.index)},
+        )
+    m["classes"] = sorted(known.values(), key=lambda c: c["index"])
+    m.setdefault("class_runs", {})
+    m["eval_seeds"] = eval_seeds(opts.seed, opts.n_images)
+    return m
+
+
+def audit_class(
+    run_dir: rundir.RunDir,
+    cls: ResolvedClass,
+    generator: Generator,
+    classifier: Classifier,
+    opts: RunOptions,
+    batch: int,
+    device: torch.device,
+) -> dict:
+    """Invert, generate and score one class; writes its folder and, last, its completion marker."""
+    from tqdm.auto import tqdm
+
+    # 1. Start clean: a folder without a marker is a half-finished attempt
+    run_dir.clear_class(cls.index, cls.name)
+    folder = run_dir.class_dir(cls.index, cls.name)
+    folder.mkdir(parents=True)
+    placeholder = placeholder_for(cls.index)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t_start = time.perf_counter()
+
+    # 2. Learn the token
+    config = opts.invert_config(batch)
+    bar = tqdm(
+        total=config.max_updates,
+        desc=f"  invert {cls.name[:24]}",
+        unit="upd",
+        leave=False,
+        disable=opts.quiet,
+    )
+
+    def on_update(row: dict) -> None:
+        bar.update(1)
+        bar.set_postfix(
+            loss=f"{row['loss']:.3f}", p=f"{row['target_prob']:.2f}", acc=f"{row['accuracy']:.2f}"
+        )
+
+    inv = invert_class(generator, classifier, cls.index, cls.name, placeholder, config, progress=on_update)
+    bar.close()
+    t_invert = time.perf_counter() - t_start
+
+    # 3. Save the token, its history and the evolution snapshots
+    save_token(folder / "token.safetensors", placeholder, inv.vector)
+    rundir.write_csv(folder / "history.csv", pd.DataFrame(inv.history))
+    for update, seed, image in inv.snapshots:
+        rundir.write_png(folder / "evolution" / f"update_{update:04d}_s{seed}.png", image)
+
+    # 4. Paired images (token vs baseline, same held-out seeds), scored as they come
+    seeds = eval_seeds(opts.seed, opts.n_images)
+    jobs = plan_jobs(placeholder, cls.name, tuple(opts.contexts), seeds)
+    rows = []
+    gen_bar = tqdm(
+        total=len(jobs), desc=f"  images {cls.name[:24]}", unit="img", leave=False, disable=opts.quiet
+    )
+    for chunk, images in generate(generator, jobs, max(batch, 4), opts.steps, opts.guidance):
+        for job, image, score in zip(chunk, images, score_images(classifier, images, cls.index), strict=True):
+            rundir.write_png(folder / job.filename, image)
+            rows.append(
+                {
+                    "class_index": cls.index,
+                    "class_name": cls.name,
+                    **asdict(job),
+                    "file": job.filename,
+                    **score,
+                }
+            )
+        gen_bar.update(len(chunk))
+    gen_bar.close()
+    scores = pd.DataFrame(rows)
+    rundir.write_csv(folder / "scores.csv", scores)
+    t_total = time.perf_counter() - t_start
+
+    # 5. Summary, then the marker: from here on the class is finished
+    hist = inv.history
+    acc = scores.groupby("variant")["correct"].mean().to_dict()
+    prob = scores.groupby("variant")["target_prob"].mean().to_dict()
+    summary = {
+        "index": cls.index,
+        "name": cls.name,
+        "query": cls.query,
+        "placeholder": placeholder,
+        "token_file": "token.safetensors",
+        "init_word": opts.init_word,
+        "updates": len(hist),
+        "stop_reason": inv.stop_reason,
+        "best_update": inv.best_update,
+        "best_loss": inv.best_loss,
+        "initial": {
+            "loss": hist[0]["loss"],
+            "target_prob": hist[0]["target_prob"],
+            "accuracy": hist[0]["accuracy"],
+        },
+        "token_accuracy": acc.get("token"),
+        "baseline_accuracy": acc.get("baseline"),
+        "token_target_prob": prob.get("token"),
+        "baseline_target_prob": prob.get("baseline"),
+        "n_images": int(len(scores)),
+        "timings": {
+            "invert_s": round(t_invert, 3),
+            "generate_s": round(t_total - t_invert, 3),
+            "total_s": round(t_total, 3),
+            "seconds_per_update": round(t_invert / max(1, len(hist)), 4),
+        },
+        "memory": _peak_memory_mb(device),
+    }
+    rundir.write_json(folder / "class.json", summary)
+    run_dir.mark_done(cls.index, cls.name)
+    return summary

@@ -1,0 +1,206 @@
+"""The run directory: the contract between stages. Atomic writes, completion markers, the manifest.
+
+Layout of one run::
+
+    reports/<name>/
+      manifest.json                 settings, resolved models, versions, device, per-class timings
+      classes/<0122-american-lobster>/
+        token.safetensors           {placeholder: vector}, loadable by diffusers' load_textual_inversion
+        history.csv                 one row per update
+        evolution/update_0000.png   snapshots of the first seed during inversion
+        images/token/c0_s1000.png   paired images (same seeds) with the token ...
+        images/baseline/c0_s1000.png  ... and with the plain class prompt
+        scores.csv                  the classifier on every generated image
+        class.json                  the class summary
+        DONE                        completion marker, written last
+
+Every file goes to a temporary name in the same folder and is renamed into place, so a reader never
+sees half a file; a class without ``DONE`` is removed and redone on resume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import unicodedata
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from .errors import DctAuditError
+
+MARKER = "DONE"
+
+
+@contextlib.contextmanager
+def _atomic_path(path: Path) -> Iterator[Path]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write(path: str | os.PathLike, writer: Callable[[Path], Any]) -> Path:
+    """Call ``writer(tmp_path)`` and rename the result to ``path``."""
+    path = Path(path)
+    with _atomic_path(path) as tmp:
+        writer(tmp)
+    return path
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def write_json(path: str | os.PathLike, data: Any) -> Path:
+    return write_text(path, json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def write_csv(path: str | os.PathLike, frame) -> Path:
+    return atomic_write(path, lambda p: frame.to_csv(p, index=False))
+
+
+def write_png(path: str | os.PathLike, image) -> Path:
+    """Save a PIL image, or a (3, H, W) float tensor / (H, W, 3) uint8 array, as PNG."""
+    from PIL import Image
+
+    if not isinstance(image, Image.Image):
+        image = to_pil(image)
+    return atomic_write(path, lambda p: image.save(p, format="PNG"))
+
+
+def to_pil(image):
+    import numpy as np
+    from PIL import Image
+
+    if hasattr(image, "detach"):  # torch (3, H, W) in [0, 1]
+        arr = (
+            (image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+        )
+    else:
+        arr = np.asarray(image)
+    return Image.fromarray(arr)
+
+
+def _json_default(obj):
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "item"):
+        return obj.item()
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    raise TypeError(f"cannot write {type(obj).__name__} to JSON")
+
+
+def slugify(text: str, max_len: int = 40) -> str:
+    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    text = re.sub(r"[^a-zA-Z0-9]+", "-", text).strip("-").lower()
+    return text[:max_len].strip("-") or "class"
+
+
+class RunDir:
+    """A run folder: where each class lives, whether it is finished, and the manifest."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / "manifest.json"
+
+    def class_dir(self, index: int, name: str) -> Path:
+        return self.root / "classes" / f"{index:04d}-{slugify(name)}"
+
+    def is_done(self, index: int, name: str) -> bool:
+        return (self.class_dir(index, name) / MARKER).is_file()
+
+    def mark_done(self, index: int, name: str) -> None:
+        write_text(self.class_dir(index, name) / MARKER, "ok\n")
+
+    def clear_class(self, index: int, name: str) -> None:
+        """Remove a half-finished class so it is redone from scratch."""
+        folder = self.class_dir(index, name)
+        if folder.exists():
+            shutil.rmtree(folder)
+
+    def read_manifest(self) -> dict | None:
+        if not self.manifest_path.is_file():
+            return None
+        try:
+            return read_json(self.manifest_path)
+        except json.JSONDecodeError as e:
+            raise DctAuditError(
+                f"{self.manifest_path} is not valid JSON ({e}); use --overwrite to start the run again"
+            ) from None
+
+    def write_manifest(self, manifest: dict) -> None:
+        write_json(self.manifest_path, manifest)
+
+
+def check_writable(root: Path) -> None:
+    """Fail early, before any model loads, if ``root`` cannot be created or written."""
+    probe = root
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise DctAuditError(
+            f"cannot write to output folder '{root}': '{probe}' is a file; choose another --out"
+        )
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise DctAuditError(
+            f"cannot write to output folder '{root}': no write permission on '{probe}'; choose another --out"
+        )
+
+
+def open_run_dir(root: Path, settings: dict, overwrite: bool) -> tuple[RunDir, dict | None]:
+    """Check a run folder without writing anything: settings must match unless ``overwrite``.
+
+    Returns the run dir and the previous manifest (``None`` for a fresh or overwritten run).
+    """
+    check_writable(root)
+    run = RunDir(root)
+    if overwrite:
+        return run, None
+    previous = run.read_manifest()
+    if previous is not None:
+        old = previous.get("settings", {})
+        diffs = [k for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)]
+        if diffs:
+            shown = "; ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in diffs[:3])
+            more = f" (+{len(diffs) - 3} more)" if len(diffs) > 3 else ""
+            raise DctAuditError(
+                f"'{root}' holds a run made with other settings ({shown}{more}); "
+                "pass --overwrite to replace it or --name to start a new run"
+            )
+    return run, previous
+
+
+def create_run_dir(run: RunDir, overwrite: bool) -> None:
+    """Create the folder for real (after the models loaded); ``overwrite`` clears an old run first."""
+    try:
+        run.root.mkdir(parents=True, exist_ok=True)
+        if overwrite:
+            for sub in ("classes", "manifest.json"):
+                target = run.root / sub
+                if target.is_dir():
+                    shutil.rmtree(target)
+                elif target.exists():
+                    target.unlink()
+    except OSError as e:
+        raise DctAuditError(
+            f"cannot write to output folder '{run.root}' ({e.strerror or e}); choose another --out"
+        ) from None

@@ -1,0 +1,36 @@
+"""Shared fixtures: tiny random models of the real classes, saved once per session and loaded by path."""
+
+from __future__ import annotations
+
+import pytest
+
+from dct_audit.testing import make_tiny_classifier, make_tiny_pipeline
+
+TINY_LABELS = ["American lobster, Maine lobster", "spiny lobster", "horizontal bar, high bar", "plate"]
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: needs --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipelines(tmp_path_factory):
+    """``{kind: folder}`` for the epsilon (SD 1.x), v-prediction (SD 2.x) and Turbo-style tiny pipelines."""
+    root = tmp_path_factory.mktemp("pipelines")
+    return {kind: str(make_tiny_pipeline(root / kind, kind)) for kind in ("epsilon", "v", "turbo")}
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier(tmp_path_factory):
+    """``(model_path, labels_path)`` of a tiny TorchScript timm ResNet with four labels."""
+    model, labels = make_tiny_classifier(tmp_path_factory.mktemp("classifier"), TINY_LABELS)
+    return str(model), str(labels)

@@ -1,0 +1,113 @@
+"""The DCT loop: it learns, it touches nothing but its vector, it keeps the best token, it survives NaN."""
+
+import math
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from dct_audit.adapters.classifier import load_classifier
+from dct_audit.adapters.generator import load_generator
+from dct_audit.invert import InvertConfig, invert_class, load_token, save_token
+
+TARGET, NAME = 2, "horizontal bar"  # the tiny random classifier starts far from this class (p = 0.08)
+
+
+@pytest.fixture()
+def models(tiny_pipelines, tiny_classifier):
+    return load_generator(tiny_pipelines["turbo"]), load_classifier(
+        f"file:{tiny_classifier[0]}", tiny_classifier[1]
+    )
+
+
+def _snapshot(*modules):
+    return {f"{i}.{n}": p.detach().clone() for i, m in enumerate(modules) for n, p in m.named_parameters()}
+
+
+def test_inversion_raises_target_probability_and_touches_only_its_vector(models):
+    gen, clf = models
+    before = _snapshot(gen.unet, gen.vae, gen.text_encoder, clf.model)
+    result = invert_class(
+        gen, clf, TARGET, NAME, "<dct-1>", InvertConfig(lr=0.2, max_updates=12, stop_accuracy=1.0)
+    )
+    hist = result.history
+    assert len(hist) == 12 and result.stop_reason == "max_updates"
+    assert result.best_loss < hist[0]["loss"] - 0.03
+    assert max(h["target_prob"] for h in hist) > 1.03 * hist[0]["target_prob"]
+    assert not torch.equal(result.vector, result.init_vector)
+    after = _snapshot(gen.unet, gen.vae, gen.text_encoder, clf.model)
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # bitwise unchanged
+    modules = (gen.unet, gen.vae, gen.text_encoder, clf.model)
+    assert all(p.grad is None and not p.requires_grad for m in modules for p in m.parameters())
+
+
+def test_best_token_is_kept_not_the_last(models):
+    gen, clf = models
+    config = InvertConfig(lr=0.2, max_updates=8, stop_accuracy=1.0)
+    result = invert_class(gen, clf, TARGET, NAME, "<dct-1>", config)
+    assert result.best_loss == min(h["loss"] for h in result.history)
+    # re-evaluating the kept token on the update's seeds reproduces the recorded best loss
+    from dct_audit.invert import token_prompts
+
+    row = result.history[result.best_update]
+    seeds = [config.seed + row["seed_offset"] + j for j in range(config.batch)]
+    with torch.no_grad():
+        images = gen.sample(token_prompts(config.templates, "<dct-1>", NAME, config.batch), seeds)
+        loss = torch.nn.functional.cross_entropy(clf(images), torch.full((config.batch,), TARGET)).item()
+    assert math.isclose(loss, result.best_loss, rel_tol=1e-4)
+
+
+def test_stops_at_target_accuracy(models):
+    gen, clf = models
+    result = invert_class(gen, clf, 3, "plate", "<dct-3>", InvertConfig(max_updates=10, stop_accuracy=0.5))
+    # the random classifier already calls these images class 3: the loop stops on the first update
+    assert result.stop_reason == "accuracy" and len(result.history) == 1
+
+
+def test_non_finite_loss_restores_best_and_lowers_lr(models, monkeypatch):
+    gen, clf = models
+    calls = {"n": 0}
+    forward = clf.forward
+
+    def flaky(images):
+        calls["n"] += 1
+        out = forward(images)
+        return out * float("nan") if calls["n"] == 3 else out
+
+    monkeypatch.setattr(clf, "forward", flaky)
+    result = invert_class(
+        gen, clf, TARGET, NAME, "<dct-1>", InvertConfig(lr=0.2, max_updates=5, stop_accuracy=1.0)
+    )
+    bad = result.history[2]
+    assert not math.isfinite(bad["loss"]) and "restored" in bad["event"]
+    assert result.history[3]["lr"] == pytest.approx(0.1)
+    assert math.isfinite(result.best_loss) and len(result.history) == 5
+
+
+def test_token_file_round_trip_through_diffusers(models, tiny_pipelines, tmp_path):
+    """A plain diffusers pipeline with load_textual_inversion reproduces the audit's images."""
+    gen, clf = models
+    result = invert_class(
+        gen, clf, TARGET, NAME, "<dct-1>", InvertConfig(lr=0.2, max_updates=3, stop_accuracy=1.0)
+    )
+    path = tmp_path / "token.safetensors"
+    save_token(path, "<dct-1>", result.vector)
+    name, vec = load_token(path)
+    assert name == "<dct-1>" and torch.equal(vec, result.vector)
+    with torch.no_grad():
+        ours = gen.sample(["a photo of <dct-1> horizontal bar"], [1234])
+    pipe = StableDiffusionPipeline.from_pretrained(
+        tiny_pipelines["turbo"], safety_checker=None, requires_safety_checker=False
+    )
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_textual_inversion(str(path), token="<dct-1>")
+    theirs = pipe(
+        "a photo of <dct-1> horizontal bar",
+        num_inference_steps=1,
+        guidance_scale=0.0,
+        generator=torch.Generator("cpu").manual_seed(1234),
+        output_type="pt",
+    ).images
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    assert not torch.equal(result.vector, result.init_vector)

@@ -1,0 +1,202 @@
+"""``dct-audit run`` end to end on tiny local models: the run folder, resume, refusals, CLI errors."""
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+import dct_audit.pipeline as pipeline
+from dct_audit.cli import main
+
+FAST = [
+    "--max-updates",
+    "3",
+    "--n-images",
+    "2",
+    "--context",
+    "a photo of {}",
+    "--context",
+    "{} in the snow",
+    "--lr",
+    "0.2",
+    "--snapshot-every",
+    "2",
+    "--quiet",
+]
+
+
+@pytest.fixture()
+def run_args(tiny_pipelines, tiny_classifier, tmp_path):
+    model, labels = tiny_classifier
+    return [
+        "run",
+        "--generator",
+        tiny_pipelines["turbo"],
+        "--classifier",
+        f"file:{model}",
+        "--labels",
+        labels,
+        "--out",
+        str(tmp_path),
+        "--name",
+        "r1",
+        *FAST,
+    ]
+
+
+def test_run_writes_a_complete_run_folder(run_args, tmp_path, capsys):
+    assert main([*run_args, "--classes", "lobster,horizontal_bar"]) == 0
+    out = capsys.readouterr().out
+    assert "run folder:" in out and "American lobster (0)" in out
+    root = tmp_path / "r1"
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert [c["name"] for c in manifest["classes"]] == ["American lobster", "spiny lobster", "horizontal bar"]
+    assert manifest["models"]["generator"]["family"] == "sd-turbo"
+    assert manifest["models"]["classifier"]["kind"] == "torchscript"
+    assert manifest["versions"]["diffusers"] and manifest["settings"]["max_updates"] == 3
+    assert set(manifest["class_runs"]) == {"0", "1", "2"}
+    folder = root / "classes" / "0002-horizontal-bar"
+    for name in ("DONE", "token.safetensors", "history.csv", "scores.csv", "class.json"):
+        assert (folder / name).is_file(), name
+    scores = pd.read_csv(folder / "scores.csv")
+    assert len(scores) == 2 * 2 * 2  # variants x contexts x seeds
+    pairs = scores.pivot_table(
+        index=["context_index", "seed"], columns="variant", values="file", aggfunc="count"
+    )
+    assert (pairs == 1).all().all()  # every token image has its baseline twin with the same seed
+    assert all((folder / f).is_file() for f in scores["file"])
+    assert scores.loc[scores.variant == "token", "prompt"].str.contains("<dct-2> horizontal bar").all()
+    history = pd.read_csv(folder / "history.csv")
+    assert list(history.columns[:4]) == ["update", "loss", "target_prob", "accuracy"] and len(history) >= 1
+    assert len(list((folder / "evolution").glob("*.png"))) >= 1
+    assert not list(root.rglob("*.tmp"))  # no temporary file left behind
+
+
+def test_resume_recomputes_nothing_finished_and_redoes_half_written(run_args, tmp_path, monkeypatch):
+    real_score = pipeline.score_images
+
+    def dies_in_second_class(classifier, images, target, k=5):
+        if target == 2:
+            raise KeyboardInterrupt  # the user pressed Ctrl-C while class 2 was being scored
+        return real_score(classifier, images, target, k)
+
+    monkeypatch.setattr(pipeline, "score_images", dies_in_second_class)
+    assert main([*run_args, "--classes", "0,2"]) == 130
+    root = tmp_path / "r1" / "classes"
+    done, half = root / "0000-american-lobster", root / "0002-horizontal-bar"
+    assert (done / "DONE").exists() and half.exists() and not (half / "DONE").exists()
+    (half / "junk.png").write_bytes(b"half-written")
+    stamp = {p: p.stat().st_mtime_ns for p in done.rglob("*")}
+
+    inverted = []
+    real_invert = pipeline.invert_class
+    monkeypatch.setattr(pipeline, "score_images", real_score)
+    monkeypatch.setattr(
+        pipeline,
+        "invert_class",
+        lambda g, c, target, *a, **k: inverted.append(target) or real_invert(g, c, target, *a, **k),
+    )
+    assert main([*run_args, "--classes", "0,2"]) == 0
+    assert inverted == [2]  # class 0 was not recomputed
+    assert {p: p.stat().st_mtime_ns for p in done.rglob("*")} == stamp
+    assert (half / "DONE").exists() and not (half / "junk.png").exists()
+
+    inverted.clear()
+    assert main([*run_args, "--classes", "0,2"]) == 0  # a third run has nothing to do and loads nothing
+    assert inverted == []
+
+
+def test_other_settings_are_refused_unless_overwrite(run_args, tmp_path, capsys):
+    assert main([*run_args, "--classes", "0"]) == 0
+    capsys.readouterr()
+    assert main([*run_args, "--classes", "0", "--seed", "5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "other settings" in err and "seed" in err and "--overwrite" in err
+    assert main([*run_args, "--classes", "0", "--seed", "5", "--overwrite"]) == 0
+    assert json.loads((tmp_path / "r1" / "manifest.json").read_text())["settings"]["seed"] == 5
+
+
+def test_python_api_matches_cli(tiny_pipelines, tiny_classifier, tmp_path):
+    import dct_audit
+
+    model, labels = tiny_classifier
+    result = dct_audit.run(
+        f"file:{model}",
+        "plate",
+        labels=labels,
+        generator=tiny_pipelines["turbo"],
+        out=str(tmp_path),
+        name="api",
+        max_updates=2,
+        n_images=1,
+        contexts=("a photo of {}",),
+        quiet=True,
+    )
+    assert result.run_dir == tmp_path / "api" and [c["index"] for c in result.classes] == [3]
+    assert 0.0 <= result.classes[0]["token_accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"--classifier": "resnet5"}, "unknown classifier 'resnet5'; did you mean"),
+        ({"--classes": "lobstr"}, "no class matches 'lobstr'; closest"),
+        ({"--generator": "./no/such/pipeline"}, "generator folder './no/such/pipeline' does not exist"),
+        ({"--out": "FILE/sub"}, "is a file; choose another --out"),
+        ({"--labels": "/no/labels.txt"}, "labels file '/no/labels.txt' does not exist"),
+    ],
+)
+def test_cli_errors_are_one_line_exit_2_and_write_nothing(run_args, tmp_path, capsys, change, message):
+    (tmp_path / "FILE").write_text("not a folder")
+    args = [*run_args, "--classes", "0"]
+    for flag, value in change.items():
+        args[args.index(flag) + 1] = str(tmp_path / value) if value == "FILE/sub" else value
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.count("\n") == 1
+        and err.startswith("dct-audit: error: ")
+        and message in err.replace(str(tmp_path) + "/", "")
+    )
+    assert not (tmp_path / "r1").exists()
+
+
+def test_bad_flag_values_are_one_line():
+    proc = subprocess.run(
+        [sys.executable, "-m", "dct_audit.cli", "run", "--classifier", "x", "--classes", "1", "--batch", "0"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "--batch" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_missing_hub_model_offline_names_download(tmp_path, monkeypatch, tiny_classifier):
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    model, labels = tiny_classifier
+    proc_args = [
+        "run",
+        "--generator",
+        "someone/not-cached-model",
+        "--classifier",
+        f"file:{model}",
+        "--labels",
+        labels,
+        "--classes",
+        "0",
+        "--out",
+        str(tmp_path),
+        "--quiet",
+    ]
+    from dct_audit.adapters.generator import load_generator
+    from dct_audit.errors import DctAuditError
+
+    with pytest.raises(DctAuditError, match=r"dct-audit download --generator someone/not-cached-model"):
+        load_generator("someone/not-cached-model")
+    assert main(proc_args) == 2
