@@ -116,6 +116,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--grad-checkpointing", action="store_true", help="trade compute for memory in the UNet/VAE"
     )
+    p.add_argument(
+        "--tagger",
+        help="CLIP for attribute tags: open_clip ARCH/TAG, hf:ORG/MODEL, world[:PATH] or none "
+        "(default ViT-B-32/laion2b_s34b_b79k)",
+    )
+    p.add_argument(
+        "--attributes",
+        metavar="FILE",
+        help='attribute vocabulary JSON (replaces the shipped one; "mode": "extend" adds)',
+    )
+    p.add_argument(
+        "--alpha", type=_fraction, default=0.05, help="false discovery rate of findings (default 0.05)"
+    )
+    p.add_argument(
+        "--min-effect",
+        type=_fraction,
+        default=0.25,
+        help="smallest token-minus-baseline attribute rate to flag",
+    )
+    p.add_argument(
+        "--explain-images",
+        type=int,
+        default=4,
+        help="token images per class with captum attributions (default 4)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a run folder made with other settings")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -136,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_run(args) -> int:
     from .adapters.generator import DEFAULT_GENERATOR
     from .pipeline import RunOptions, run_with_options
+    from .tag import DEFAULT_TAGGER
 
     kwargs = {
         k: getattr(args, k)
@@ -159,9 +185,15 @@ def _cmd_run(args) -> int:
             "grad_checkpointing",
             "overwrite",
             "quiet",
+            "attributes",
+            "alpha",
+            "min_effect",
+            "explain_images",
         )
     }
     kwargs["generator"] = args.generator or DEFAULT_GENERATOR
+    tagger = args.tagger or DEFAULT_TAGGER
+    kwargs["tagger"] = None if tagger.lower() == "none" else tagger
     if args.templates:
         kwargs["templates"] = tuple(args.templates)
     if args.contexts:
@@ -171,6 +203,13 @@ def _cmd_run(args) -> int:
         print(
             f"{c['name']} ({c['index']}): token accuracy {c['token_accuracy']:.2f} vs baseline {c['baseline_accuracy']:.2f}, "
             f"{c['updates']} updates ({c['stop_reason']}), {c['timings']['total_s']:.1f} s"
+        )
+    for f in result.findings:
+        cf = f["counterfactual"]
+        print(
+            f"  finding: {f['class_name']}: '{f['attribute']}' in {f['token_rate']:.0%} of token images vs "
+            f"{f['baseline_rate']:.0%} at baseline (q={f['q']:.2g}); with/without it the target probability is "
+            f"{cf['with_prob']:.2f}/{cf['without_prob']:.2f}"
         )
     print(f"run folder: {result.run_dir}")
     return 0

@@ -14,17 +14,20 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
 from . import __version__, rundir
 from .adapters.classifier import Classifier, describe_classifier, load_classifier
 from .adapters.generator import DEFAULT_GENERATOR, Generator, check_generator_spec, load_generator
+from .analyse import ALPHA, MIN_EFFECT, class_enrichment, counterfactual_effect, flag_findings
 from .errors import DctAuditError
 from .generate import DEFAULT_CONTEXTS, eval_seeds, generate, plan_jobs
 from .invert import PAPER_TEMPLATES, InvertConfig, invert_class, save_token
 from .resolve import ResolvedClass, resolve_classes
 from .score import score_images
+from .tag import DEFAULT_TAGGER, AttributeBank, Vocabulary, load_tagger, load_vocabulary
 
 
 @dataclass
@@ -53,6 +56,11 @@ class RunOptions:
     seed: int = 0
     snapshot_every: int = 5
     grad_checkpointing: bool = False
+    tagger: str | None = DEFAULT_TAGGER  # None: no tagging, no findings
+    attributes: str | None = None  # attribute vocabulary file (replaces or extends the shipped one)
+    alpha: float = ALPHA  # false discovery rate of flagged findings
+    min_effect: float = MIN_EFFECT  # smallest token-minus-baseline rate that is flagged
+    explain_images: int = 4  # token images per class with captum attributions
     overwrite: bool = False
     quiet: bool = False
 
@@ -71,6 +79,10 @@ class RunOptions:
 
     def check(self) -> None:
         """Reject bad values before any model loads (one line each, with the fix)."""
+        if not 0 < self.alpha < 1:
+            raise DctAuditError(f"--alpha must be in (0, 1), not {self.alpha}")
+        if not 0 < self.min_effect <= 1:
+            raise DctAuditError(f"--min-effect must be in (0, 1], not {self.min_effect}")
         if self.n_images < 1:
             raise DctAuditError(f"--n-images must be at least 1, not {self.n_images}")
         if self.steps is not None and self.steps < 1:
@@ -132,6 +144,16 @@ class RunResult:
     run_dir: Path
     classes: list[dict] = field(default_factory=list)  # class.json of each class, in order
     skipped: list[int] = field(default_factory=list)  # already finished before this call
+    findings: list[dict] = field(default_factory=list)  # flagged attributes with their evidence
+
+
+@dataclass
+class Models:
+    """What the per-class job needs; loaded lazily so a finished run loads nothing."""
+
+    generator: Generator | None = None
+    classifier: Classifier | None = None
+    bank: AttributeBank | None = None
 
 
 def placeholder_for(index: int) -> str:
@@ -201,15 +223,21 @@ def run_with_options(opts: RunOptions) -> RunResult:
         say(f"resuming {root}: {len(skipped)} class(es) already finished")
 
     # 3. Load models (only if there is work left), then create the folder
-    generator = classifier_model = None
+    vocabulary = load_vocabulary(opts.attributes) if opts.tagger else None
+    models = Models()
     if todo:
         check_generator_spec(opts.generator)
-        classifier_model = load_classifier(opts.classifier, opts.labels, device)
-        generator = load_generator(opts.generator, device)
-        if opts.grad_checkpointing:
-            generator.enable_gradient_checkpointing()
+        _load_models(models, opts, device, vocabulary)
     rundir.create_run_dir(run_dir, opts.overwrite)
-    manifest = _manifest(previous or {}, opts, settings, device, clf_record, generator, targets)
+    manifest = _manifest(previous or {}, opts, settings, device, clf_record, models.generator, targets)
+    if vocabulary is not None:
+        manifest["tagging"] = {
+            "tagger": opts.tagger,
+            "vocabulary": vocabulary.source,
+            "attributes": len(vocabulary),
+            "thresholds": _thresholds(vocabulary),
+            "thresholds_source": "vocabulary file (0.5 where it sets none)",
+        }
     run_dir.write_manifest(manifest)
 
     # 4. One class at a time
@@ -218,7 +246,7 @@ def run_with_options(opts: RunOptions) -> RunResult:
     bar = tqdm(todo, desc="classes", unit="class", disable=opts.quiet or not todo)
     for cls in bar:
         bar.set_postfix_str(cls.name[:30])
-        summary = audit_class(run_dir, cls, generator, classifier_model, opts, batch, device)
+        summary = audit_class(run_dir, cls, models, opts, batch, device)
         manifest["class_runs"][str(cls.index)] = {
             "name": cls.name,
             "folder": run_dir.class_dir(cls.index, cls.name).name,
@@ -229,8 +257,120 @@ def run_with_options(opts: RunOptions) -> RunResult:
         run_dir.write_manifest(manifest)
     bar.close()
 
+    # 5. Across classes: q-values, flags, counterfactual checks of the flagged attributes
+    findings = []
+    if vocabulary is not None:
+        findings = analyse_run(run_dir, targets, vocabulary, models, opts, batch, device)
+        manifest["analysis"] = {
+            "alpha": opts.alpha,
+            "min_effect": opts.min_effect,
+            "findings": len(findings),
+            "finished": _dt.datetime.now().isoformat(timespec="seconds"),
+        }
+        run_dir.write_manifest(manifest)
     results = [rundir.read_json(run_dir.class_dir(c.index, c.name) / "class.json") for c in targets]
-    return RunResult(run_dir=root, classes=results, skipped=skipped)
+    return RunResult(run_dir=root, classes=results, skipped=skipped, findings=findings)
+
+
+def _load_models(
+    models: Models, opts: RunOptions, device: torch.device, vocabulary: Vocabulary | None
+) -> Models:
+    if models.classifier is None:
+        models.classifier = load_classifier(opts.classifier, opts.labels, device)
+        models.generator = load_generator(opts.generator, device)
+        if opts.grad_checkpointing:
+            models.generator.enable_gradient_checkpointing()
+    if vocabulary is not None and models.bank is None:
+        models.bank = AttributeBank.build(load_tagger(opts.tagger, device), vocabulary)
+    return models
+
+
+def _thresholds(vocabulary: Vocabulary) -> dict[str, float]:
+    return {a.name: (a.threshold if a.threshold is not None else 0.5) for a in vocabulary.attributes}
+
+
+def analyse_run(
+    run_dir: rundir.RunDir,
+    targets: list[ResolvedClass],
+    vocabulary: Vocabulary,
+    models: Models,
+    opts: RunOptions,
+    batch: int,
+    device: torch.device,
+) -> list[dict]:
+    """Enrichment of every class x attribute, BH over all of them, then counterfactuals of the flagged ones.
+
+    Writes ``enrichment.csv`` and ``findings.json`` at the run's root. Counterfactual results are cached per
+    class (``counterfactual/<attribute>.json``), so a resumed run only generates what is missing.
+    """
+    thresholds = _thresholds(vocabulary)
+    attrs = [(a.name, a.group) for a in vocabulary.attributes]
+    tables = []
+    for c in targets:
+        tags = pd.read_csv(run_dir.class_dir(c.index, c.name) / "tags.csv")
+        tables.append(class_enrichment(tags, c.index, c.name, attrs, thresholds))
+    enrichment = flag_findings(pd.concat(tables, ignore_index=True), opts.alpha, opts.min_effect)
+    rundir.write_csv(run_dir.root / "enrichment.csv", enrichment)
+
+    by_name = {a.name: a for a in vocabulary.attributes}
+    seeds = eval_seeds(opts.seed, opts.n_images)
+    findings = []
+    for row in enrichment[enrichment["flagged"]].itertuples():
+        cls = next(c for c in targets if c.index == row.class_index)
+        folder = run_dir.class_dir(cls.index, cls.name)
+        cache = folder / "counterfactual" / f"{rundir.slugify(row.attribute)}.json"
+        if cache.is_file():
+            cf = rundir.read_json(cache)
+        else:
+            _load_models(models, opts, device, None)
+            cf = _counterfactual(models, cls, by_name[row.attribute], seeds, opts, batch)
+            rundir.write_json(cache, cf)
+        attribution = (
+            rundir.read_json(folder / "attribution.json") if (folder / "attribution.json").is_file() else {}
+        )
+        findings.append(
+            {
+                "class_index": cls.index,
+                "class_name": cls.name,
+                "attribute": row.attribute,
+                "group": row.group,
+                "token_rate": row.token_rate,
+                "baseline_rate": row.baseline_rate,
+                "effect": row.diff,
+                "ci": [row.ci_low, row.ci_high],
+                "p": row.p_value,
+                "q": row.q_value,
+                "counterfactual": cf,
+                "attribution_outside_object": attribution.get("outside_object"),
+                "overlays": [f"{folder.name}/{p}" for p in attribution.get("overlays", [])],
+            }
+        )
+    rundir.write_json(run_dir.root / "findings.json", findings)
+    return findings
+
+
+def _counterfactual(
+    models: Models, cls: ResolvedClass, attribute, seeds: list[int], opts: RunOptions, batch: int
+) -> dict:
+    """Target probability of token images with the attribute vs without it, same seeds."""
+    subject = f"{placeholder_for(cls.index)} {cls.name}"
+    from .generate import Job
+
+    jobs = [
+        Job(v, 0, ctx, s, ctx.format(subject))
+        for v, ctx in (("with", attribute.with_context), ("without", attribute.without_context))
+        for s in seeds
+    ]
+    probs = {"with": [], "without": []}
+    for chunk, images in generate(models.generator, jobs, max(batch, 4), opts.steps, opts.guidance):
+        for job, score in zip(chunk, score_images(models.classifier, images, cls.index), strict=True):
+            probs[job.variant].append(score["target_prob"])
+    out = counterfactual_effect(probs["with"], probs["without"])
+    out.update(
+        with_prompt=attribute.with_context.format(subject),
+        without_prompt=attribute.without_context.format(subject),
+    )
+    return out
 
 
 def _manifest(
@@ -268,15 +408,15 @@ def _manifest(
 def audit_class(
     run_dir: rundir.RunDir,
     cls: ResolvedClass,
-    generator: Generator,
-    classifier: Classifier,
+    models: Models,
     opts: RunOptions,
     batch: int,
     device: torch.device,
 ) -> dict:
-    """Invert, generate and score one class; writes its folder and, last, its completion marker."""
+    """Invert, generate, score, tag and explain one class; writes its folder and, last, its marker."""
     from tqdm.auto import tqdm
 
+    generator, classifier = models.generator, models.classifier
     # 1. Start clean: a folder without a marker is a half-finished attempt
     run_dir.clear_class(cls.index, cls.name)
     folder = run_dir.class_dir(cls.index, cls.name)
@@ -312,10 +452,11 @@ def audit_class(
     for update, seed, image in inv.snapshots:
         rundir.write_png(folder / "evolution" / f"update_{update:04d}_s{seed}.png", image)
 
-    # 4. Paired images (token vs baseline, same held-out seeds), scored as they come
+    # 4. Paired images (token vs baseline, same held-out seeds), scored and tagged as they come
+    features: list = []
     seeds = eval_seeds(opts.seed, opts.n_images)
     jobs = plan_jobs(placeholder, cls.name, tuple(opts.contexts), seeds)
-    rows = []
+    rows, token_images = [], []
     gen_bar = tqdm(
         total=len(jobs), desc=f"  images {cls.name[:24]}", unit="img", leave=False, disable=opts.quiet
     )
@@ -331,13 +472,26 @@ def audit_class(
                     **score,
                 }
             )
+        if models.bank is not None:
+            features.append(models.bank.scores(models.bank.tagger.image_features(images)))
+        token_images += [im for job, im in zip(chunk, images, strict=True) if job.variant == "token"]
         gen_bar.update(len(chunk))
     gen_bar.close()
     scores = pd.DataFrame(rows)
     rundir.write_csv(folder / "scores.csv", scores)
+
+    # 5. Tags: every image against the attribute vocabulary (scores; presence is decided in analysis)
+    if models.bank is not None:
+        tag_scores = pd.DataFrame(np.concatenate(features), columns=models.bank.vocabulary.names)
+        keys = scores[["file", "variant", "context_index", "seed"]].reset_index(drop=True)
+        rundir.write_csv(folder / "tags.csv", pd.concat([keys, tag_scores], axis=1))
+
+    # 6. Where the classifier looks in a few token images (captum)
+    if opts.explain_images > 0:
+        _explain(folder, classifier, torch.stack(token_images[: opts.explain_images]), cls.index)
     t_total = time.perf_counter() - t_start
 
-    # 5. Summary, then the marker: from here on the class is finished
+    # 7. Summary, then the marker: from here on the class is finished
     hist = inv.history
     acc = scores.groupby("variant")["correct"].mean().to_dict()
     prob = scores.groupby("variant")["target_prob"].mean().to_dict()
@@ -373,3 +527,23 @@ def audit_class(
     rundir.write_json(folder / "class.json", summary)
     run_dir.mark_done(cls.index, cls.name)
     return summary
+
+
+def _explain(folder: Path, classifier: Classifier, images: torch.Tensor, target: int) -> None:
+    from .explain import attributions, overlay
+
+    maps = attributions(classifier, images, target)
+    paths = []
+    for i, (image, amap) in enumerate(zip(images, maps, strict=True)):
+        rel = f"attribution/token_{i}.png"
+        rundir.write_png(folder / rel, overlay(image, amap))
+        paths.append(rel)
+    rundir.write_json(
+        folder / "attribution.json",
+        {
+            "method": "IntegratedGradients (captum), |attr| summed over channels",
+            "overlays": paths,
+            "outside_object": None,
+            "note": "no object mask for generated images",
+        },
+    )

@@ -255,15 +255,15 @@ class AttributeBank:
     attr_features: torch.Tensor  # (A, D)
     neutral_features: torch.Tensor  # (N, D)
     logit_scale: float
+    tagger: Tagger | None = None
 
     @classmethod
     def build(cls, tagger: Tagger, vocabulary: Vocabulary) -> AttributeBank:
         feats = [
             F.normalize(tagger.text_features(list(a.prompts)).mean(0), dim=-1) for a in vocabulary.attributes
         ]
-        return cls(
-            vocabulary, torch.stack(feats), tagger.text_features(list(vocabulary.neutral)), tagger.logit_scale
-        )
+        neutral = tagger.text_features(list(vocabulary.neutral))
+        return cls(vocabulary, torch.stack(feats), neutral, tagger.logit_scale, tagger)
 
     def scores(self, image_features: torch.Tensor) -> np.ndarray:
         """(B, A) share of each attribute against the neutral prompts, in (0, 1)."""

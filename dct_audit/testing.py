@@ -144,3 +144,23 @@ def make_tiny_classifier(
     labels_path = folder / "labels.txt"
     labels_path.write_text("\n".join(labels) + "\n")
     return path, labels_path
+
+
+def make_tiny_clip(folder: str | Path, seed: int = 0) -> Path:
+    """Save a tiny transformers ``CLIPModel`` + processor (real CLIP tokenizer) for ``--tagger hf:FOLDER``."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from .clip_vocab import clip_tokenizer
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    small = {"hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2, "num_hidden_layers": 1}
+    config = CLIPConfig(
+        text_config={**small, "vocab_size": 49408},
+        vision_config={**small, "image_size": 32, "patch_size": 8},
+        projection_dim=8,
+    )
+    CLIPModel(config).save_pretrained(folder)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=clip_tokenizer()).save_pretrained(folder)
+    return folder

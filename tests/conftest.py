@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dct_audit.testing import make_tiny_classifier, make_tiny_pipeline
+from dct_audit.testing import make_tiny_classifier, make_tiny_clip, make_tiny_pipeline
 
 TINY_LABELS = ["American lobster, Maine lobster", "spiny lobster", "horizontal bar, high bar", "plate"]
 
@@ -34,3 +34,9 @@ def tiny_classifier(tmp_path_factory):
     """``(model_path, labels_path)`` of a tiny TorchScript timm ResNet with four labels."""
     model, labels = make_tiny_classifier(tmp_path_factory.mktemp("classifier"), TINY_LABELS)
     return str(model), str(labels)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory):
+    """A tiny transformers CLIP folder, used as ``--tagger hf:FOLDER``."""
+    return str(make_tiny_clip(tmp_path_factory.mktemp("clip")))

@@ -28,10 +28,12 @@ FAST = [
 
 
 @pytest.fixture()
-def run_args(tiny_pipelines, tiny_classifier, tmp_path):
+def run_args(tiny_pipelines, tiny_classifier, tiny_clip, tmp_path):
     model, labels = tiny_classifier
     return [
         "run",
+        "--tagger",
+        f"hf:{tiny_clip}",
         "--generator",
         tiny_pipelines["turbo"],
         "--classifier",
@@ -58,7 +60,15 @@ def test_run_writes_a_complete_run_folder(run_args, tmp_path, capsys):
     assert manifest["versions"]["diffusers"] and manifest["settings"]["max_updates"] == 3
     assert set(manifest["class_runs"]) == {"0", "1", "2"}
     folder = root / "classes" / "0002-horizontal-bar"
-    for name in ("DONE", "token.safetensors", "history.csv", "scores.csv", "class.json"):
+    for name in (
+        "DONE",
+        "token.safetensors",
+        "history.csv",
+        "scores.csv",
+        "class.json",
+        "tags.csv",
+        "attribution.json",
+    ):
         assert (folder / name).is_file(), name
     scores = pd.read_csv(folder / "scores.csv")
     assert len(scores) == 2 * 2 * 2  # variants x contexts x seeds
@@ -72,6 +82,14 @@ def test_run_writes_a_complete_run_folder(run_args, tmp_path, capsys):
     assert list(history.columns[:4]) == ["update", "loss", "target_prob", "accuracy"] and len(history) >= 1
     assert len(list((folder / "evolution").glob("*.png"))) >= 1
     assert not list(root.rglob("*.tmp"))  # no temporary file left behind
+    tags = pd.read_csv(folder / "tags.csv")
+    assert len(tags) == len(scores) and {"plate", "water", "athlete"} <= set(tags.columns)
+    assert tags["plate"].between(0, 1).all()
+    assert len(list((folder / "attribution").glob("token_*.png"))) == 4  # min(4, 2 contexts x 2 seeds)
+    enrichment = pd.read_csv(root / "enrichment.csv")
+    assert len(enrichment) == 3 * len(tags.columns[4:]) and enrichment["q_value"].between(0, 1).all()
+    findings = json.loads((root / "findings.json").read_text())
+    assert isinstance(findings, list) and len(findings) == int(enrichment["flagged"].sum())
 
 
 def test_resume_recomputes_nothing_finished_and_redoes_half_written(run_args, tmp_path, monkeypatch):
@@ -132,9 +150,12 @@ def test_python_api_matches_cli(tiny_pipelines, tiny_classifier, tmp_path):
         max_updates=2,
         n_images=1,
         contexts=("a photo of {}",),
+        tagger=None,
+        explain_images=0,
         quiet=True,
     )
     assert result.run_dir == tmp_path / "api" and [c["index"] for c in result.classes] == [3]
+    assert result.findings == [] and not (tmp_path / "api" / "findings.json").exists()
     assert 0.0 <= result.classes[0]["token_accuracy"] <= 1.0
 
 

@@ -95,35 +95,9 @@ def test_calibration_finds_a_separating_threshold():
 
 
 def test_transformers_clip_tagger_from_a_local_folder(tmp_path):
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+    from dct_audit.testing import make_tiny_clip
 
-    from dct_audit.clip_vocab import clip_tokenizer
-
-    torch.manual_seed(0)
-    config = CLIPConfig(
-        text_config={
-            "hidden_size": 16,
-            "intermediate_size": 32,
-            "num_attention_heads": 2,
-            "num_hidden_layers": 1,
-            "vocab_size": 49408,
-        },
-        vision_config={
-            "hidden_size": 16,
-            "intermediate_size": 32,
-            "num_attention_heads": 2,
-            "num_hidden_layers": 1,
-            "image_size": 32,
-            "patch_size": 8,
-        },
-        projection_dim=8,
-    )
-    CLIPModel(config).save_pretrained(tmp_path)
-    proc = CLIPProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-        tokenizer=clip_tokenizer(),
-    )
-    proc.save_pretrained(tmp_path)
+    make_tiny_clip(tmp_path)
     tagger = load_tagger(f"hf:{tmp_path}")
     vocab = load_vocabulary()
     bank = AttributeBank.build(tagger, vocab)
