@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
         help='attribute vocabulary JSON (replaces the shipped one; "mode": "extend" adds)',
     )
     p.add_argument(
+        "--holdout-classifier", metavar="NAME", help="a second classifier that scores the same images"
+    )
+    p.add_argument(
         "--alpha", type=_fraction, default=0.05, help="false discovery rate of findings (default 0.05)"
     )
     p.add_argument(
@@ -189,6 +192,7 @@ def _cmd_run(args) -> int:
             "alpha",
             "min_effect",
             "explain_images",
+            "holdout_classifier",
         )
     }
     kwargs["generator"] = args.generator or DEFAULT_GENERATOR

@@ -38,6 +38,9 @@ class RunOptions:
     classes: str | list[str]
     generator: str = DEFAULT_GENERATOR
     labels: str | None = None
+    holdout_classifier: str | None = (
+        None  # scores the same images: a token that only fools its own model shows
+    )
     out: str = "reports"
     name: str | None = None
     device: str = "auto"
@@ -121,6 +124,7 @@ class RunOptions:
         keys = (
             "classifier",
             "labels",
+            "holdout_classifier",
             "generator",
             "steps",
             "guidance",
@@ -154,6 +158,7 @@ class Models:
     generator: Generator | None = None
     classifier: Classifier | None = None
     bank: AttributeBank | None = None
+    holdout: Classifier | None = None
 
 
 def placeholder_for(index: int) -> str:
@@ -277,6 +282,13 @@ def _load_models(
 ) -> Models:
     if models.classifier is None:
         models.classifier = load_classifier(opts.classifier, opts.labels, device)
+        if opts.holdout_classifier:
+            models.holdout = load_classifier(opts.holdout_classifier, opts.labels, device)
+            if models.holdout.labels.names != models.classifier.labels.names:
+                raise DctAuditError(
+                    f"--holdout-classifier {opts.holdout_classifier} has other classes than {opts.classifier}; "
+                    "a held-out classifier must share the label list"
+                )
         models.generator = load_generator(opts.generator, device)
         if opts.grad_checkpointing:
             models.generator.enable_gradient_checkpointing()
@@ -461,7 +473,11 @@ def audit_class(
         total=len(jobs), desc=f"  images {cls.name[:24]}", unit="img", leave=False, disable=opts.quiet
     )
     for chunk, images in generate(generator, jobs, max(batch, 4), opts.steps, opts.guidance):
-        for job, image, score in zip(chunk, images, score_images(classifier, images, cls.index), strict=True):
+        scored = score_images(classifier, images, cls.index)
+        if models.holdout is not None:
+            for row, h in zip(scored, score_images(models.holdout, images, cls.index), strict=True):
+                row.update(holdout_target_prob=h["target_prob"], holdout_correct=h["correct"])
+        for job, image, score in zip(chunk, images, scored, strict=True):
             rundir.write_png(folder / job.filename, image)
             rows.append(
                 {
@@ -515,6 +531,7 @@ def audit_class(
         "baseline_accuracy": acc.get("baseline"),
         "token_target_prob": prob.get("token"),
         "baseline_target_prob": prob.get("baseline"),
+        **_holdout_accuracy(scores),
         "n_images": int(len(scores)),
         "timings": {
             "invert_s": round(t_invert, 3),
@@ -547,3 +564,10 @@ def _explain(folder: Path, classifier: Classifier, images: torch.Tensor, target:
             "note": "no object mask for generated images",
         },
     )
+
+
+def _holdout_accuracy(scores: pd.DataFrame) -> dict:
+    if "holdout_correct" not in scores:
+        return {}
+    acc = scores.groupby("variant")["holdout_correct"].mean().to_dict()
+    return {"holdout_token_accuracy": acc.get("token"), "holdout_baseline_accuracy": acc.get("baseline")}

@@ -152,11 +152,15 @@ def test_python_api_matches_cli(tiny_pipelines, tiny_classifier, tmp_path):
         contexts=("a photo of {}",),
         tagger=None,
         explain_images=0,
+        holdout_classifier=f"file:{model}",
         quiet=True,
     )
     assert result.run_dir == tmp_path / "api" and [c["index"] for c in result.classes] == [3]
     assert result.findings == [] and not (tmp_path / "api" / "findings.json").exists()
-    assert 0.0 <= result.classes[0]["token_accuracy"] <= 1.0
+    summary = result.classes[0]
+    assert 0.0 <= summary["token_accuracy"] <= 1.0
+    # the held-out classifier here is the same model, so it must agree exactly
+    assert summary["holdout_token_accuracy"] == summary["token_accuracy"]
 
 
 @pytest.mark.parametrize(
