@@ -153,6 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels")
     p.add_argument("query", nargs="?", help="name, fragment or index; omit to list all")
 
+    # report ------------------------------------------------------------------------------------
+    p = sub.add_parser("report", help="render a run folder to HTML again (loads no model)")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--out", help="output folder (default RUN_DIR/report)")
+    p.add_argument("--self-contained", action="store_true", help="one HTML file with every image embedded")
+
     # download ----------------------------------------------------------------------------------
     p = sub.add_parser("download", help="prefetch weights into the local caches for offline runs")
     p.add_argument("--generator")
@@ -216,6 +222,8 @@ def _cmd_run(args) -> int:
             f"{cf['with_prob']:.2f}/{cf['without_prob']:.2f}"
         )
     print(f"run folder: {result.run_dir}")
+    if result.report:
+        print(f"report: {result.report}")
     return 0
 
 
@@ -236,6 +244,13 @@ def _cmd_classes(args) -> int:
     return 0
 
 
+def _cmd_report(args) -> int:
+    from .report import render_report
+
+    print(f"report: {render_report(args.run_dir, args.out, args.self_contained)}")
+    return 0
+
+
 def _cmd_download(args) -> int:
     from .download import download
 
@@ -249,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    handlers = {"run": _cmd_run, "classes": _cmd_classes, "download": _cmd_download}
+    handlers = {"run": _cmd_run, "classes": _cmd_classes, "report": _cmd_report, "download": _cmd_download}
     try:
         return handlers[args.command](args)
     except DctAuditError as e:

@@ -66,6 +66,7 @@ class RunOptions:
     explain_images: int = 4  # token images per class with captum attributions
     overwrite: bool = False
     quiet: bool = False
+    report: bool = True  # render the HTML report at the end
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -149,6 +150,7 @@ class RunResult:
     classes: list[dict] = field(default_factory=list)  # class.json of each class, in order
     skipped: list[int] = field(default_factory=list)  # already finished before this call
     findings: list[dict] = field(default_factory=list)  # flagged attributes with their evidence
+    report: Path | None = None  # the HTML report's index
 
 
 @dataclass
@@ -274,7 +276,14 @@ def run_with_options(opts: RunOptions) -> RunResult:
         }
         run_dir.write_manifest(manifest)
     results = [rundir.read_json(run_dir.class_dir(c.index, c.name) / "class.json") for c in targets]
-    return RunResult(run_dir=root, classes=results, skipped=skipped, findings=findings)
+
+    # 6. The HTML report (reads the run folder only)
+    report = None
+    if opts.report:
+        from .report import render_report
+
+        report = render_report(root)
+    return RunResult(run_dir=root, classes=results, skipped=skipped, findings=findings, report=report)
 
 
 def _load_models(

@@ -90,6 +90,7 @@ def test_run_writes_a_complete_run_folder(run_args, tmp_path, capsys):
     assert len(enrichment) == 3 * len(tags.columns[4:]) and enrichment["q_value"].between(0, 1).all()
     findings = json.loads((root / "findings.json").read_text())
     assert isinstance(findings, list) and len(findings) == int(enrichment["flagged"].sum())
+    assert (root / "report" / "index.html").is_file() and "report:" in out
 
 
 def test_resume_recomputes_nothing_finished_and_redoes_half_written(run_args, tmp_path, monkeypatch):
