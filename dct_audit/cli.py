@@ -153,6 +153,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels")
     p.add_argument("query", nargs="?", help="name, fragment or index; omit to list all")
 
+    # compare -----------------------------------------------------------------------------------
+    p = sub.add_parser("compare", help="compare two classifiers' learned concepts class by class")
+    p.add_argument("runs", nargs="*", metavar="RUN", help="two finished run folders (or use --classifiers)")
+    p.add_argument("--classifiers", help="A,B: run both (resuming what is finished), then compare")
+    p.add_argument("--classes", help="with --classifiers: the classes to audit")
+    p.add_argument("--generator", help="with --classifiers: the generator (default stabilityai/sd-turbo)")
+    p.add_argument("--tagger", help="with --classifiers: the tagger")
+    p.add_argument("--labels", help="with --classifiers: labels file for file: classifiers")
+    p.add_argument("--out", help="compare folder (default beside the first run)")
+    p.add_argument("--alpha", type=_fraction, default=0.05)
+    p.add_argument("--min-effect", type=_fraction, default=0.25)
+    p.add_argument(
+        "--no-cross-score", action="store_true", help="skip scoring each run's images by the other classifier"
+    )
+
     # report ------------------------------------------------------------------------------------
     p = sub.add_parser("report", help="render a run folder to HTML again (loads no model)")
     p.add_argument("run_dir", metavar="RUN_DIR")
@@ -244,6 +259,43 @@ def _cmd_classes(args) -> int:
     return 0
 
 
+def _cmd_compare(args) -> int:
+    from .compare import compare
+
+    if args.classifiers:
+        if args.runs:
+            raise DctAuditError("give either two RUN folders or --classifiers A,B with --classes, not both")
+        names = [c.strip() for c in args.classifiers.split(",") if c.strip()]
+        if len(names) != 2 or not args.classes:
+            raise DctAuditError("--classifiers needs exactly two names (A,B) and --classes")
+        from . import pipeline
+
+        extra = {
+            k: v
+            for k, v in {"generator": args.generator, "tagger": args.tagger, "labels": args.labels}.items()
+            if v
+        }
+        runs = [pipeline.run(n, args.classes, **extra).run_dir for n in names]
+    elif len(args.runs) == 2:
+        runs = args.runs
+    else:
+        raise DctAuditError(
+            "compare needs two run folders (dct-audit compare RUN_A RUN_B) or --classifiers A,B --classes ..."
+        )
+    result = compare(
+        runs[0], runs[1], args.out, args.alpha, args.min_effect, cross_score=not args.no_cross_score
+    )
+    for f in result.flagged:
+        print(
+            f"  {f['class_name']}: '{f['attribute']}' in {f['rate_a']:.0%} of A's token images vs {f['rate_b']:.0%} of B's "
+            f"(q={f['q_value']:.2g})"
+        )
+    print(
+        f"compared {len(result.classes)} classes, {len(result.flagged)} attribute differences flagged: {result.out_dir}"
+    )
+    return 0
+
+
 def _cmd_report(args) -> int:
     from .report import render_report
 
@@ -264,7 +316,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    handlers = {"run": _cmd_run, "classes": _cmd_classes, "report": _cmd_report, "download": _cmd_download}
+    handlers = {
+        "run": _cmd_run,
+        "classes": _cmd_classes,
+        "report": _cmd_report,
+        "compare": _cmd_compare,
+        "download": _cmd_download,
+    }
     try:
         return handlers[args.command](args)
     except DctAuditError as e:

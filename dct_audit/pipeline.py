@@ -498,7 +498,7 @@ def audit_class(
                 }
             )
         if models.bank is not None:
-            features.append(models.bank.scores(models.bank.tagger.image_features(images)))
+            features.append(models.bank.tagger.image_features(images))  # (b, D)
         token_images += [im for job, im in zip(chunk, images, strict=True) if job.variant == "token"]
         gen_bar.update(len(chunk))
     gen_bar.close()
@@ -507,7 +507,9 @@ def audit_class(
 
     # 5. Tags: every image against the attribute vocabulary (scores; presence is decided in analysis)
     if models.bank is not None:
-        tag_scores = pd.DataFrame(np.concatenate(features), columns=models.bank.vocabulary.names)
+        embeddings = torch.cat(features)  # (N, D), rows aligned with scores.csv
+        rundir.write_npy(folder / "embeddings.npy", embeddings.half().numpy())
+        tag_scores = pd.DataFrame(models.bank.scores(embeddings), columns=models.bank.vocabulary.names)
         keys = scores[["file", "variant", "context_index", "seed"]].reset_index(drop=True)
         rundir.write_csv(folder / "tags.csv", pd.concat([keys, tag_scores], axis=1))
 

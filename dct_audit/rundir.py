@@ -74,6 +74,16 @@ def write_csv(path: str | os.PathLike, frame) -> Path:
     return atomic_write(path, lambda p: frame.to_csv(p, index=False))
 
 
+def write_npy(path: str | os.PathLike, array) -> Path:
+    import numpy as np
+
+    def save(p: Path) -> None:
+        with p.open("wb") as f:  # a file object: np.save would append ".npy" to a temporary name
+            np.save(f, array)
+
+    return atomic_write(path, save)
+
+
 def write_png(path: str | os.PathLike, image) -> Path:
     """Save a PIL image, or a (3, H, W) float tensor / (H, W, 3) uint8 array, as PNG."""
     from PIL import Image

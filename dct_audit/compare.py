@@ -1,0 +1,234 @@
+"""``dct-audit compare``: where two classifiers have learned different concepts, class by class.
+
+Two finished runs over the same classes, made with the same generator, seeds, contexts and tagger, give
+for every class two sets of token images that pair up by (context, seed). Per class:
+
+- attribute profiles A vs B with the same paired statistics as the findings (exact McNemar, BH over all
+  class x attribute tests, paired difference with its interval): which context one classifier's token
+  brings and the other's does not;
+- cross-scoring: A's token images scored by B and B's by A, next to each classifier's own accuracy
+  (needs both classifiers; skipped with ``cross_score=False``);
+- a concept distance: 1 - cosine between the mean tagger embeddings of A's and B's token images, with a
+  reference: the same distance between two halves (different seeds) of the shared baseline images, so a
+  distance near the reference means "as different as two draws of the same prompt";
+- the cosine between the two learned token embeddings.
+
+Results: ``compare.json``, ``classes.csv`` (ranked by divergence), ``attributes.csv`` in the compare folder.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import rundir
+from .analyse import ALPHA, MIN_EFFECT
+from .errors import DctAuditError
+from .stats import benjamini_hochberg, paired_rates
+
+# settings that must agree for two runs' images to pair up
+MUST_MATCH = ("generator", "steps", "guidance", "n_images", "seed", "contexts", "tagger", "attributes")
+
+
+@dataclass
+class CompareResult:
+    out_dir: Path
+    classes: pd.DataFrame
+    attributes: pd.DataFrame
+    flagged: list[dict] = field(default_factory=list)
+
+
+def _open(run: str | Path) -> tuple[rundir.RunDir, dict]:
+    run_dir = rundir.RunDir(run)
+    manifest = run_dir.read_manifest()
+    if manifest is None:
+        raise DctAuditError(
+            f"'{run}' is not a dct-audit run folder (no manifest.json); give a folder made by dct-audit run"
+        )
+    return run_dir, manifest
+
+
+def check_comparable(ma: dict, mb: dict, name_a: str, name_b: str) -> list[dict]:
+    """The classes both runs finished; a one-line error naming what differs otherwise."""
+    sa, sb = ma.get("settings", {}), mb.get("settings", {})
+    diffs = [k for k in MUST_MATCH if sa.get(k) != sb.get(k)]
+    if diffs:
+        shown = "; ".join(f"{k}: {sa.get(k)!r} vs {sb.get(k)!r}" for k in diffs[:3])
+        raise DctAuditError(
+            f"runs '{name_a}' and '{name_b}' cannot be paired: {shown}; rerun one with the other's settings"
+        )
+    ca = {c["index"]: c for c in ma.get("classes", [])}
+    cb = {c["index"]: c for c in mb.get("classes", [])}
+    if set(ca) != set(cb):
+        only_a = sorted(set(ca) - set(cb))[:5]
+        only_b = sorted(set(cb) - set(ca))[:5]
+        raise DctAuditError(
+            f"runs '{name_a}' and '{name_b}' audit different classes (only in the first: {only_a}, only in the second: "
+            f"{only_b}); run both over the same --classes"
+        )
+    return [ca[i] for i in sorted(ca)]
+
+
+def _class_folder(run_dir: rundir.RunDir, c: dict) -> Path:
+    folder = run_dir.class_dir(c["index"], c["name"])
+    if not (folder / rundir.MARKER).is_file():
+        raise DctAuditError(
+            f"class {c['name']} ({c['index']}) is not finished in '{run_dir.root}'; resume that run first"
+        )
+    return folder
+
+
+def _paired(
+    tags_a: pd.DataFrame, tags_b: pd.DataFrame, column: str, threshold: float
+) -> tuple[np.ndarray, np.ndarray]:
+    a = tags_a[tags_a.variant == "token"].set_index(["context_index", "seed"])[column]
+    b = tags_b[tags_b.variant == "token"].set_index(["context_index", "seed"])[column]
+    joined = pd.concat([a.rename("a"), b.rename("b")], axis=1, join="inner")
+    return joined["a"].to_numpy() >= threshold, joined["b"].to_numpy() >= threshold
+
+
+def concept_distance(emb_a: np.ndarray, emb_b: np.ndarray) -> float:
+    """1 - cosine of the two sets' mean (normalised) embeddings."""
+    ma, mb = emb_a.mean(0), emb_b.mean(0)
+    return float(1 - ma @ mb / (np.linalg.norm(ma) * np.linalg.norm(mb) + 1e-12))
+
+
+def _embeddings(folder: Path, scores: pd.DataFrame, variant: str) -> np.ndarray | None:
+    path = folder / "embeddings.npy"
+    if not path.is_file():
+        return None
+    emb = np.load(path).astype(np.float32)
+    return emb[(scores["variant"] == variant).to_numpy()]
+
+
+def _token_cosine(fa: Path, fb: Path) -> float:
+    from safetensors.numpy import load_file
+
+    va = next(iter(load_file(str(fa / "token.safetensors")).values())).astype(np.float64)
+    vb = next(iter(load_file(str(fb / "token.safetensors")).values())).astype(np.float64)
+    return float(va @ vb / (np.linalg.norm(va) * np.linalg.norm(vb) + 1e-12))
+
+
+def _cross_scores(folder: Path, scores: pd.DataFrame, target: int, classifier) -> float:
+    """Accuracy of another classifier on this run's token images (read back from the PNGs)."""
+    import torch
+    from PIL import Image
+
+    from .score import score_images
+
+    files = scores.loc[scores.variant == "token", "file"].tolist()
+    hits = []
+    for i in range(0, len(files), 16):
+        batch = [
+            np.asarray(Image.open(folder / f).convert("RGB"), dtype=np.float32) / 255
+            for f in files[i : i + 16]
+        ]
+        images = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2)
+        hits += [r["correct"] for r in score_images(classifier, images, target)]
+    return float(np.mean(hits))
+
+
+def compare(
+    run_a: str | Path,
+    run_b: str | Path,
+    out: str | Path | None = None,
+    alpha: float = ALPHA,
+    min_effect: float = MIN_EFFECT,
+    cross_score: bool = True,
+    device: str = "cpu",
+) -> CompareResult:
+    """Compare two finished runs; writes the tables and JSON to ``out`` (default beside run A)."""
+    # 1. Check that the runs pair up
+    ra, ma = _open(run_a)
+    rb, mb = _open(run_b)
+    classes = check_comparable(ma, mb, str(run_a), str(run_b))
+    out_dir = Path(out) if out else ra.root.parent / f"compare-{ra.root.name}-vs-{rb.root.name}"
+    thresholds = (ma.get("tagging") or {}).get("thresholds", {})
+
+    # 2. Optional cross-scoring models
+    clf_a = clf_b = None
+    if cross_score:
+        from .adapters.classifier import load_classifier
+
+        clf_a = load_classifier(ma["settings"]["classifier"], ma["settings"].get("labels"), device)
+        clf_b = load_classifier(mb["settings"]["classifier"], mb["settings"].get("labels"), device)
+
+    # 3. Per class: profiles, distances, cross-scores
+    attr_rows, class_rows = [], []
+    for c in classes:
+        fa, fb = _class_folder(ra, c), _class_folder(rb, c)
+        sa, sb = pd.read_csv(fa / "scores.csv"), pd.read_csv(fb / "scores.csv")
+        ta = pd.read_csv(fa / "tags.csv") if (fa / "tags.csv").is_file() else None
+        tb = pd.read_csv(fb / "tags.csv") if (fb / "tags.csv").is_file() else None
+        if ta is not None and tb is not None:
+            for attr in [col for col in ta.columns[4:] if col in tb.columns]:
+                a, b = _paired(ta, tb, attr, thresholds.get(attr, 0.5))
+                r = paired_rates(a, b)
+                attr_rows.append(
+                    {
+                        "class_index": c["index"],
+                        "class_name": c["name"],
+                        "attribute": attr,
+                        "n_pairs": r.n,
+                        "rate_a": r.rate_a,
+                        "rate_b": r.rate_b,
+                        "diff": r.diff,
+                        "ci_low": r.ci_low,
+                        "ci_high": r.ci_high,
+                        "p_value": r.p_value,
+                    }
+                )
+        ea, eb = _embeddings(fa, sa, "token"), _embeddings(fb, sb, "token")
+        base = _embeddings(fa, sa, "baseline")
+        row = {
+            "class_index": c["index"],
+            "class_name": c["name"],
+            "accuracy_a": float(sa.loc[sa.variant == "token", "correct"].mean()),
+            "accuracy_b": float(sb.loc[sb.variant == "token", "correct"].mean()),
+            "token_cosine": _token_cosine(fa, fb),
+        }
+        if ea is not None and eb is not None and base is not None and len(base) >= 2:
+            half = len(base) // 2
+            row["concept_distance"] = concept_distance(ea, eb)
+            row["reference_distance"] = concept_distance(base[:half], base[half:])
+        if clf_a is not None:
+            row["a_images_scored_by_b"] = _cross_scores(fa, sa, c["index"], clf_b)
+            row["b_images_scored_by_a"] = _cross_scores(fb, sb, c["index"], clf_a)
+        class_rows.append(row)
+
+    # 4. FDR over all class x attribute tests, flags in either direction, ranking by divergence
+    attributes = pd.DataFrame(attr_rows)
+    flagged = []
+    if len(attributes):
+        attributes["q_value"] = benjamini_hochberg(attributes["p_value"].to_numpy())
+        attributes["flagged"] = (attributes["q_value"] < alpha) & (attributes["diff"].abs() >= min_effect)
+        flagged = attributes[attributes["flagged"]].to_dict("records")
+    table = pd.DataFrame(class_rows)
+    n_flags = {i: sum(1 for f in flagged if f["class_index"] == i) for i in table["class_index"]}
+    table["flagged_attributes"] = table["class_index"].map(n_flags)
+    if "concept_distance" in table:
+        table["divergence"] = table["concept_distance"] / table["reference_distance"].clip(lower=1e-6)
+    else:
+        table["divergence"] = 1 - table["token_cosine"]
+    table = table.sort_values(["flagged_attributes", "divergence"], ascending=False).reset_index(drop=True)
+
+    # 5. Write
+    rundir.write_csv(out_dir / "classes.csv", table)
+    rundir.write_csv(out_dir / "attributes.csv", attributes)
+    rundir.write_json(
+        out_dir / "compare.json",
+        {
+            "created": _dt.datetime.now().isoformat(timespec="seconds"),
+            "run_a": {"path": str(ra.root), "classifier": ma["settings"]["classifier"]},
+            "run_b": {"path": str(rb.root), "classifier": mb["settings"]["classifier"]},
+            "alpha": alpha,
+            "min_effect": min_effect,
+            "flagged": flagged,
+            "classes": table.to_dict("records"),
+        },
+    )
+    return CompareResult(out_dir, table, attributes, flagged)

@@ -1,0 +1,61 @@
+"""``dct-audit compare`` on tiny runs: a run against itself flags nothing; mismatched runs are refused."""
+
+import json
+
+import pytest
+
+from dct_audit.cli import main
+from dct_audit.compare import compare
+from dct_audit.errors import DctAuditError
+
+
+@pytest.fixture(scope="module")
+def two_runs(tiny_pipelines, tiny_classifier, tiny_clip, tmp_path_factory):
+    import dct_audit
+
+    out = tmp_path_factory.mktemp("runs")
+    model, labels = tiny_classifier
+    common = dict(
+        labels=labels,
+        generator=tiny_pipelines["turbo"],
+        tagger=f"hf:{tiny_clip}",
+        out=str(out),
+        max_updates=2,
+        n_images=4,
+        contexts=("a photo of {}",),
+        explain_images=0,
+        report=False,
+        quiet=True,
+        lr=0.2,
+    )
+    a = dct_audit.run(f"file:{model}", "0,2", name="a", **common).run_dir
+    other_seed = dct_audit.run(f"file:{model}", "0,2", name="seed5", seed=5, **common).run_dir
+    other_classes = dct_audit.run(f"file:{model}", "0", name="one", **common).run_dir
+    return a, other_seed, other_classes
+
+
+def test_a_run_compared_with_itself_differs_nowhere(two_runs, tmp_path):
+    a, _, _ = two_runs
+    result = compare(a, a, tmp_path / "cmp")
+    assert result.flagged == [] and len(result.classes) == 2
+    row = result.classes.iloc[0]
+    assert row["token_cosine"] == pytest.approx(1.0) and row["concept_distance"] == pytest.approx(
+        0.0, abs=1e-6
+    )
+    assert row["reference_distance"] >= 0
+    # cross-scoring by the same classifier reproduces its own accuracy (images read back from PNG)
+    assert (result.classes["a_images_scored_by_b"] - result.classes["accuracy_a"]).abs().max() < 0.26
+    data = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert data["flagged"] == [] and {"classes.csv", "attributes.csv"} <= {
+        p.name for p in (tmp_path / "cmp").iterdir()
+    }
+
+
+def test_mismatched_runs_are_one_line_errors(two_runs, capsys):
+    a, other_seed, other_classes = two_runs
+    with pytest.raises(DctAuditError, match="cannot be paired: seed: 0 vs 5"):
+        compare(a, other_seed, cross_score=False)
+    assert main(["compare", str(a), str(other_classes), "--no-cross-score"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "audit different classes" in err
+    assert main(["compare", str(a)]) == 2 and "needs two run folders" in capsys.readouterr().err
