@@ -115,16 +115,23 @@ def render_report(
     renderer = _Renderer(out_dir, self_contained)
     pages = []
     for row in report["classes"]:
-        if row["status"] == "done":
+        if row["status"] != "done":
+            continue
+        try:
             cls = read_class(run_dir, out_dir, row, report["run"], enrichment, findings)
-            renderer.draw_plots(cls, run_dir)
-            pages.append(cls)
+        except DctAuditError as e:  # a damaged class is listed as such; the others still render
+            row.update(status="broken", note=str(e), page=None)
+            continue
+        renderer.draw_plots(cls)
+        pages.append(cls)
 
     # 3. Render: one file, or the index plus a page per class, each with its JSON beside it
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise DctAuditError(f"cannot write the report to '{out_dir}' ({e.strerror or e}); choose another --out")
+        raise DctAuditError(
+            f"cannot write the report to '{out_dir}' ({e.strerror or e}); choose another --out"
+        ) from None
     for cls in pages:
         rundir.write_json(out_dir / "classes" / f"{cls['folder']}.json", cls)
     if self_contained:
@@ -158,7 +165,7 @@ def read_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, self_contai
     manifest = _read_manifest(run_dir)
     enrichment = read_enrichment(run_dir)
     flagged = _top_flagged(enrichment)
-    rows = [_class_row(run_dir, c, manifest, flagged, self_contained) for c in _listed_classes(run_dir, manifest)]
+    rows = [_class_row(run_dir, c, flagged, self_contained) for c in _listed_classes(run_dir, manifest)]
     runs = manifest.get("class_runs") or {}
     finished = sorted(r["finished"] for r in runs.values() if isinstance(r, dict) and r.get("finished"))
     done = [r for r in rows if r["status"] == "done"]
@@ -224,14 +231,14 @@ def _listed_classes(run_dir: Path, manifest: dict) -> list[dict]:
         out.append({**c, "folder": folder})
         seen.add(folder)
     classes_dir = run_dir / "classes"
-    extra = sorted(p for p in classes_dir.iterdir() if p.is_dir() and p.name not in seen) if classes_dir.is_dir() else []
-    for p in extra:
+    folders = sorted(classes_dir.iterdir()) if classes_dir.is_dir() else []
+    for p in (p for p in folders if p.is_dir() and p.name not in seen):
         head = p.name.split("-", 1)[0]
         out.append({"index": int(head) if head.isdigit() else None, "name": p.name, "folder": p.name})
     return out
 
 
-def _class_row(run_dir: Path, c: dict, manifest: dict, flagged: dict, self_contained: bool) -> dict:
+def _class_row(run_dir: Path, c: dict, flagged: dict, self_contained: bool) -> dict:
     """One index row: status and summary numbers from ``class.json`` (status only if unfinished)."""
     folder = run_dir / "classes" / c["folder"]
     row = {
@@ -263,6 +270,7 @@ def _class_row(run_dir: Path, c: dict, manifest: dict, flagged: dict, self_conta
     row["stop_reason"] = summary.get("stop_reason")
     row["seconds"] = _number((summary.get("timings") or {}).get("total_s"))
     row["placeholder"] = summary.get("placeholder", row["placeholder"])
+    row["name"] = str(summary.get("name", row["name"]))
     row["page"] = f"#class-{c['folder']}" if self_contained else f"classes/{c['folder']}.html"
     return row
 
@@ -281,7 +289,9 @@ def read_class(
     contexts: dict[int, dict] = {}
     for r in _read_csv(folder / "scores.csv"):
         ci, seed = _int(r.get("context_index")), _int(r.get("seed"))
-        ctx = contexts.setdefault(ci, {"index": ci, "context": r.get("context", ""), "prompts": {}, "seeds": []})
+        ctx = contexts.setdefault(
+            ci, {"index": ci, "context": r.get("context", ""), "prompts": {}, "seeds": []}
+        )
         ctx["prompts"].setdefault(r["variant"], r.get("prompt", ""))
         if seed not in ctx["seeds"]:
             ctx["seeds"].append(seed)
@@ -295,7 +305,10 @@ def read_class(
     grids = []
     for ci in sorted(contexts):
         ctx = contexts[ci]
-        pairs = [{"seed": s, **{v: by_key.get((v, ci, s)) for v in ("token", "baseline")}} for s in sorted(ctx["seeds"])]
+        pairs = [
+            {"seed": s, **{v: by_key.get((v, ci, s)) for v in ("token", "baseline")}}
+            for s in sorted(ctx["seeds"])
+        ]
         acc = {v: _mean(p[v]["correct"] for p in pairs if p[v]) for v in ("token", "baseline")}
         grids.append({**ctx, "pairs": pairs, "accuracy": acc, "columns": min(4, len(pairs))})
 
@@ -307,7 +320,9 @@ def read_class(
     for p in sorted((folder / "evolution").glob("update_*.png")):
         parts = p.stem.split("_")  # update_0005_s0
         seed = parts[2][1:] if len(parts) > 2 else ""
-        evolution.append({"update": _int(parts[1]), "seed": _int(seed), "file": posixpath.join(base, "evolution", p.name)})
+        evolution.append(
+            {"update": _int(parts[1]), "seed": _int(seed), "file": posixpath.join(base, "evolution", p.name)}
+        )
 
     attribution = read_attribution(folder)
     if attribution is not None:
@@ -333,7 +348,9 @@ def read_class(
         "evolution": evolution,
         "history": history,
         "token": _token(run_dir, folder, base, summary, run, grids),
-        "enrichment": sorted(rows, key=lambda e: (-(e["diff"] or 0.0), e["attribute"])) if enrichment is not None else None,
+        "enrichment": None
+        if enrichment is None
+        else sorted(rows, key=lambda e: (-(e["diff"] or 0.0), e["attribute"])),
         "findings": [_finding(f, run_dir, out_dir) for f in mine] if findings is not None else None,
         "attribution": attribution,
         "plots": {},
@@ -358,7 +375,11 @@ def _token(run_dir: Path, folder: Path, base: str, summary: dict, run: dict, gri
         ]
     )
     exists = (folder / name).is_file()
-    return {"file": posixpath.join(base, name) if exists else None, "placeholder": placeholder, "snippet": snippet}
+    return {
+        "file": posixpath.join(base, name) if exists else None,
+        "placeholder": placeholder,
+        "snippet": snippet,
+    }
 
 
 def _finding(f: dict, run_dir: Path, out_dir: Path) -> dict:
@@ -393,7 +414,9 @@ def _top_flagged(enrichment: list | None) -> dict[int, list]:
     out: dict[int, list] = {}
     for e in sorted(enrichment or [], key=lambda e: -(e["diff"] or 0.0)):
         if e["flagged"] and len(out.setdefault(e["class_index"], [])) < TOP_FLAGGED:
-            out[e["class_index"]].append({"attribute": e["attribute"], "diff": e["diff"], "q_value": e["q_value"]})
+            out[e["class_index"]].append(
+                {"attribute": e["attribute"], "diff": e["diff"], "q_value": e["q_value"]}
+            )
     return out
 
 
@@ -499,7 +522,9 @@ def _bool(x) -> bool | None:
     if isinstance(x, bool):
         return x
     text = str(x).strip().lower()
-    return True if text in ("true", "1", "1.0", "yes") else False if text in ("false", "0", "0.0", "no") else None
+    if text in ("true", "1", "1.0", "yes"):
+        return True
+    return False if text in ("false", "0", "0.0", "no") else None
 
 
 def _mean(values) -> float | None:
@@ -556,8 +581,12 @@ def plot_training(history: list[dict], best_update: int | None) -> bytes:
         fig, (a, b) = plt.subplots(1, 2, figsize=(8, 2.6))
         a.plot(x, [h["loss"] for h in history], marker=".", color="#b5413b")
         a.set(title="loss", xlabel="update")
-        b.plot(x, [h["target_prob"] for h in history], marker=".", label="target probability", color="#2c6cb0")
-        b.plot(x, [h["accuracy"] for h in history], marker=".", label="batch accuracy", color="#8aa1b8", ls=":")
+        b.plot(
+            x, [h["target_prob"] for h in history], marker=".", label="target probability", color="#2c6cb0"
+        )
+        b.plot(
+            x, [h["accuracy"] for h in history], marker=".", label="batch accuracy", color="#8aa1b8", ls=":"
+        )
         b.set(title="classifier on the batch", xlabel="update", ylim=(-0.02, 1.02))
         b.legend(frameon=False, loc="lower right")
         fig.subplots_adjust(left=0.07, right=0.98, bottom=0.18, top=0.88, wspace=0.25)
@@ -615,7 +644,9 @@ def _environment() -> jinja2.Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters.update(pct=fmt_pct, num=fmt_num, pp=fmt_pp, duration=fmt_duration, sortkey=fmt_sortkey)
+    env.filters.update(
+        pct=fmt_pct, num=fmt_num, pp=fmt_pp, duration=fmt_duration, sortkey=fmt_sortkey, value=fmt_value
+    )
     return env
 
 
@@ -650,6 +681,13 @@ def fmt_duration(seconds) -> str:
     return f"{int(s // 3600)} h {int(s % 3600 // 60):02d} min"
 
 
+def fmt_value(x) -> str:
+    """A setting as a person reads it: text as is, lists and numbers as JSON, missing as a dash."""
+    if x is None:
+        return "–"
+    return x if isinstance(x, str) else json.dumps(x, ensure_ascii=False)
+
+
 def fmt_sortkey(x) -> str:
     """The value a sortable table cell sorts by: a plain number, or empty (sorted last)."""
     return "" if x is None else repr(float(x))
@@ -664,7 +702,7 @@ class _Renderer:
         self.env = _environment()
         self.inline: dict[str, bytes] = {}  # plots kept in memory for a self-contained file
 
-    def draw_plots(self, cls: dict, run_dir: Path) -> None:
+    def draw_plots(self, cls: dict) -> None:
         """Draw the class's plots; a plot whose data has not changed since the last render is reused."""
         wanted = {}
         if cls["history"]:
@@ -705,7 +743,9 @@ class _Renderer:
     def render(self, path: Path, template: str, **context) -> Path:
         page_dir = posixpath.dirname(Path(path).relative_to(self.out_dir).as_posix())
         assets = {
-            name: Markup((_templates_dir() / name).read_text(encoding="utf-8")) if self.self_contained else None
+            name: Markup((_templates_dir() / name).read_text(encoding="utf-8"))
+            if self.self_contained
+            else None
             for name in ASSETS
         }
         tpl = self.env.get_template(template)

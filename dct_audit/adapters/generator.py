@@ -301,6 +301,10 @@ def load_generator(
     pipe.set_progress_bar_config(disable=True)
     family = detect_family(spec, pipe)
     steps, guidance = FAMILY_DEFAULTS[family]
+    defaults_file = Path(spec) / "dct_audit_defaults.json"
+    if defaults_file.is_file():  # a local pipeline may record the steps and guidance it was measured with
+        recorded = json.loads(defaults_file.read_text())
+        steps, guidance = int(recorded.get("steps", steps)), float(recorded.get("guidance", guidance))
     gspec = GeneratorSpec(
         spec=spec,
         model_id=spec,

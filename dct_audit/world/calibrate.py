@@ -35,8 +35,13 @@ def truth_table(batch: S.Scenes, names: list[str]) -> np.ndarray:
     return np.stack(cols, 1)
 
 
-def measure(tagger_spec: str = "world", n: int = 3000, seed: int = 777, attributes: Path = ATTRIBUTES_FILE,
-            write: bool = True) -> dict:
+def measure(
+    tagger_spec: str = "world",
+    n: int = 3000,
+    seed: int = 777,
+    attributes: Path = ATTRIBUTES_FILE,
+    write: bool = True,
+) -> dict:
     """Calibrate on the first half of ``n`` held-out scenes, report precision/recall on the second half."""
     import torch
 
@@ -51,8 +56,10 @@ def measure(tagger_spec: str = "world", n: int = 3000, seed: int = 777, attribut
     thresholds = calibrate_thresholds(scores[:half], truth[:half], vocab.names)
     thr = np.array([thresholds.get(a, 0.5) for a in vocab.names])
     precision, recall = precision_recall(scores[half:] >= thr, truth[half:])
-    report = {a: {"threshold": round(float(t), 4), "precision": round(float(p), 4), "recall": round(float(r), 4)}
-              for a, t, p, r in zip(vocab.names, thr, precision, recall, strict=True)}
+    report = {
+        a: {"threshold": round(float(t), 4), "precision": round(float(p), 4), "recall": round(float(r), 4)}
+        for a, t, p, r in zip(vocab.names, thr, precision, recall, strict=True)
+    }
     if write:
         data = json.loads(attributes.read_text())
         for a in data["attributes"]:
