@@ -168,6 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-cross-score", action="store_true", help="skip scoring each run's images by the other classifier"
     )
 
+    # demo --------------------------------------------------------------------------------------
+    p = sub.add_parser("demo", help="the whole audit offline on the bundled planted-bias world")
+    p.add_argument("--out", default="reports", help="parent folder of the demo's runs (default reports/)")
+    p.add_argument("--no-compare", action="store_true", help="audit the biased classifier only")
+    p.add_argument("--quiet", action="store_true")
+
     # report ------------------------------------------------------------------------------------
     p = sub.add_parser("report", help="render a run folder to HTML again (loads no model)")
     p.add_argument("run_dir", metavar="RUN_DIR")
@@ -296,6 +302,27 @@ def _cmd_compare(args) -> int:
     return 0
 
 
+def _cmd_demo(args) -> int:
+    from .demo import demo
+
+    result = demo(args.out, compare_unbiased=not args.no_compare, quiet=args.quiet)
+    biased = result["biased"]
+    for f in biased.findings:
+        print(
+            f"  finding: {f['class_name']}: '{f['attribute']}' in {f['token_rate']:.0%} of token images vs "
+            f"{f['baseline_rate']:.0%} at baseline (q={f['q']:.2g})"
+        )
+    print(f"biased classifier: {len(biased.findings)} finding(s); report: {biased.report}")
+    if "unbiased" in result:
+        print(
+            f"unbiased classifier: {len(result['unbiased'].findings)} finding(s); report: {result['unbiased'].report}"
+        )
+        print(
+            f"comparison: {len(result['compare'].flagged)} attribute difference(s): {result['compare'].out_dir}"
+        )
+    return 0
+
+
 def _cmd_report(args) -> int:
     from .report import render_report
 
@@ -321,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         "classes": _cmd_classes,
         "report": _cmd_report,
         "compare": _cmd_compare,
+        "demo": _cmd_demo,
         "download": _cmd_download,
     }
     try:
