@@ -226,3 +226,18 @@ def test_missing_hub_model_offline_names_download(tmp_path, monkeypatch, tiny_cl
     with pytest.raises(DctAuditError, match=r"dct-audit download --generator someone/not-cached-model"):
         load_generator("someone/not-cached-model")
     assert main(proc_args) == 2
+
+
+def test_download_offline_is_one_line(monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["download", "--generator", "stabilityai/sd-turbo"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "HF_HUB_OFFLINE=1" in err
+
+
+def test_classes_command_lists_matches_without_weights(capsys):
+    assert main(["classes", "--classifier", "resnet50", "lobster"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in out] == ["122", "123"]
+    assert main(["classes", "--classifier", "resnet50", "lobstr"]) == 2
+    assert "closest: " in capsys.readouterr().err
