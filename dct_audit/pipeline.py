@@ -363,7 +363,7 @@ def analyse_run(
                 "q": row.q_value,
                 "counterfactual": cf,
                 "attribution_outside_object": attribution.get("outside_object"),
-                "overlays": [f"{folder.name}/{p}" for p in attribution.get("overlays", [])],
+                "overlays": [f"classes/{folder.name}/{p}" for p in attribution.get("overlays", [])],
             }
         )
     rundir.write_json(run_dir.root / "findings.json", findings)

@@ -13,7 +13,8 @@ Output (``render_report(run_dir)``, default ``RUN_DIR/report/``)::
     assets/report.css, report.js  styles and table sorting (no CDN, no network)
     classes/<folder>.html         one page per finished class
     classes/<folder>.json         everything that page shows
-    classes/<folder>/training.svg, enrichment.svg
+    classes/<folder>/training-<hash>.svg, enrichment-<hash>.svg   (named by a hash of their data, so
+                                  a re-render redraws only what changed)
 
 Images of the run are linked, not copied (``self_contained=True`` embeds them in one HTML file). Paths
 in the JSON files are relative to the folder that holds ``report.json``.
@@ -177,13 +178,29 @@ def read_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, self_contai
         "created": manifest.get("created"),
         "last_finished": finished[-1] if finished else None,
         "compute_seconds": sum(r["seconds"] or 0.0 for r in done),
-        "device": manifest.get("device") or {},
+        "device": _pick(manifest.get("device"), "type", "name"),
         "versions": manifest.get("versions") or {},
-        "classifier": models.get("classifier") or {},
-        "generator": models.get("generator") or {},
+        "classifier": _pick(models.get("classifier"), "spec", "kind", "model_id", "weights"),
+        "generator": _pick(
+            models.get("generator"),
+            *(
+                "spec",
+                "model_id",
+                "family",
+                "scheduler",
+                "resolution",
+                "dtype",
+                "default_steps",
+                "default_guidance",
+            ),
+        ),
         "settings": settings,
-        "tagging": manifest.get("tagging") or None,
-        "analysis": manifest.get("analysis") or None,
+        "tagging": _pick(manifest.get("tagging"), "tagger", "vocabulary", "attributes", "thresholds")
+        if manifest.get("tagging")
+        else None,
+        "analysis": _pick(manifest.get("analysis"), "alpha", "min_effect", "findings")
+        if manifest.get("analysis")
+        else None,
         "command": " ".join(manifest["command"]) if manifest.get("command") else None,
         "n_classes": len(rows),
         "n_done": len(done),
@@ -310,7 +327,10 @@ def read_class(
             for s in sorted(ctx["seeds"])
         ]
         acc = {v: _mean(p[v]["correct"] for p in pairs if p[v]) for v in ("token", "baseline")}
-        grids.append({**ctx, "pairs": pairs, "accuracy": acc, "columns": min(4, len(pairs))})
+        prompts = {v: ctx["prompts"].get(v, "") for v in ("token", "baseline")}
+        grids.append(
+            {**ctx, "prompts": prompts, "pairs": pairs, "accuracy": acc, "columns": min(4, len(pairs))}
+        )
 
     history = [
         {k: _number(h.get(k)) for k in ("update", "loss", "target_prob", "accuracy")}
@@ -340,7 +360,7 @@ def read_class(
         "query": summary.get("query"),
         "init_word": summary.get("init_word"),
         "best_loss": _number(summary.get("best_loss")),
-        "initial": summary.get("initial") or {},
+        "initial": _pick(summary.get("initial"), "loss", "target_prob", "accuracy"),
         "timings": summary.get("timings") or {},
         "memory": summary.get("memory") or {},
         "n_images": summary.get("n_images"),
@@ -362,16 +382,17 @@ def _token(run_dir: Path, folder: Path, base: str, summary: dict, run: dict, gri
     name = summary.get("token_file", "token.safetensors")
     placeholder = summary.get("placeholder") or ""
     gen, settings = run["generator"], run["settings"]
-    steps = settings.get("steps") or gen.get("default_steps") or 30
-    guidance = settings.get("guidance")
-    guidance = gen.get("default_guidance", 7.0) if guidance is None else guidance
-    prompt = next((g["prompts"]["token"] for g in grids if "token" in g["prompts"]), placeholder)
-    q = lambda s: json.dumps(str(s), ensure_ascii=False)  # noqa: E731  (a Python string literal)
+    steps = _int(settings.get("steps")) or _int(gen["default_steps"]) or 30
+    guidance = _number(settings.get("guidance"))
+    guidance = (_number(gen["default_guidance"]) or 0.0) if guidance is None else guidance
+    model = gen["model_id"] or settings.get("generator") or "stabilityai/sd-turbo"
+    prompt = next((g["prompts"]["token"] for g in grids if g["prompts"]["token"]), placeholder)
+    token_path = run_dir / "classes" / folder.name / name
     snippet = "\n".join(
         [
-            f"pipe = StableDiffusionPipeline.from_pretrained({q(gen.get('model_id', 'stabilityai/sd-turbo'))})",
-            f"pipe.load_textual_inversion({q(run_dir / 'classes' / folder.name / name)}, token={q(placeholder)})",
-            f"image = pipe({q(prompt)}, num_inference_steps={int(steps)}, guidance_scale={float(guidance)}).images[0]",
+            f"pipe = StableDiffusionPipeline.from_pretrained({_py_str(model)})",
+            f"pipe.load_textual_inversion({_py_str(token_path)}, token={_py_str(placeholder)})",
+            f"image = pipe({_py_str(prompt)}, num_inference_steps={steps}, guidance_scale={guidance}).images[0]",
         ]
     )
     exists = (folder / name).is_file()
@@ -380,6 +401,11 @@ def _token(run_dir: Path, folder: Path, base: str, summary: dict, run: dict, gri
         "placeholder": placeholder,
         "snippet": snippet,
     }
+
+
+def _py_str(text) -> str:
+    """A Python string literal for ``text`` (JSON's escapes are valid Python)."""
+    return json.dumps(str(text), ensure_ascii=False)
 
 
 def _finding(f: dict, run_dir: Path, out_dir: Path) -> dict:
@@ -527,6 +553,12 @@ def _bool(x) -> bool | None:
     return False if text in ("false", "0", "0.0", "no") else None
 
 
+def _pick(record, *keys: str) -> dict:
+    """``record``'s ``keys`` (``None`` where missing): templates can rely on every key being there."""
+    record = record if isinstance(record, dict) else {}
+    return {k: record.get(k) for k in keys}
+
+
 def _mean(values) -> float | None:
     vals = [float(v) for v in values if v is not None]
     return sum(vals) / len(vals) if vals else None
@@ -588,7 +620,7 @@ def plot_training(history: list[dict], best_update: int | None) -> bytes:
             x, [h["accuracy"] for h in history], marker=".", label="batch accuracy", color="#8aa1b8", ls=":"
         )
         b.set(title="classifier on the batch", xlabel="update", ylim=(-0.02, 1.02))
-        b.legend(frameon=False, loc="lower right")
+        b.legend(frameon=False, loc="best")
         fig.subplots_adjust(left=0.07, right=0.98, bottom=0.18, top=0.88, wspace=0.25)
         for ax in (a, b):
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))

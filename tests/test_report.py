@@ -1,0 +1,464 @@
+"""The HTML report: a real tiny run rendered offline, without torch; links resolve; user text is escaped.
+
+The helpers at the top (a tiny run built once per session, analysis files, synthetic runs made of copies
+of one class) are shared with ``test_report_browser.py``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import unquote
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import dct_audit
+from dct_audit import report, rundir
+from dct_audit.errors import DctAuditError
+
+# ----------------------------------------------------------------------------------------------------
+# Run folders to render
+# ----------------------------------------------------------------------------------------------------
+
+
+def build_tiny_run(tmp_path_factory, pipelines, classifier, clip) -> Path:
+    """A real two-class run (classes 0 and 2) on tiny models; built once a session, later calls resume."""
+    model, labels = classifier
+    root = tmp_path_factory.getbasetemp() / "report-runs"
+    dct_audit.run(
+        f"file:{model}",
+        "0,2",
+        labels=labels,
+        generator=pipelines["turbo"],
+        tagger=f"hf:{clip}",
+        explain_images=2,
+        out=str(root),
+        name="tiny",
+        max_updates=2,
+        n_images=2,
+        contexts=("a photo of {}", "{} in the snow"),
+        snapshot_every=1,
+        lr=0.2,
+        quiet=True,
+    )
+    return root / "tiny"
+
+
+def with_unfinished(run: Path, dest: Path) -> Path:
+    """A copy of ``run`` plus class 1 interrupted (folder without DONE) and class 3 never started."""
+    shutil.copytree(run, dest)
+    half = dest / "classes" / "0001-spiny-lobster"
+    shutil.copytree(dest / "classes" / "0000-american-lobster", half)
+    (half / "DONE").unlink()
+    (half / "class.json").unlink()
+    manifest = rundir.read_json(dest / "manifest.json")
+    manifest["classes"] += [
+        {"index": 1, "name": "spiny lobster", "placeholder": "<dct-1>"},
+        {"index": 3, "name": "plate", "placeholder": "<dct-3>"},
+    ]
+    rundir.write_json(dest / "manifest.json", manifest)
+    return dest
+
+
+def add_analysis(run: Path, attributes=(("plate", "food"), ("person", "people"), ("snow", "scene"))) -> None:
+    """Write ``enrichment.csv``, ``findings.json`` and each class's ``tags.csv`` as the analysis would."""
+    manifest = rundir.read_json(run / "manifest.json")
+    rows, findings = [], []
+    for c in manifest["classes"]:
+        folder = run / "classes" / f"{c['index']:04d}-{rundir.slugify(c['name'])}"
+        if not (folder / "DONE").exists():
+            continue
+        for k, (attr, group) in enumerate(attributes):
+            diff = 0.6 - 0.3 * k
+            rows.append(
+                {
+                    "class_index": c["index"],
+                    "attribute": attr,
+                    "group": group,
+                    "token_rate": 0.2 + diff,
+                    "baseline_rate": 0.2,
+                    "diff": diff,
+                    "ci_low": diff - 0.2,
+                    "ci_high": diff + 0.2,
+                    "p_value": 0.001 * (k + 1),
+                    "q_value": 0.002 * (k + 1),
+                    "flagged": diff >= 0.25,
+                }
+            )
+        overlay = folder.relative_to(run) / "attribution" / "token_0.png"
+        if not (run / overlay).is_file():
+            overlay = folder.relative_to(run) / "images" / "token" / "c0_s1000.png"
+        findings.append(
+            {
+                "class_index": c["index"],
+                "attribute": attributes[0][0],
+                "effect": 0.6,
+                "ci": [0.4, 0.8],
+                "q": 0.002,
+                "counterfactual": {
+                    "with_prob": 0.8,
+                    "without_prob": 0.4,
+                    "diff": 0.4,
+                    "ci_low": 0.3,
+                    "ci_high": 0.5,
+                },
+                "attribution_outside_object": 0.35,
+                "overlays": [overlay.as_posix()],
+            }
+        )
+        tags = [
+            [
+                r["file"],
+                r["variant"],
+                r["context_index"],
+                r["seed"],
+                *(0.9 - 0.6 * (i % 2) for i in range(len(attributes))),
+            ]
+            for r in _read_csv(folder / "scores.csv")
+        ]
+        header = ["file", "variant", "context_index", "seed", *(a for a, _ in attributes)]
+        _write_csv(folder / "tags.csv", header, tags)
+    _write_csv(run / "enrichment.csv", list(rows[0]), [list(r.values()) for r in rows])
+    rundir.write_json(run / "findings.json", findings)
+
+
+def synthetic_run(source: Path, dest: Path, classes: list[tuple[int, str]]) -> Path:
+    """A run of ``classes`` whose folders are hard-linked copies of ``source``'s first class."""
+    manifest = rundir.read_json(source / "manifest.json")
+    template = source / "classes" / "0000-american-lobster"
+    summary = rundir.read_json(template / "class.json")
+    manifest["classes"], manifest["class_runs"] = [], {}
+    for index, name in classes:
+        folder = dest / "classes" / f"{index:04d}-{rundir.slugify(name)}"
+        shutil.copytree(template, folder, copy_function=os.link)
+        # rewritten files are replaced (new inode), never written through the hard link
+        acc = (index % 97) / 96
+        rundir.write_json(
+            folder / "class.json", {**summary, "index": index, "name": name, "token_accuracy": acc}
+        )
+        manifest["classes"].append({"index": index, "name": name, "placeholder": f"<dct-{index}>"})
+    rundir.write_json(dest / "manifest.json", manifest)
+    return dest
+
+
+def _read_csv(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def _write_csv(path: Path, header: list, rows: list) -> None:
+    def write(p):
+        with open(p, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(header)
+            w.writerows(rows)
+
+    rundir.atomic_write(path, write)
+
+
+class Page(HTMLParser):
+    """Tags (with attributes) and text chunks of an HTML page, as a browser's parser would see them."""
+
+    def __init__(self, text: str):
+        super().__init__(convert_charrefs=True)
+        self.tags: list[tuple[str, dict]] = []
+        self.texts: list[str] = []
+        self.headings: list[str] = []  # text of each <h2>
+        self._in_h2 = False
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+        self._in_h2 = tag == "h2"
+
+    def handle_endtag(self, tag):
+        self._in_h2 = False
+
+    def handle_data(self, data):
+        self.texts.append(data)
+        if self._in_h2:
+            self.headings.append(data.strip())
+
+    def urls(self) -> list[str]:
+        return [a[k] for tag, a in self.tags for k in ("href", "src") if a.get(k)]
+
+
+def parse(path: Path) -> Page:
+    return Page(path.read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_pipelines, tiny_classifier, tiny_clip, tmp_path_factory):
+    return build_tiny_run(tmp_path_factory, tiny_pipelines, tiny_classifier, tiny_clip)
+
+
+@pytest.fixture(scope="module")
+def rendered(tiny_run, tmp_path_factory):
+    """The tiny run with an interrupted and a not-started class and analysis files, rendered."""
+    run = with_unfinished(tiny_run, tmp_path_factory.mktemp("report") / "run")
+    add_analysis(run)
+    return report.render_report(run)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tests
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_renders_index_class_pages_plots_and_json(rendered):
+    """Index, a page per finished class with its plots and JSON, every optional section present."""
+    out = rendered.parent
+    assert rendered.name == "index.html" and out.name == "report" and out.parent.name == "run"
+    data = json.loads((out / "report.json").read_text())
+    assert [c["status"] for c in data["classes"]] == ["done", "done", "unfinished", "unfinished"]
+    for folder in ("0000-american-lobster", "0002-horizontal-bar"):
+        page = parse(out / "classes" / f"{folder}.html")
+        assert (out / "classes" / f"{folder}.json").is_file()
+        for plot in ("training", "enrichment"):
+            [svg] = (out / "classes" / folder).glob(f"{plot}-*.svg")
+            assert svg.stat().st_size > 1000 and svg.read_bytes().startswith(b"<?xml")
+        assert page.headings == [
+            "Findings",
+            "Generated images: with the token vs the plain prompt",
+            "Attribute enrichment",
+            "Training",
+            "Where the classifier looks",
+            "The learned token",
+        ]
+        imgs = [a["src"] for tag, a in page.tags if tag == "img"]
+        assert sum("/images/token/" in s for s in imgs) == sum("/images/baseline/" in s for s in imgs) == 4
+        assert sum("/evolution/" in s for s in imgs) >= 2
+        text = " ".join(page.texts)
+        assert "load_textual_inversion(" in text and "<dct-" in text  # the snippet, as text
+        assert "the classifier's confidence depends on it" in text and "+60 pp" in text
+    index = " ".join(parse(rendered).texts)
+    assert "plate +60 pp" in index and "stabilityai" not in index  # the tiny generator, as resolved
+
+
+def test_report_imports_no_torch(rendered, tmp_path):
+    """The report layer reads files only: rendering in a fresh interpreter never imports torch."""
+    run = rendered.parent.parent
+    code = (
+        "import sys, dct_audit.report as r\n"
+        f"r.render_report({str(run)!r}, {str(tmp_path / 'out')!r})\n"
+        f"r.render_report({str(run)!r}, {str(tmp_path / 'one')!r}, self_contained=True)\n"
+        "heavy = sorted(m for m in ('torch', 'diffusers', 'transformers', 'timm') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+    assert (tmp_path / "out" / "index.html").is_file()
+
+
+def test_every_link_and_image_exists_on_disk(rendered):
+    pages = [rendered, *sorted((rendered.parent / "classes").glob("*.html"))]
+    assert len(pages) == 3
+    for page in pages:
+        for url in parse(page).urls():
+            assert not url.startswith(("http:", "https:", "//")), f"{page.name} fetches {url}"
+            if url.startswith("#"):
+                continue
+            assert (page.parent / unquote(url)).exists(), f"{page.name}: {url}"
+
+
+def test_unfinished_classes_are_shown_as_unfinished_without_a_page(rendered):
+    page = parse(rendered)
+    rows = {}
+    current = None
+    for tag, attrs in page.tags:
+        if tag == "tr" and "class" in attrs:
+            current = attrs["class"]
+            rows[current] = rows.get(current, 0) + 1
+    assert rows == {"status-done": 2, "status-unfinished": 2}
+    hrefs = [a["href"] for tag, a in page.tags if tag == "a" and a["href"].startswith("classes/")]
+    assert hrefs == ["classes/0000-american-lobster.html", "classes/0002-horizontal-bar.html"]
+    assert not (rendered.parent / "classes" / "0001-spiny-lobster.html").exists()
+    notes = [a.get("title") for tag, a in page.tags if tag == "span" and "unfinished" in a.get("class", "")]
+    assert notes == ["interrupted: no DONE marker", "not started"]
+
+
+def test_a_damaged_finished_class_is_listed_as_broken_and_the_rest_renders(tiny_run, tmp_path):
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    (run / "classes" / "0002-horizontal-bar" / "scores.csv").unlink()
+    index = report.render_report(run)
+    data = json.loads((index.parent / "report.json").read_text())
+    assert [c["status"] for c in data["classes"]] == ["done", "broken"]
+    assert "scores.csv is missing" in data["classes"][1]["note"] and data["classes"][1]["page"] is None
+    assert (index.parent / "classes" / "0000-american-lobster.html").is_file()
+
+
+def test_sparse_metadata_still_renders(tiny_run, tmp_path):
+    """A manifest or class.json missing optional keys (an older or partial run) renders with dashes."""
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    manifest = rundir.read_json(run / "manifest.json")
+    rundir.write_json(run / "manifest.json", {"classes": manifest["classes"]})
+    summary_path = run / "classes" / "0000-american-lobster" / "class.json"
+    summary = rundir.read_json(summary_path)
+    rundir.write_json(summary_path, {k: summary[k] for k in ("index", "name", "placeholder")})
+    index = report.render_report(run)
+    assert "–" in " ".join(parse(index).texts)
+    assert (index.parent / "classes" / "0000-american-lobster.html").is_file()
+
+
+def test_self_contained_is_one_file_with_everything_embedded(rendered, tmp_path):
+    path = report.render_report(rendered.parent.parent, tmp_path, self_contained=True)
+    assert path == tmp_path / "run.html" and not (tmp_path / "index.html").exists()
+    page = parse(path)
+    ids = {a["id"] for _, a in page.tags if "id" in a}
+    srcs = [a["src"] for tag, a in page.tags if tag == "img"]
+    assert len(srcs) >= 2 * (8 + 2 + 2) and all(s.startswith("data:image/") for s in srcs)
+    assert not any(tag == "link" or (tag == "script" and "src" in a) for tag, a in page.tags)
+    anchors = [a["href"] for tag, a in page.tags if tag == "a" and a["href"].startswith("#")]
+    assert anchors and all(h[1:] in ids for h in anchors)
+
+
+def test_no_analysis_files_means_no_analysis_sections(tiny_run, tmp_path):
+    """A run made without a tagger (or before analysis) has no optional files: their sections disappear."""
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    for path in [run / "enrichment.csv", run / "findings.json", *run.glob("classes/*/tags.csv")]:
+        path.unlink(missing_ok=True)
+    for path in run.glob("classes/*/attribution.json"):
+        path.unlink()
+    index = report.render_report(tmp_path / "run", tmp_path / "out")
+    headings = parse(index.parent / "classes" / "0000-american-lobster.html").headings
+    assert headings == [
+        "Generated images: with the token vs the plain prompt",
+        "Training",
+        "The learned token",
+    ]
+    assert "flagged attributes" not in " ".join(parse(index).texts)
+    assert report.read_enrichment(tmp_path / "run") is None and report.read_findings(tmp_path / "run") is None
+
+
+def test_rerender_reuses_unchanged_plots_and_redraws_changed_ones(tiny_run, tmp_path):
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    folder = report.render_report(run).parent / "classes" / "0000-american-lobster"
+    [first] = folder.glob("training-*.svg")
+    stamp = first.stat().st_mtime_ns
+    report.render_report(run)
+    assert first.stat().st_mtime_ns == stamp  # same data: not drawn again
+    history = run / "classes" / "0000-american-lobster" / "history.csv"
+    rows = _read_csv(history)
+    rows[0]["loss"] = "9.0"
+    _write_csv(history, list(rows[0]), [list(r.values()) for r in rows])
+    report.render_report(run)
+    [second] = folder.glob("training-*.svg")
+    assert second != first and not first.exists()
+
+
+@pytest.mark.parametrize(
+    "breakage, message",
+    [
+        ("no folder", "no run folder at"),
+        ("no manifest", "is not a dct-audit run folder (no manifest.json)"),
+        ("bad manifest", "manifest.json is not valid JSON"),
+        ("bad enrichment", "enrichment.csv lacks the column(s) group, token_rate"),
+        ("bad findings", "findings.json must be a list of objects with a class_index"),
+    ],
+)
+def test_bad_run_folders_are_one_line_errors(tiny_run, tmp_path, breakage, message):
+    run = tmp_path / "run"
+    if breakage != "no folder":
+        shutil.copytree(tiny_run, run)
+    if breakage == "no manifest":
+        (run / "manifest.json").unlink()
+    elif breakage == "bad manifest":
+        (run / "manifest.json").write_text("{ not json")
+    elif breakage == "bad enrichment":
+        (run / "enrichment.csv").write_text("class_index,attribute\n0,plate\n")
+    elif breakage == "bad findings":
+        (run / "findings.json").write_text('{"class_index": 0}')
+    with pytest.raises(DctAuditError) as err:
+        report.render_report(run)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_index_of_1000_classes_renders_quickly(tiny_run, tmp_path):
+    run = synthetic_run(tiny_run, tmp_path / "big", [(i, f"class {i}") for i in range(1000)])
+    start = time.perf_counter()
+    data = report.read_run(run, run / "report")
+    index = report.render_index(data, run / "report")
+    seconds = time.perf_counter() - start
+    page = parse(index)
+    assert sum(tag == "tr" and a.get("class") == "status-done" for tag, a in page.tags) == 1000
+    assert sum(tag == "a" and a["href"].startswith("classes/") for tag, a in page.tags) == 1000
+    assert seconds < 20, f"index of 1000 classes took {seconds:.1f} s"
+
+
+@pytest.mark.slow
+def test_full_report_of_1000_classes(tiny_run, tmp_path):
+    run = synthetic_run(tiny_run, tmp_path / "big", [(i, f"class {i}") for i in range(1000)])
+    start = time.perf_counter()
+    index = report.render_report(run)
+    first = time.perf_counter() - start
+    report.render_report(run)  # plots are reused
+    print(f"1000 classes: first render {first:.1f} s, re-render {time.perf_counter() - start - first:.1f} s")
+    assert len(list((index.parent / "classes").glob("*.html"))) == 1000
+
+
+# Hostile text: markup and script fragments, quotes, template syntax, and any printable unicode.
+FRAGMENTS = [
+    "<script>window.__pwned=1</script>",
+    '<img src=x onerror="window.__pwned=2">',
+    "</textarea></title></code>",
+    "\"'><svg onload=alert(1)>",
+    "{{ 7*7 }}",
+    "{% if %}",
+    "$x^2$",
+    "-->",
+    "<!--",
+    "&amp;",
+    "&",
+    "javascript:alert(1)",
+    " ",
+    "lobster",
+]
+hostile = (
+    st.lists(
+        st.one_of(
+            st.sampled_from(FRAGMENTS), st.text(st.characters(exclude_categories=("Cs", "Cc")), max_size=6)
+        ),
+        min_size=1,
+        max_size=5,
+    )
+    .map("".join)
+    .filter(lambda s: s.strip() != "" and s not in (*report.TAGS_KEYS, "plate", "class_index"))
+)
+
+
+def hostile_run(tiny_run: Path, dest: Path, text: str) -> Path:
+    """One class named ``text``, with ``text`` also as label, context, prompt, attribute and group."""
+    run = synthetic_run(tiny_run, dest, [(7, text)])
+    folder = next((run / "classes").iterdir())
+    scores = _read_csv(folder / "scores.csv")
+    for r in scores:
+        r.update(prompt=f"{r['prompt']} {text}", context=text, pred_name=text, class_name=text)
+    _write_csv(folder / "scores.csv", list(scores[0]), [list(r.values()) for r in scores])
+    manifest = rundir.read_json(run / "manifest.json")
+    manifest["settings"]["contexts"] = [text]
+    rundir.write_json(run / "manifest.json", manifest)
+    add_analysis(run, attributes=((text, text), ("plate", "food")))
+    return run
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=hostile)
+def test_user_text_is_escaped_and_injects_nothing(tiny_run, tmp_path_factory, text):
+    """Class names, labels, prompts and attribute names appear as text; the page structure is unchanged."""
+    root = tmp_path_factory.mktemp("hostile")
+    benign = report.render_report(hostile_run(tiny_run, root / "benign", "benign name"))
+    nasty = report.render_report(hostile_run(tiny_run, root / "nasty", text))
+    for rel in ("index.html", next(p for p in nasty.parent.glob("classes/*.html")).relative_to(nasty.parent)):
+        good = parse(next(benign.parent.glob("classes/*.html")) if rel != "index.html" else benign)
+        bad = parse(nasty.parent / rel)
+        assert [t for t, _ in bad.tags] == [t for t, _ in good.tags]  # no element added or removed
+        assert not any(k.startswith("on") for _, a in bad.tags for k in a)
+        assert any(text in chunk for chunk in bad.texts)  # shown, as text
