@@ -43,6 +43,7 @@ class Attribute:
     without_context: str  # counterfactual: "{} on a bare table, no plate"
     threshold: float | None = None
     sources: tuple[str, ...] = ()
+    exclusive: str | None = None  # attributes sharing this name exclude each other (one per image)
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,11 @@ def _parse_vocabulary(data, source: str) -> tuple[list[Attribute], list[str] | N
         thr = a.get("threshold")
         if thr is not None and not (isinstance(thr, (int, float)) and 0 < thr < 1):
             raise DctAuditError(f"{where} ('{a['name']}'): 'threshold' must be a number in (0, 1)")
+        exclusive = a.get("exclusive")
+        if exclusive is not None and not isinstance(exclusive, str):
+            raise DctAuditError(
+                f"{where} ('{a['name']}'): 'exclusive' must be a string naming a set of attributes"
+            )
         attrs.append(
             Attribute(
                 a["name"].strip(),
@@ -87,6 +93,7 @@ def _parse_vocabulary(data, source: str) -> tuple[list[Attribute], list[str] | N
                 without_c,
                 None if thr is None else float(thr),
                 tuple(a.get("sources", ())),
+                exclusive,
             )
         )
     neutral = data.get("neutral")
@@ -266,14 +273,25 @@ class AttributeBank:
         return cls(vocabulary, torch.stack(feats), neutral, tagger.logit_scale, tagger)
 
     def scores(self, image_features: torch.Tensor) -> np.ndarray:
-        """(B, A) share of each attribute against the neutral prompts, in (0, 1)."""
+        """(B, A) presence score of each attribute, in (0, 1).
+
+        An attribute is a yes/no question: a two-way softmax of its prompts against the pooled neutral
+        prompts. Attributes marked ``exclusive`` with the same name (the world's backgrounds: one per
+        image) instead share one softmax, so the score is the share among the alternatives.
+        """
         s = self.logit_scale
         attr = s * image_features @ self.attr_features.T  # (B, A)
         neutral = torch.logsumexp(
             s * image_features @ self.neutral_features.T, dim=-1, keepdim=True
         )  # (B, 1)
-        # two-way softmax of the attribute against the pooled neutral prompts
-        return torch.sigmoid(attr - neutral).numpy()
+        out = torch.sigmoid(attr - neutral)
+        sets: dict[str, list[int]] = {}
+        for j, a in enumerate(self.vocabulary.attributes):
+            if a.exclusive:
+                sets.setdefault(a.exclusive, []).append(j)
+        for cols in sets.values():
+            out[:, cols] = attr[:, cols].softmax(-1)
+        return out.numpy()
 
     def thresholds(self, calibrated: dict[str, float] | None = None) -> np.ndarray:
         calibrated = calibrated or {}

@@ -25,7 +25,7 @@ def truth_table(batch: S.Scenes, names: list[str]) -> np.ndarray:
     """(N, A) booleans: does each scene show each world attribute."""
     cols = []
     for name in names:
-        value = "plain" if name == "plain background" else name
+        value = {"plain background": "plain", "alone": "none"}.get(name, name)
         if value in S.BACKGROUNDS:
             cols.append(np.array(batch.names("background")) == value)
         elif value in S.CONTEXTS:
