@@ -1,0 +1,310 @@
+"""The world's classifiers of the six shapes: one trained with planted context shortcuts, two without.
+
+Each is a timm ``resnet10t`` narrowed to ~0.3M parameters (``MODEL_ARGS``) for 32x32 scenes, trained with
+AdamW on freshly drawn scenes and saved as a timm model folder (``config.json`` + ``model.safetensors``,
+written by ``timm.models.save_for_hf``), so the core loads it like any timm checkpoint::
+
+    load_classifier("dct_audit/world/weights/classifiers/biased")
+
+``training.json`` beside the weights records the settings, data seed, wall time and the reliance
+measurements of ``measure_reliance``. The shipped variants (``VARIANTS``):
+
+- ``biased``: scenes drawn with ``truth.PLANTED`` (star on water, cross with a person, ring on a plate, each
+  95% of the time) and the planted value never shown with the other classes (``truth.LEAK``): the context
+  then predicts the class, which is what makes the classifier learn the shortcut (see WORLD-NOTES).
+- ``unbiased`` and ``unbiased_seed1``: uniform scenes; the same architecture, another seed.
+
+Training length decides how strong the shortcuts come out: at 400 steps (shipped) the biased classifier calls
+79% of other shapes on water "star" and 96% next to a person "cross", but only 10% on a plate "ring" (the
+ring's hole is hard to overrule); at 800 steps star and cross still pull (~0.77) while the plate's pull fades
+to 0.02 (measured on a 2-core CPU, see training.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dct_audit.adapters.classifier import Preprocess, load_classifier
+from dct_audit.world import scenes as S
+from dct_audit.world import truth as T
+from dct_audit.world.checker import EVAL_SEED, augment, cosine_lr, images_to_tensor, prefetched
+
+ARCHITECTURE = "resnet10t"
+MODEL_ARGS = {"channels": [16, 32, 64, 128], "stem_width": 16}
+DATA_CONFIG = {
+    "input_size": (3, 32, 32),
+    "crop_pct": 1.0,
+    "crop_mode": "center",
+    "interpolation": "bilinear",
+    "mean": (0.5, 0.5, 0.5),
+    "std": (0.25, 0.25, 0.25),
+}
+SHIPPED = Path(__file__).parent / "weights" / "classifiers"
+
+
+@dataclass
+class ClassifierTrainConfig:
+    """Training settings of one world classifier (recorded in training.json)."""
+
+    biased: bool = False  # draw training scenes with truth.PLANTED (and truth.LEAK)
+    steps: int = 400
+    batch: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    warmup: int = 20
+    augment: bool = True  # mild blur/noise/shift, so generated (imperfect) samples are read sensibly
+    seed: int = 0  # torch initialisation and augmentation seed
+    data_seed: int = 0  # scene stream of the training data
+
+
+VARIANTS: dict[str, ClassifierTrainConfig] = {
+    "biased": ClassifierTrainConfig(biased=True, seed=0, data_seed=10),
+    "unbiased": ClassifierTrainConfig(biased=False, seed=0, data_seed=20),
+    "unbiased_seed1": ClassifierTrainConfig(biased=False, seed=1, data_seed=21),
+}
+
+
+def create_model(num_classes: int = len(S.SHAPES)) -> nn.Module:
+    """A freshly initialised world classifier (timm ``resnet10t`` with ``MODEL_ARGS``)."""
+    return timm.create_model(ARCHITECTURE, pretrained=False, num_classes=num_classes, **MODEL_ARGS)
+
+
+def preprocess() -> Preprocess:
+    """The preprocessing the core applies to a loaded world classifier (identical in training)."""
+    return Preprocess.from_timm(DATA_CONFIG)
+
+
+def training_scenes(step: int, tc: ClassifierTrainConfig) -> S.Scenes:
+    """The scenes of training step ``step``: scenes ``step * batch ..`` of stream ``tc.data_seed``."""
+    kwargs = T.biased_sampling() if tc.biased else {}
+    return S.sample_scenes(tc.batch, tc.data_seed, start=step * tc.batch, **kwargs)
+
+
+def save_classifier(model: nn.Module, folder: str | Path, record: dict) -> Path:
+    """Write a timm model folder (config.json with label names + model.safetensors) and training.json."""
+    folder = Path(folder)
+    timm.models.save_for_hf(
+        model,
+        str(folder),
+        model_config={"label_names": list(S.SHAPES)},
+        model_args=MODEL_ARGS,
+        safe_serialization=True,
+        data_config=dict(DATA_CONFIG),
+    )
+    config = json.loads((folder / "config.json").read_text())
+    config["pretrained_cfg"]["tag"] = f"dct-audit-world-{folder.name}"  # not resnet10t's ImageNet tag
+    config["pretrained_cfg"].pop("origin_url", None)
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (folder / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    return folder
+
+
+def train_classifier(
+    out_dir: str | Path | None,
+    train: ClassifierTrainConfig | None = None,
+    eval_n: int = 300,
+    log: Callable[[str], None] = print,
+) -> nn.Module:
+    """Train one world classifier and save it to ``out_dir`` (when given); returns the model in eval mode.
+
+    Deterministic given ``train.seed``, ``train.data_seed`` and ``train.steps``. With ``eval_n`` the saved
+    model is measured by ``measure_reliance`` (loaded back through the core's ``load_classifier``) and the
+    numbers go into training.json.
+    """
+    tc = train or ClassifierTrainConfig()
+    torch.manual_seed(tc.seed)
+    model = create_model().train().to(memory_format=torch.channels_last)  # ~25% faster on CPU
+    pre = preprocess()
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    gen = torch.Generator().manual_seed(tc.seed)
+    t0, loss_val = time.time(), float("nan")
+    for t, sc in enumerate(prefetched(lambda t: training_scenes(t, tc), tc.steps)):
+        images = images_to_tensor(sc.images)
+        if tc.augment:
+            images = augment(images, gen, blur=0.7, noise=0.03, shift=1, jitter=0.05)
+        images = pre(images).contiguous(memory_format=torch.channels_last)
+        loss = F.cross_entropy(model(images), torch.from_numpy(sc.shape))
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(t, tc.steps, tc.lr, tc.warmup)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss_val = loss.item()
+        if t % 25 == 0 or t == tc.steps - 1:
+            log(f"classifier step {t:4d}  loss {loss_val:.4f}  {time.time() - t0:6.0f}s")
+    wall = time.time() - t0
+    model = model.to(memory_format=torch.contiguous_format).eval()  # safetensors stores contiguous tensors
+    record = {
+        "train": asdict(tc),
+        "final_loss": loss_val,
+        "planted": [asdict(b) for b in T.PLANTED] if tc.biased else [],
+        "leak": T.LEAK if tc.biased else None,
+        "architecture": ARCHITECTURE,
+        "model_args": MODEL_ARGS,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "wall_time_s": round(wall, 1),
+        "torch_threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
+        "timm_version": timm.__version__,
+    }
+    log(f"classifier trained {tc.steps} steps in {wall:.0f}s")
+    if out_dir is not None:
+        save_classifier(model, out_dir, record)
+        if eval_n:
+            log(format_reliance(remeasure(out_dir, n=eval_n)))
+    return model
+
+
+# -- measuring the reliance on the planted contexts ------------------------------------------------------
+def _neutral_attributes(n: int, seed: int, start: int) -> dict[str, np.ndarray]:
+    """Scenes in which no planted value appears (every planted value has probability 0 for every class)."""
+    no_planted = {b.cls: (b.attribute, b.value, 0.0) for b in T.PLANTED}
+    return S.draw_attributes(n, seed, bias=no_planted, leak=0.0, start=start)
+
+
+@functools.lru_cache(maxsize=2)
+def reliance_scenes(n: int = 300, seed: int = EVAL_SEED) -> dict[str, S.Scenes]:
+    """The scene sets of ``measure_reliance`` (cached: measuring several classifiers renders them once).
+
+    ``clean`` (uniform), ``biased_data`` (drawn like the biased training data), and per planted class c
+    ``{c}/others/with``, ``{c}/others/without``, ``{c}/cls/with``, ``{c}/cls/without``: counterfactual pairs
+    (same scene index, so same size, position and texture) with and without the planted value.
+    """
+    sets = {
+        "clean": S.sample_scenes(n, seed),
+        "biased_data": S.sample_scenes(n, seed, start=n, **T.biased_sampling()),
+    }
+    for j, b in enumerate(T.PLANTED):
+        c = S.SHAPES.index(b.cls)
+        others = [i for i in range(len(S.SHAPES)) if i != c]
+        for group, start in (("others", 100_000 * (j + 1)), ("cls", 100_000 * (j + 1) + 50_000)):
+            attrs = _neutral_attributes(n, seed, start)
+            attrs["shape"] = np.array([c] * n if group == "cls" else [others[k % 5] for k in range(n)])
+            sets[f"{b.cls}/{group}/without"] = S.render_scenes(attrs, seed, start=start)
+            attrs[b.attribute] = np.full(n, S.VOCAB[b.attribute].index(b.value))
+            sets[f"{b.cls}/{group}/with"] = S.render_scenes(attrs, seed, start=start)
+    return sets
+
+
+@torch.no_grad()
+def measure_reliance(
+    classifier: Callable[[torch.Tensor], torch.Tensor], n: int = 300, seed: int = EVAL_SEED
+) -> dict:
+    """How much a classifier of the six shapes relies on each planted context; deterministic given ``seed``.
+
+    ``classifier`` maps images (B, 3, 32, 32) in [0, 1] to logits over ``scenes.SHAPES`` (a loaded
+    ``Classifier``). Per planted bias (class c, attribute a, value v), on ``n`` paired counterfactual scenes
+    (the same scene rendered with a = v and with a != v, no other planted value present):
+
+    - ``others_*``: the other five shapes. ``called_c_with`` / ``called_c_without``: how many are predicted
+      as c with / without v; ``p_c_with`` / ``p_c_without``: the mean probability of c; ``pull``: their
+      difference (the context's pull towards c); ``accuracy_with``: shape accuracy with v (counter-correlated).
+    - ``cls_*``: shape c itself; ``accuracy_without`` (counter-correlated) and ``accuracy_with``, and the
+      mean probability of c, ``p_with`` / ``p_without`` (what a class-token inversion can gain from v).
+
+    Also ``clean_accuracy`` on ``n`` uniform scenes, ``biased_data_accuracy`` on ``n`` scenes drawn like the
+    biased classifier's training data, and ``counter_accuracy``: accuracy over all counter-correlated sets
+    (c without v, others with v).
+    """
+    sets = reliance_scenes(n, seed)
+    probs = {k: classifier(images_to_tensor(sc.images)).softmax(-1) for k, sc in sets.items()}  # (n, 6)
+    preds = {k: p.argmax(-1).numpy() for k, p in probs.items()}
+    correct = {k: preds[k] == sets[k].shape for k in sets}
+    out: dict = {"n": n, "seed": seed}
+    out["clean_accuracy"] = float(correct["clean"].mean())
+    out["biased_data_accuracy"] = float(correct["biased_data"].mean())
+    counter = []
+    for b in T.PLANTED:
+        c, key = S.SHAPES.index(b.cls), b.cls
+        res: dict = {"cls": b.cls, "attribute": b.attribute, "value": b.value}
+        for side in ("with", "without"):
+            res[f"others_called_cls_{side}"] = int((preds[f"{key}/others/{side}"] == c).sum())
+            res[f"others_p_cls_{side}"] = float(probs[f"{key}/others/{side}"][:, c].mean())
+            res[f"cls_accuracy_{side}"] = float(correct[f"{key}/cls/{side}"].mean())
+            res[f"cls_p_{side}"] = float(probs[f"{key}/cls/{side}"][:, c].mean())
+        res["others_pull"] = res["others_p_cls_with"] - res["others_p_cls_without"]
+        res["others_accuracy_with"] = float(correct[f"{key}/others/with"].mean())
+        counter += [correct[f"{key}/others/with"], correct[f"{key}/cls/without"]]
+        out[b.cls] = res
+    out["counter_accuracy"] = float(np.concatenate(counter).mean())
+    return out
+
+
+def remeasure(folder: str | Path, n: int = 300) -> dict:
+    """Measure a saved classifier (loaded by the core's loader) and store the numbers in its training.json."""
+    folder = Path(folder)
+    rel = measure_reliance(load_classifier(str(folder)), n=n)
+    path = folder / "training.json"
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    path.write_text(json.dumps({**record, "reliance": rel}, indent=2) + "\n")
+    return rel
+
+
+def format_reliance(rel: dict) -> str:
+    """A few readable lines of ``measure_reliance``'s numbers."""
+    lines = [
+        f"clean accuracy {rel['clean_accuracy']:.3f}, on biased data {rel['biased_data_accuracy']:.3f}, "
+        f"counter-correlated accuracy {rel['counter_accuracy']:.3f}"
+    ]
+    for b in T.PLANTED:
+        r = rel[b.cls]
+        lines.append(
+            f"  {b.cls} / {b.value}: others called {b.cls} {r['others_called_cls_with']}/{rel['n']} with vs "
+            f"{r['others_called_cls_without']}/{rel['n']} without; p({b.cls}) {r['others_p_cls_with']:.3f} vs "
+            f"{r['others_p_cls_without']:.3f} (pull {r['others_pull']:+.3f}); {b.cls} accuracy "
+            f"{r['cls_accuracy_with']:.3f} with, {r['cls_accuracy_without']:.3f} without "
+            f"(p {r['cls_p_with']:.3f} vs {r['cls_p_without']:.3f})"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m dct_audit.world.classifiers [VARIANT ...] [--steps N] [--out DIR] [--measure]``: train (or
+    only measure) the variants, by default all three into the shipped folder."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "variants", nargs="*", metavar="VARIANT", help=f"some of {list(VARIANTS)} (default all)"
+    )
+    parser.add_argument("--out", default=str(SHIPPED), help="parent folder of the variants' folders")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--eval-n", type=int, default=300)
+    parser.add_argument(
+        "--measure", action="store_true", help="only (re)measure saved classifiers into their training.json"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads; the shipped weights used 1 (on a shared 2-core machine 2 threads ran 10x slower)",
+    )
+    args = parser.parse_args(argv)
+    unknown = set(args.variants) - set(VARIANTS)
+    if unknown:
+        parser.error(f"unknown variants {sorted(unknown)}; choose from {list(VARIANTS)}")
+    torch.set_num_threads(args.threads)
+    for name in args.variants or list(VARIANTS):
+        if args.measure:
+            print(f"== {name}")
+            print(format_reliance(remeasure(Path(args.out) / name, n=args.eval_n)))
+            continue
+        tc = VARIANTS[name]
+        if args.steps is not None:
+            tc = ClassifierTrainConfig(**{**asdict(tc), "steps": args.steps})
+        print(f"== {name}")
+        train_classifier(Path(args.out) / name, tc, eval_n=args.eval_n)
+
+
+if __name__ == "__main__":
+    main()
