@@ -205,7 +205,7 @@ class LatentPool:
         key = f"pool_{n}_{data_seed}_{_vae_fingerprint(vae)}.pt"
         path = Path(cache) / key if cache else None
         if path is not None and path.is_file():
-            blob = torch.load(path)
+            blob = torch.load(path, weights_only=True)  # a cache of plain tensors (ours)
         else:
             images = render_pool(n, data_seed, vae.config.sample_size)
             attrs = S.draw_attributes(n, data_seed)
