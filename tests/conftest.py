@@ -40,3 +40,20 @@ def tiny_classifier(tmp_path_factory):
 def tiny_clip(tmp_path_factory):
     """A tiny transformers CLIP folder, used as ``--tagger hf:FOLDER``."""
     return str(make_tiny_clip(tmp_path_factory.mktemp("clip")))
+
+
+@pytest.fixture(scope="session")
+def tiny_run_options(tiny_pipelines, tiny_classifier, tiny_clip):
+    """Keyword arguments for a fast ``dct_audit.run`` on the tiny models (add ``out``, ``name``)."""
+    model, labels = tiny_classifier
+    return dict(
+        labels=labels,
+        generator=tiny_pipelines["turbo"],
+        tagger=f"hf:{tiny_clip}",
+        max_updates=2,
+        contexts=("a photo of {}",),
+        explain_images=0,
+        report=False,
+        quiet=True,
+        lr=0.2,
+    )

@@ -10,24 +10,12 @@ from dct_audit.errors import DctAuditError
 
 
 @pytest.fixture(scope="module")
-def two_runs(tiny_pipelines, tiny_classifier, tiny_clip, tmp_path_factory):
+def two_runs(tiny_classifier, tiny_run_options, tmp_path_factory):
     import dct_audit
 
     out = tmp_path_factory.mktemp("runs")
-    model, labels = tiny_classifier
-    common = dict(
-        labels=labels,
-        generator=tiny_pipelines["turbo"],
-        tagger=f"hf:{tiny_clip}",
-        out=str(out),
-        max_updates=2,
-        n_images=4,
-        contexts=("a photo of {}",),
-        explain_images=0,
-        report=False,
-        quiet=True,
-        lr=0.2,
-    )
+    model = tiny_classifier[0]
+    common = dict(tiny_run_options, out=str(out), n_images=4)
     a = dct_audit.run(f"file:{model}", "0,2", name="a", **common).run_dir
     other_seed = dct_audit.run(f"file:{model}", "0,2", name="seed5", seed=5, **common).run_dir
     other_classes = dct_audit.run(f"file:{model}", "0", name="one", **common).run_dir

@@ -25,25 +25,13 @@ CHROMIUM = Path("/usr/bin/chromium")
 
 
 @pytest.fixture(scope="module")
-def compared(tiny_pipelines, tiny_classifier, tiny_clip, tmp_path_factory):
+def compared(tiny_classifier, tiny_run_options, tmp_path_factory):
     """Two tiny runs of the same classifier over two classes, compared; returns the compare folder."""
     import dct_audit
 
     out = tmp_path_factory.mktemp("cmp-runs")
-    model, labels = tiny_classifier
-    common = dict(
-        labels=labels,
-        generator=tiny_pipelines["turbo"],
-        tagger=f"hf:{tiny_clip}",
-        out=str(out),
-        max_updates=2,
-        n_images=2,
-        contexts=("a photo of {}",),
-        explain_images=0,
-        report=False,
-        quiet=True,
-        lr=0.2,
-    )
+    model = tiny_classifier[0]
+    common = dict(tiny_run_options, out=str(out), n_images=2)
     a = dct_audit.run(f"file:{model}", "0,2", name="a", **common).run_dir
     b = dct_audit.run(f"file:{model}", "0,2", name="b", **common).run_dir
     compare(a, b, out / "cmp", cross_score=False)
