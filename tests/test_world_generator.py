@@ -29,9 +29,10 @@ def folders(tmp_path_factory):
     torch.manual_seed(321)  # the trainers must not depend on the global state left by others
     C.WorldCLIP(TINY_CLIP).save_pretrained(root / "clip")  # untrained: only its text tower is used
     V.train_vae(root / "vae", steps=2, batch=4, pool=16, config=TINY_VAE, eval_n=8, **QUIET)
-    kw = dict(steps=2, batch=4, pool=16, vae=root / "vae", clip=root / "clip", config=TINY_UNET, **QUIET)
-    D.train_generator(root / "gen", **kw)
-    D.train_generator(root / "gen2", **kw)
+    kw = dict(batch=4, pool=16, vae=root / "vae", clip=root / "clip", config=TINY_UNET, **QUIET)
+    D.train_generator(root / "gen", steps=2, resume=root / "state.pt", **kw)  # saves its state at step 2
+    D.train_generator(root / "resumed", steps=3, resume=root / "state.pt", **kw)  # continues from it
+    D.train_generator(root / "straight", steps=3, **kw)
     return root
 
 
@@ -41,7 +42,8 @@ def test_vae_folder_records_training_and_scaling(folders):
     assert record["train"]["steps_done"] == 2 and record["train"]["data_seed"] == 0
     assert vae.config.scaling_factor == pytest.approx(1 / record["heldout"]["latent_std"], rel=1e-3)
     assert np.isfinite(record["heldout"]["psnr_db"])
-    assert not list(folders.rglob("*.bin")) and not list(folders.rglob("*.pt"))  # safetensors only
+    for folder in ("vae", "gen"):  # safetensors only (the resume state is a training-time file)
+        assert not list((folders / folder).rglob("*.bin")) and not list((folders / folder).rglob("*.pt"))
 
 
 def test_pipeline_folder_layout(folders):
@@ -66,9 +68,12 @@ def test_pipeline_folder_layout(folders):
     assert sched["rescale_betas_zero_snr"] is True
 
 
-def test_training_is_deterministic(folders):
-    a, b = (folders / name / "unet" / "diffusion_pytorch_model.safetensors" for name in ("gen", "gen2"))
+def test_training_is_deterministic_and_resumes_exactly(folders):
+    a, b = (
+        folders / name / "unet" / "diffusion_pytorch_model.safetensors" for name in ("resumed", "straight")
+    )
     assert a.read_bytes() == b.read_bytes()
+    assert json.loads((folders / "resumed" / "training.json").read_text())["steps_done"] == 3
 
 
 def test_core_loader_opens_and_samples(folders):

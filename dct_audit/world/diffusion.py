@@ -272,6 +272,7 @@ def train_generator(
     pool: int = 30_000,
     config: UNetConfig | None = None,
     cache: str | Path | None = None,
+    resume: str | Path | None = None,
     on_checkpoint: Callable[[Path, int], None] | None = None,
     log: Callable[[str], None] = print,
     **overrides,
@@ -282,8 +283,9 @@ def train_generator(
     world-CLIP folder (its tokenizer and text tower are used frozen and copied into the pipeline). Deterministic for a given (seed, data_seed, steps,
     batch, pool) and thread count: step t draws its scenes and captions from ``default_rng([data_seed, t])``
     and its timesteps and noise from a generator seeded with ``(seed, t)``. AdamW with warmup and a constant
-    rate (so any checkpoint is as usable as the last), EMA weights saved. ``minutes`` caps the wall time;
-    ``cache`` keeps the encoded scene pool between runs; ``on_checkpoint(folder, step)`` runs after each
+    rate (so any checkpoint is as usable as the last), EMA weights saved. ``minutes`` caps the training time
+    (checkpoints excluded); ``cache`` keeps the encoded scene pool between runs; ``resume`` is a state file
+    written at each checkpoint and read at the start, so a killed run continues where it was saved; ``on_checkpoint(folder, step)`` runs after each
     save (e.g. a fidelity check). ``overrides`` set other ``GeneratorTrainConfig`` fields.
     """
     tc = GeneratorTrainConfig(
@@ -327,9 +329,35 @@ def train_generator(
         "torch_version": torch.__version__,
     }
     log(f"generator: UNet {record['unet_parameters'] / 1e6:.2f}M parameters")
-    t1, last_ckpt, done, losses = time.time(), time.time(), 0, []
-    for t in range(steps):
-        if minutes is not None and time.time() - t0 > 60 * minutes:
+    start, spent, losses = 0, 0.0, []
+    state_path = Path(resume) if resume else None
+    if state_path is not None and state_path.is_file():
+        state = torch.load(state_path, weights_only=True)  # tensors, numbers and lists only
+        unet.load_state_dict(state["unet"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        start, spent, losses = state["step"], state["seconds"], state["losses"]
+        log(f"generator: resumed at step {start} ({spent:.0f}s of training already done)")
+    record["setup_seconds"] = round(time.time() - t0, 1)
+    t1, paused, last_ckpt, done = time.time(), 0.0, time.time(), start
+
+    def elapsed() -> float:  # training seconds over all runs, checkpoints and evaluations excluded
+        return spent + time.time() - t1 - paused
+
+    def checkpoint() -> None:
+        record.update(
+            steps_done=done, wall_time_s=round(elapsed(), 1), final_loss=float(np.mean(losses[-50:]))
+        )
+        save_pipeline(out, ema, vae_model, clip, scheduler, record, tc)
+        if state_path is not None:
+            state = {"unet": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict()}
+            torch.save({**state, "step": done, "seconds": elapsed(), "losses": losses[-200:]}, state_path)
+        log(f"generator: step {done} saved to {out}")
+        if on_checkpoint is not None:
+            on_checkpoint(Path(out), done)
+
+    for t in range(start, steps):
+        if minutes is not None and elapsed() > 60 * minutes:
             break
         rng = np.random.default_rng([tc.data_seed, t, 11])
         idx = rng.integers(0, len(data), tc.batch)
@@ -361,31 +389,20 @@ def train_generator(
         done = t + 1
         losses.append(loss.item())
         if t % 50 == 0 or t == steps - 1:
+            rate = (elapsed() - spent) / (done - start)
             log(
-                f"generator step {t:5d}  loss {np.mean(losses[-50:]):.4f}  "
-                f"{(time.time() - t1) / done:.2f}s/step  {time.time() - t0:6.0f}s"
+                f"generator step {t:5d}  loss {np.mean(losses[-50:]):.4f}  {rate:.2f}s/step  {elapsed():6.0f}s"
             )
         due = tc.checkpoint_minutes and time.time() - last_ckpt > 60 * tc.checkpoint_minutes
         if out is not None and due:
-            record.update(
-                steps_done=done, wall_time_s=round(time.time() - t0, 1), final_loss=np.mean(losses[-50:])
-            )
-            save_pipeline(out, ema, vae_model, clip, scheduler, record, tc)
-            log(f"generator: checkpoint at step {done} saved to {out}")
-            if on_checkpoint is not None:
-                on_checkpoint(Path(out), done)
+            c0 = time.time()
+            checkpoint()
+            paused += time.time() - c0
             last_ckpt = time.time()
-    record.update(
-        steps_done=done,
-        wall_time_s=round(time.time() - t0, 1),
-        final_loss=float(np.mean(losses[-50:])) if losses else None,
-    )
-    log(f"generator: {done} steps in {time.time() - t0:.0f}s")
+    log(f"generator: {done} steps, {elapsed():.0f}s of training")
     if out is None:
         return None
-    save_pipeline(out, ema, vae_model, clip, scheduler, record, tc)
-    if on_checkpoint is not None:
-        on_checkpoint(Path(out), done)
+    checkpoint()
     return Path(out)
 
 
