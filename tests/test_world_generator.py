@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -52,12 +53,14 @@ def test_pipeline_folder_layout(folders):
     assert {
         "unet",
         "vae",
-        "text_encoder",
-        "tokenizer",
         "scheduler",
         "model_index.json",
         "training.json",
     } <= names
+    assert not {"text_encoder", "tokenizer"} & names  # shared with the world CLIP, not copied
+    shared = json.loads((gen / D.SHARED_FILE).read_text())
+    for part in ("text_encoder", "tokenizer"):
+        assert (gen / shared[part]).resolve() == (Path(D.CLIP_FOLDER) / part).resolve()
     record = json.loads((gen / "training.json").read_text())
     assert record["steps_done"] == 2 and record["train"]["data_seed"] == 0 and record["wall_time_s"] >= 0
     assert json.loads((gen / D.DEFAULTS_FILE).read_text()) == {"steps": 20, "guidance": 3.0}

@@ -276,7 +276,49 @@ def check_generator_spec(spec: str) -> str:
         raise DctAuditError(
             f"generator '{spec}' is a {index.get('_class_name')}; dct-audit supports StableDiffusionPipeline (SD 1.x/2.x/Turbo)"
         )
+    for part, path in shared_components(folder).items():
+        if not path.is_dir():
+            raise DctAuditError(
+                f"generator '{spec}' shares its {part} from '{path}', which does not exist; "
+                f"restore that folder or edit {folder / SHARED_FILE}"
+            )
     return str(folder)
+
+
+SHARED_FILE = "dct_audit_shared.json"
+
+
+def shared_components(folder: str | Path) -> dict[str, Path]:
+    """Components a local pipeline folder takes from a sibling folder instead of storing a copy.
+
+    ``dct_audit_shared.json`` maps a component name (``text_encoder``, ``tokenizer``) to a folder path
+    relative to the pipeline folder. The planted-bias world uses it so that the generator's text encoder
+    *is* the world CLIP's text tower, stored once.
+    """
+    folder = Path(folder)
+    file = folder / SHARED_FILE
+    if not file.is_file():
+        return {}
+    try:
+        table = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise DctAuditError(f"{file} is not valid JSON ({e.msg} at line {e.lineno}); fix or delete it") from None
+    allowed = {"text_encoder", "tokenizer"}
+    if not isinstance(table, dict) or not set(table) <= allowed:
+        raise DctAuditError(f"{file} must map some of {sorted(allowed)} to folders")
+    return {part: (folder / rel).resolve() for part, rel in table.items()}
+
+
+def _load_shared(folder: str, dtype: torch.dtype) -> dict:
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    parts = {}
+    for part, path in shared_components(folder).items():
+        if part == "text_encoder":
+            parts[part] = CLIPTextModel.from_pretrained(path, dtype=dtype)
+        else:
+            parts[part] = CLIPTokenizer.from_pretrained(path)
+    return parts
 
 
 def load_generator(
@@ -294,8 +336,9 @@ def load_generator(
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     spec = check_generator_spec(spec)
     with hub.missing_model_guard("generator", f"--generator {spec}"):
+        shared = _load_shared(spec, dtype) if hub.looks_like_path(spec) else {}
         pipe = StableDiffusionPipeline.from_pretrained(
-            spec, dtype=dtype, safety_checker=None, requires_safety_checker=False, **hub.hf_kwargs(spec)
+            spec, dtype=dtype, safety_checker=None, requires_safety_checker=False, **shared, **hub.hf_kwargs(spec)
         )
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)

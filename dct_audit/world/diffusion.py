@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -44,6 +45,7 @@ SHIPPED = WEIGHTS / "generator"
 CLIP_FOLDER = WEIGHTS / "clip"
 FIDELITY_SEED = 2_000_003  # attribute draws and sampling seeds of the fidelity measurement
 DEFAULTS_FILE = "dct_audit_defaults.json"
+SHARED_FILE = "dct_audit_shared.json"  # read by dct_audit.adapters.generator.shared_components
 
 
 # -- architecture and schedule -----------------------------------------------------------------------------
@@ -417,8 +419,9 @@ def save_pipeline(
 ) -> Path:
     """Write the pipeline folder atomically (a sibling temp folder, then renamed over ``out``).
 
-    UNet and VAE are stored in ``tc.dtype``; the text encoder and tokenizer are the world CLIP's files,
-    copied byte for byte (so the two copies are recognisably the same).
+    UNet and VAE are stored in ``tc.dtype``; the text encoder and tokenizer are not copied: the folder's
+    ``dct_audit_shared.json`` points at the world CLIP's own ``text_encoder``/``tokenizer`` folders (relative
+    paths), which the core's generator loader passes to diffusers as components.
     """
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
@@ -436,9 +439,11 @@ def save_pipeline(
         requires_safety_checker=False,
     )
     pipe.save_pretrained(tmp, safe_serialization=True)
-    for part in ("text_encoder", "tokenizer"):
+    shared = {}
+    for part in ("text_encoder", "tokenizer"):  # the world CLIP's own files, referenced, not copied
         shutil.rmtree(tmp / part)
-        shutil.copytree(Path(clip) / part, tmp / part)
+        shared[part] = os.path.relpath(Path(clip).resolve() / part, out.resolve())
+    (tmp / SHARED_FILE).write_text(json.dumps(shared, indent=2) + "\n")
     if getattr(vae, "training_record", None) is not None:
         (tmp / "vae" / "training.json").write_text(json.dumps(vae.training_record, indent=2) + "\n")
     (tmp / "dct_audit_family.txt").write_text("sd1\n")
