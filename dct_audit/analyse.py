@@ -17,31 +17,63 @@ from .stats import benjamini_hochberg, mean_diff_ci, paired_rates
 
 ALPHA = 0.05
 MIN_EFFECT = 0.25
-ENRICHMENT_COLUMNS = ["class_index", "class_name", "attribute", "group", "n_pairs", "token_rate", "baseline_rate",
-                      "diff", "ci_low", "ci_high", "p_value"]
+ENRICHMENT_COLUMNS = [
+    "class_index",
+    "class_name",
+    "attribute",
+    "group",
+    "n_pairs",
+    "token_rate",
+    "baseline_rate",
+    "diff",
+    "ci_low",
+    "ci_high",
+    "p_value",
+]
 
 
 def paired_presence(tags: pd.DataFrame, attribute: str, threshold: float) -> tuple[np.ndarray, np.ndarray]:
     """Presence of ``attribute`` in token and baseline images, aligned by (context_index, seed)."""
-    wide = tags.pivot_table(index=["context_index", "seed"], columns="variant", values=attribute, aggfunc="first")
+    wide = tags.pivot_table(
+        index=["context_index", "seed"], columns="variant", values=attribute, aggfunc="first"
+    )
     wide = wide.dropna()
     return (wide["token"].to_numpy() >= threshold), (wide["baseline"].to_numpy() >= threshold)
 
 
-def class_enrichment(tags: pd.DataFrame, class_index: int, class_name: str, attributes: list[tuple[str, str]],
-                     thresholds: dict[str, float]) -> pd.DataFrame:
+def class_enrichment(
+    tags: pd.DataFrame,
+    class_index: int,
+    class_name: str,
+    attributes: list[tuple[str, str]],
+    thresholds: dict[str, float],
+) -> pd.DataFrame:
     """One row per attribute: rates with the token and at baseline, paired difference, CI, exact p."""
     rows = []
     for name, group in attributes:
         a, b = paired_presence(tags, name, thresholds.get(name, 0.5))
         r = paired_rates(a, b)
-        rows.append({"class_index": class_index, "class_name": class_name, "attribute": name, "group": group,
-                     "n_pairs": r.n, "token_rate": r.rate_a, "baseline_rate": r.rate_b, "diff": r.diff,
-                     "ci_low": r.ci_low, "ci_high": r.ci_high, "p_value": r.p_value})
+        rows.append(
+            {
+                "class_index": class_index,
+                "class_name": class_name,
+                "attribute": name,
+                "group": group,
+                "n_pairs": r.n,
+                "token_rate": r.rate_a,
+                "baseline_rate": r.rate_b,
+                "diff": r.diff,
+                "ci_low": r.ci_low,
+                "ci_high": r.ci_high,
+                "p_value": r.p_value,
+            }
+        )
     return pd.DataFrame(rows, columns=ENRICHMENT_COLUMNS)
 
 
-def flag_findings(enrichment: pd.DataFrame, alpha: float = ALPHA, min_effect: float = MIN_EFFECT) -> pd.DataFrame:
+def flag_findings(
+    enrichment: pd.DataFrame, alpha: float = ALPHA, min_effect: float = MIN_EFFECT
+) -> pd.DataFrame:
     """Add ``q_value`` (BH over all rows) and ``flagged``; rows sorted by class, then effect."""
     out = enrichment.copy()
     out["q_value"] = benjamini_hochberg(out["p_value"].to_numpy())
@@ -52,6 +84,12 @@ def flag_findings(enrichment: pd.DataFrame, alpha: float = ALPHA, min_effect: fl
 def counterfactual_effect(with_probs, without_probs) -> dict:
     """Change of the target probability when the attribute is added vs removed (paired by seed)."""
     diff, low, high = mean_diff_ci(with_probs, without_probs)
-    return {"with_prob": float(np.mean(with_probs)), "without_prob": float(np.mean(without_probs)),
-            "diff": diff, "ci_low": low, "ci_high": high, "n": int(len(with_probs)),
-            "depends": bool(low > 0) if np.isfinite(low) else False}
+    return {
+        "with_prob": float(np.mean(with_probs)),
+        "without_prob": float(np.mean(without_probs)),
+        "diff": diff,
+        "ci_low": low,
+        "ci_high": high,
+        "n": int(len(with_probs)),
+        "depends": bool(low > 0) if np.isfinite(low) else False,
+    }

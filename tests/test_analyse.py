@@ -8,7 +8,9 @@ def _tags(token_plate, base_plate, token_water, base_water):
     rows = []
     for variant, plate, water in (("token", token_plate, token_water), ("baseline", base_plate, base_water)):
         for i, (p, w) in enumerate(zip(plate, water, strict=True)):
-            rows.append({"variant": variant, "context_index": i % 2, "seed": 1000 + i // 2, "plate": p, "water": w})
+            rows.append(
+                {"variant": variant, "context_index": i % 2, "seed": 1000 + i // 2, "plate": p, "water": w}
+            )
     return pd.DataFrame(rows)
 
 
@@ -19,7 +21,9 @@ def test_enrichment_flags_only_the_attribute_the_token_brings():
     base_plate = np.r_[np.full(2, 0.9), np.full(22, 0.1)]  # and 2 / 24 baseline images
     water = rng.random(n)  # unrelated to the token: same distribution on both sides
     tags = _tags(token_plate, base_plate, water, rng.permutation(water))
-    enr = class_enrichment(tags, 122, "American lobster", [("plate", "food"), ("water", "scene")], {"plate": 0.5, "water": 0.5})
+    enr = class_enrichment(
+        tags, 122, "American lobster", [("plate", "food"), ("water", "scene")], {"plate": 0.5, "water": 0.5}
+    )
     out = flag_findings(enr).set_index("attribute")
     assert out.loc["plate", "token_rate"] == 20 / 24 and out.loc["plate", "baseline_rate"] == 2 / 24
     assert out.loc["plate", "flagged"] and out.loc["plate", "ci_low"] > 0.4

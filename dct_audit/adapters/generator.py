@@ -302,7 +302,9 @@ def shared_components(folder: str | Path) -> dict[str, Path]:
     try:
         table = json.loads(file.read_text())
     except json.JSONDecodeError as e:
-        raise DctAuditError(f"{file} is not valid JSON ({e.msg} at line {e.lineno}); fix or delete it") from None
+        raise DctAuditError(
+            f"{file} is not valid JSON ({e.msg} at line {e.lineno}); fix or delete it"
+        ) from None
     allowed = {"text_encoder", "tokenizer"}
     if not isinstance(table, dict) or not set(table) <= allowed:
         raise DctAuditError(f"{file} must map some of {sorted(allowed)} to folders")
@@ -338,7 +340,12 @@ def load_generator(
     with hub.missing_model_guard("generator", f"--generator {spec}"):
         shared = _load_shared(spec, dtype) if hub.looks_like_path(spec) else {}
         pipe = StableDiffusionPipeline.from_pretrained(
-            spec, dtype=dtype, safety_checker=None, requires_safety_checker=False, **shared, **hub.hf_kwargs(spec)
+            spec,
+            dtype=dtype,
+            safety_checker=None,
+            requires_safety_checker=False,
+            **shared,
+            **hub.hf_kwargs(spec),
         )
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
