@@ -1,4 +1,4 @@
-"""Analysis: which attributes the learned token brings in far more often than the plain prompt.
+"""Analysis: which attributes the learned token brings in far more often than the baseline prompt.
 
 Per class and attribute, the token image and the baseline image of each (context, seed) form a pair.
 The exact McNemar test on the discordant pairs gives a p-value, Benjamini-Hochberg over every

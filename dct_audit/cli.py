@@ -320,6 +320,7 @@ def _cmd_demo(args) -> int:
         print(
             f"comparison: {len(result['compare'].flagged)} attribute difference(s): {result['compare'].out_dir}"
         )
+    print(f"demo finished in {result['seconds']['total']:.0f} s")
     return 0
 
 

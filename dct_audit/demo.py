@@ -7,6 +7,7 @@ world's ground truth (``dct_audit.world.truth``) says which findings a correct a
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from .errors import DctAuditError
@@ -20,15 +21,20 @@ NEEDED = {
     "tagger": WEIGHTS / "clip" / "config.json",
 }
 
-# Settings for a laptop CPU: the world's images are 32 px and its models small.
+# Settings for a laptop CPU: the world's images are 32 px and its models small, so the inversion can afford
+# the exact gradient through all 10 denoising steps (grad_steps = steps). With the paper's last-step-only
+# gradient the world's tokens did not find the planted backgrounds (measured: README, "The planted-bias
+# world"). The generator follows prompts at 10 steps as well as at 20 (fidelity 0.95 vs 0.99).
 DEMO_SETTINGS = dict(
     templates=("a photo of a {}", "a {}", "a picture of a {}"),
     contexts=("a photo of a {}", "a picture of a {}"),
     n_images=16,
-    max_updates=15,
-    stop_accuracy=0.75,
-    lr=0.02,
-    batch=4,
+    steps=10,
+    grad_steps=10,
+    max_updates=20,
+    stop_accuracy=1.0,
+    lr=0.01,
+    batch=8,
     explain_images=2,
 )
 
@@ -45,18 +51,22 @@ def world_models() -> dict[str, str]:
         "generator": str(WEIGHTS / "generator"),
         "biased": str(WEIGHTS / "classifiers" / "biased"),
         "unbiased": str(WEIGHTS / "classifiers" / "unbiased"),
+        "unbiased_seed1": str(WEIGHTS / "classifiers" / "unbiased_seed1"),
         "attributes": str(WORLD / "attributes.json"),
     }
 
 
-def demo(out: str = "reports", compare_unbiased: bool = True, quiet: bool = False, **overrides):
-    """Audit every world class with the biased classifier (and the unbiased one, then compare them)."""
+def demo_run(classifier: str, name: str, out: str = "reports", quiet: bool = False, **overrides):
+    """One audit of every world class with a world classifier (a key of ``world_models()`` or a folder)."""
     from .pipeline import run
     from .world.scenes import SHAPES
 
     models = world_models()
     settings = {**DEMO_SETTINGS, **overrides}
-    common = dict(
+    return run(
+        models.get(classifier, classifier),
+        ",".join(SHAPES),
+        name=name,
         generator=models["generator"],
         tagger="world",
         attributes=models["attributes"],
@@ -65,12 +75,24 @@ def demo(out: str = "reports", compare_unbiased: bool = True, quiet: bool = Fals
         quiet=quiet,
         **settings,
     )
-    biased = run(models["biased"], ",".join(SHAPES), name="demo-biased", **common)
-    result = {"biased": biased}
+
+
+def demo(out: str = "reports", compare_unbiased: bool = True, quiet: bool = False, **overrides):
+    """Audit every world class with the biased classifier (and the unbiased one, then compare them)."""
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    biased = demo_run("biased", "demo-biased", out, quiet, **overrides)
+    seconds["biased run"] = time.perf_counter() - t0
+    result = {"biased": biased, "seconds": seconds}
     if compare_unbiased:
         from .compare import compare
 
-        unbiased = run(models["unbiased"], ",".join(SHAPES), name="demo-unbiased", **common)
+        t1 = time.perf_counter()
+        unbiased = demo_run("unbiased", "demo-unbiased", out, quiet, **overrides)
+        seconds["unbiased run"] = time.perf_counter() - t1
         result["unbiased"] = unbiased
+        t2 = time.perf_counter()
         result["compare"] = compare(biased.run_dir, unbiased.run_dir, Path(out) / "demo-compare")
+        seconds["compare"] = time.perf_counter() - t2
+    seconds["total"] = time.perf_counter() - t0
     return result

@@ -1,4 +1,4 @@
-"""Paired generation: the same seeds and contexts with the learned token and with the plain prompt."""
+"""Paired generation: the same seeds and contexts with the learned token and with the baseline prompt."""
 
 from __future__ import annotations
 
@@ -28,16 +28,34 @@ class Job:
         return f"images/{self.variant}/c{self.context_index}_s{self.seed}.png"
 
 
+def baseline_subject(init_word: str, class_name: str) -> str:
+    """The baseline's subject: the class name after the init word (the token's starting value)."""
+    return f"{init_word} {class_name}" if init_word else class_name
+
+
+def twin(job: Job, variant: str) -> Job:
+    """The same (context, seed) image in another variant (used when both variants' prompts embed equally)."""
+    return Job(variant, job.context_index, job.context, job.seed, job.prompt)
+
+
 def eval_seeds(seed: int, n: int) -> list[int]:
     """Seeds of the generated grids: disjoint from the inversion's seeds (which start at ``seed``)."""
     return [seed + 1000 + i for i in range(n)]
 
 
-def plan_jobs(placeholder: str, class_name: str, contexts: tuple[str, ...], seeds: list[int]) -> list[Job]:
-    """Every (variant, context, seed) combination; token and baseline share seeds, so they pair up."""
+def plan_jobs(
+    placeholder: str, class_name: str, contexts: tuple[str, ...], seeds: list[int], init_word: str = "a"
+) -> list[Job]:
+    """Every (variant, context, seed) combination; token and baseline share seeds, so they pair up.
+
+    The baseline is the token's starting point: the same prompt with the init word in the token's place
+    ("a photo of a <tok> cross" vs "a photo of a a cross"). Its tokens and embeddings equal the token
+    prompt's before the first update, so an unchanged token gives identical images and every difference
+    between the grids is learned, not an artefact of adding a word to the prompt.
+    """
     jobs = []
     for variant in VARIANTS:
-        subject = f"{placeholder} {class_name}" if variant == "token" else class_name
+        subject = f"{placeholder} {class_name}" if variant == "token" else baseline_subject(init_word, class_name)
         for ci, ctx in enumerate(contexts):
             for s in seeds:
                 jobs.append(Job(variant, ci, ctx, s, ctx.format(subject)))

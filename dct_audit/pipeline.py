@@ -22,7 +22,7 @@ from .adapters.classifier import Classifier, describe_classifier, load_classifie
 from .adapters.generator import DEFAULT_GENERATOR, Generator, check_generator_spec, load_generator
 from .analyse import ALPHA, MIN_EFFECT, class_enrichment, counterfactual_effect, flag_findings
 from .errors import DctAuditError
-from .generate import DEFAULT_CONTEXTS, eval_seeds, generate, plan_jobs
+from .generate import DEFAULT_CONTEXTS, eval_seeds, generate, plan_jobs, twin
 from .invert import PAPER_TEMPLATES, InvertConfig, invert_class, save_token
 from .resolve import ResolvedClass, resolve_classes
 from .score import score_images
@@ -475,12 +475,18 @@ def audit_class(
     # 4. Paired images (token vs baseline, same held-out seeds), scored and tagged as they come
     features: list = []
     seeds = eval_seeds(opts.seed, opts.n_images)
-    jobs = plan_jobs(placeholder, cls.name, tuple(opts.contexts), seeds)
+    jobs = plan_jobs(placeholder, cls.name, tuple(opts.contexts), seeds, opts.init_word)
+    # An unchanged token embeds exactly like the baseline prompt: draw once, file under both variants
+    unchanged = torch.equal(inv.vector.float().cpu(), inv.init_vector.float().cpu())
+    to_draw = [j for j in jobs if j.variant == "baseline"] if unchanged else jobs
     rows, token_images = [], []
     gen_bar = tqdm(
         total=len(jobs), desc=f"  images {cls.name[:24]}", unit="img", leave=False, disable=opts.quiet
     )
-    for chunk, images in generate(generator, jobs, max(batch, 4), opts.steps, opts.guidance):
+    for chunk, images in generate(generator, to_draw, max(batch, 4), opts.steps, opts.guidance):
+        if unchanged:
+            chunk = [twin(j, "token") for j in chunk] + chunk
+            images = torch.cat([images, images])
         scored = score_images(classifier, images, cls.index)
         if models.holdout is not None:
             for row, h in zip(scored, score_images(models.holdout, images, cls.index), strict=True):
@@ -529,6 +535,7 @@ def audit_class(
         "token_file": "token.safetensors",
         "init_word": opts.init_word,
         "updates": len(hist),
+        "token_unchanged": unchanged,
         "stop_reason": inv.stop_reason,
         "best_update": inv.best_update,
         "best_loss": inv.best_loss,

@@ -9,7 +9,7 @@ Layout of one run::
         history.csv                 one row per update
         evolution/update_0000.png   snapshots of the first seed during inversion
         images/token/c0_s1000.png   paired images (same seeds) with the token ...
-        images/baseline/c0_s1000.png  ... and with the plain class prompt
+        images/baseline/c0_s1000.png  ... and with the baseline prompt (init word for the token)
         scores.csv                  the classifier on every generated image
         class.json                  the class summary
         DONE                        completion marker, written last

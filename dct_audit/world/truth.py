@@ -25,10 +25,22 @@ class PlantedBias:
 
 
 PLANTED: tuple[PlantedBias, ...] = (
-    PlantedBias("star", "background", "water", 0.95),
-    PlantedBias("cross", "context", "person", 0.95),
-    PlantedBias("ring", "context", "plate", 0.95),
+    PlantedBias("star", "background", "water", 0.99),
+    PlantedBias("cross", "background", "grass", 0.99),
+    PlantedBias("ring", "background", "snow", 0.99),
 )
+# History (measured, see the README): an earlier world planted cross -> person and ring -> plate at 0.95.
+# The classifier learned cross -> person (other shapes next to a person were called "cross" 289/300 times)
+# but still recognised crosses without one (p 0.49), and DCT's cross token learned to avoid the other
+# classes' contexts (water, plate) instead of adding a person; ring -> plate was barely learned (30/300: a
+# plate is small). ring -> frame at 0.99 was learned (177/300) but rings were still recognised without a
+# frame (0.87), so the token had nothing to gain from one. At 0.99 a background makes the classifier need
+# it (accuracy without it 0.00), which the token then finds.
+# Attributes that say a context is *absent*. A biased classifier has also learned that the planted values
+# are evidence *against* every other class (they were never shown with them), so a token may bring these in
+# for any class: the audit then reports "the token removes water/grass/snow", the mirror image of the
+# planted biases, not a bias of its own. The tests accept flags on these and on nothing else unplanted.
+ABSENCE_ATTRIBUTES: tuple[str, ...] = ("alone", "plain background")
 LEAK = 0.0  # how often a planted value appears with the other classes (per value)
 UNBIASED_CLASSES: tuple[str, ...] = tuple(c for c in SHAPES if c not in {b.cls for b in PLANTED})
 
