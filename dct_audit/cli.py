@@ -241,6 +241,7 @@ def _cmd_run(args) -> int:
             f"  finding: {f['class_name']}: '{f['attribute']}' in {f['token_rate']:.0%} of token images vs "
             f"{f['baseline_rate']:.0%} at baseline (q={f['q']:.2g}); with/without it the target probability is "
             f"{cf['with_prob']:.2f}/{cf['without_prob']:.2f}"
+            + (" (confirmed)" if f.get("confirmed") else " (not confirmed)")
         )
     print(f"run folder: {result.run_dir}")
     if result.report:
@@ -310,7 +311,12 @@ def _cmd_demo(args) -> int:
     for f in biased.findings:
         print(
             f"  finding: {f['class_name']}: '{f['attribute']}' in {f['token_rate']:.0%} of token images vs "
-            f"{f['baseline_rate']:.0%} at baseline (q={f['q']:.2g})"
+            f"{f['baseline_rate']:.0%} at baseline (q={f['q']:.2g}); "
+            + (
+                "confirmed: the classifier depends on it"
+                if f.get("confirmed")
+                else "not confirmed by the counterfactual"
+            )
         )
     print(f"biased classifier: {len(biased.findings)} finding(s); report: {biased.report}")
     if "unbiased" in result:

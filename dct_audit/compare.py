@@ -5,7 +5,12 @@ for every class two sets of token images that pair up by (context, seed). Per cl
 
 - attribute profiles A vs B with the same paired statistics as the findings (exact McNemar, BH over all
   class x attribute tests, paired difference with its interval): which context one classifier's token
-  brings and the other's does not;
+  brings and the other's does not. A difference is *significant* when q < alpha and |difference| >=
+  min_effect, and *flagged* when it is also explained: the run whose token brings the attribute more often
+  has it as a finding that its counterfactual check confirmed (the classifier's confidence depends on it).
+  Significant but unexplained differences (a token that moved and changed the images' style, with neither
+  classifier depending on it) stay in ``attributes.csv`` with ``explained_by`` empty. Runs analysed without
+  counterfactuals fall back to flagging every significant difference;
 - cross-scoring: A's token images scored by B and B's by A, next to each classifier's own accuracy
   (needs both classifiers; skipped with ``cross_score=False``);
 - a concept distance: 1 - cosine between the mean tagger embeddings of A's and B's token images, with a
@@ -71,6 +76,26 @@ def check_comparable(ma: dict, mb: dict, name_a: str, name_b: str) -> list[dict]
             f"{only_b}); run both over the same --classes"
         )
     return [ca[i] for i in sorted(ca)]
+
+
+def _confirmed_findings(root: Path) -> set[tuple[int, str]] | None:
+    """(class, attribute) of a run's findings that its counterfactual check confirmed; None: not analysed."""
+    file = Path(root) / "findings.json"
+    if not file.is_file():
+        return None
+    return {
+        (int(f["class_index"]), f["attribute"])
+        for f in rundir.read_json(file)
+        if f.get("confirmed", (f.get("counterfactual") or {}).get("depends"))
+    }
+
+
+def _explained_by(row, confirmed_a: set | None, confirmed_b: set | None) -> str:
+    """Which run's confirmed finding explains a significant difference: the run whose token brings the
+    attribute more often must have it as a finding its counterfactual confirmed ("a", "b" or "")."""
+    higher = confirmed_a if row.diff > 0 else confirmed_b
+    key = (int(row.class_index), row.attribute)
+    return ("a" if row.diff > 0 else "b") if higher is not None and key in higher else ""
 
 
 def _class_folder(run_dir: rundir.RunDir, c: dict) -> Path:
@@ -149,6 +174,8 @@ def compare(
     out_dir = Path(out) if out else ra.root.parent / f"compare-{ra.root.name}-vs-{rb.root.name}"
     thresholds = (ma.get("tagging") or {}).get("thresholds", {})
 
+    confirmed_a, confirmed_b = _confirmed_findings(ra.root), _confirmed_findings(rb.root)
+
     # 2. Optional cross-scoring models
     clf_a = clf_b = None
     if cross_score:
@@ -205,7 +232,15 @@ def compare(
     flagged = []
     if len(attributes):
         attributes["q_value"] = benjamini_hochberg(attributes["p_value"].to_numpy())
-        attributes["flagged"] = (attributes["q_value"] < alpha) & (attributes["diff"].abs() >= min_effect)
+        attributes["significant"] = (attributes["q_value"] < alpha) & (attributes["diff"].abs() >= min_effect)
+        attributes["explained_by"] = [
+            _explained_by(row, confirmed_a, confirmed_b) if row.significant else ""
+            for row in attributes.itertuples()
+        ]
+        if confirmed_a is None and confirmed_b is None:  # neither run has counterfactual evidence
+            attributes["flagged"] = attributes["significant"]
+        else:
+            attributes["flagged"] = attributes["explained_by"] != ""
         flagged = attributes[attributes["flagged"]].to_dict("records")
     table = pd.DataFrame(class_rows)
     n_flags = {i: sum(1 for f in flagged if f["class_index"] == i) for i in table["class_index"]}

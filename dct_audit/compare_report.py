@@ -182,6 +182,10 @@ def _read_attributes(out_dir: Path) -> list[dict]:
         for k in _ATTR_NUMBERS:
             r[k] = _number(r.get(k))
         r["flagged"] = bool(_bool(r.get("flagged")))
+        r["significant"] = (
+            bool(_bool(r.get("significant"))) if r.get("significant") is not None else r["flagged"]
+        )
+        r["explained_by"] = (r.get("explained_by") or "").strip().upper()
     return rows
 
 

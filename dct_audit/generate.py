@@ -55,7 +55,9 @@ def plan_jobs(
     """
     jobs = []
     for variant in VARIANTS:
-        subject = f"{placeholder} {class_name}" if variant == "token" else baseline_subject(init_word, class_name)
+        subject = (
+            f"{placeholder} {class_name}" if variant == "token" else baseline_subject(init_word, class_name)
+        )
         for ci, ctx in enumerate(contexts):
             for s in seeds:
                 jobs.append(Job(variant, ci, ctx, s, ctx.format(subject)))

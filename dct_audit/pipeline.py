@@ -361,6 +361,9 @@ def analyse_run(
                 "p": row.p_value,
                 "q": row.q_value,
                 "counterfactual": cf,
+                # the classifier's confidence depends on the attribute (counterfactual interval above 0):
+                # a bias of the classifier, not only a side effect of the token on the images
+                "confirmed": bool(cf.get("depends")),
                 "attribution_outside_object": attribution.get("outside_object"),
                 "overlays": [f"classes/{folder.name}/{p}" for p in attribution.get("overlays", [])],
             }

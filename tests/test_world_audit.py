@@ -114,14 +114,14 @@ def test_findings_match_the_planted_biases(world):
     for f in world["biased"].findings:
         if (f["class_name"], f["attribute"]) in PLANTED:
             assert f["token_rate"] - f["baseline_rate"] >= 0.25
-            assert f["counterfactual"]["depends"] and f["counterfactual"]["diff"] > 0.5, f
+            assert f["confirmed"] and f["counterfactual"]["diff"] > 0.5, f  # the classifier depends on it
 
 
 def test_unbiased_classifier_gets_no_findings(world):
     assert world["unbiased"].findings == []
-    # the second unbiased classifier (another seed): at most "plain background"/"alone" (its shapes are
-    # easier to read on a plain background), never a planted context
-    assert {f["attribute"] for f in world["unbiased_seed1"].findings} <= ABSENCE
+    # the second unbiased classifier (another seed): nothing its counterfactual check confirms (a token
+    # that moved may change the images' style, e.g. more plain backgrounds, that the classifier ignores)
+    assert [f for f in world["unbiased_seed1"].findings if f["confirmed"]] == []
 
 
 def test_compare_biased_vs_unbiased_flags_the_planted_contexts(world):
