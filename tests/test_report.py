@@ -228,7 +228,7 @@ def test_renders_index_class_pages_plots_and_json(rendered):
             assert svg.stat().st_size > 1000 and svg.read_bytes().startswith(b"<?xml")
         assert page.headings == [
             "Findings",
-            "Generated images: with the token vs the plain prompt",
+            "Generated images: with the token vs the baseline prompt",
             "Attribute enrichment",
             "Training",
             "Where the classifier looks",
@@ -330,7 +330,7 @@ def test_no_analysis_files_means_no_analysis_sections(tiny_run, tmp_path):
     index = report.render_report(tmp_path / "run", tmp_path / "out")
     headings = parse(index.parent / "classes" / "0000-american-lobster.html").headings
     assert headings == [
-        "Generated images: with the token vs the plain prompt",
+        "Generated images: with the token vs the baseline prompt",
         "Training",
         "The learned token",
     ]

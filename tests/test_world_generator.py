@@ -60,7 +60,7 @@ def test_pipeline_folder_layout(folders):
     assert not {"text_encoder", "tokenizer"} & names  # shared with the world CLIP, not copied
     shared = json.loads((gen / D.SHARED_FILE).read_text())
     for part in ("text_encoder", "tokenizer"):
-        assert (gen / shared[part]).resolve() == (Path(D.CLIP_FOLDER) / part).resolve()
+        assert (gen / shared[part]).resolve() == (folders / "clip" / part).resolve()
     record = json.loads((gen / "training.json").read_text())
     assert record["steps_done"] == 2 and record["train"]["data_seed"] == 0 and record["wall_time_s"] >= 0
     assert json.loads((gen / D.DEFAULTS_FILE).read_text()) == {"steps": 20, "guidance": 3.0}
@@ -108,3 +108,21 @@ def test_captions_state_what_they_mean():
         assert "<x> orange star" in short and "alone" in short and "snow" in short
     partial = [D.describe(names, rng, keep=0.0) for _ in range(20)]
     assert all("orange" not in p and "snow" not in p and "star" in p for p in partial)
+
+
+def test_shipped_generator_loads_through_the_core_loader_with_the_world_clip_text_tower():
+    gen = load_generator(str(D.SHIPPED))
+    assert (
+        gen.spec.family == "sd1" and gen.spec.resolution == 32 and gen.spec.prediction_type == "v_prediction"
+    )
+    assert (gen.spec.default_steps, gen.spec.default_guidance) == (20, 3.0)
+    clip = C.WorldCLIP.from_pretrained()
+    ids = clip.tokenizer(["a red star on water"], padding="max_length", return_tensors="pt").input_ids
+    with torch.no_grad():  # the generator's text encoder is the world CLIP's text tower
+        assert torch.equal(gen.text_encoder(ids)[0], clip.text_encoder(ids)[0])
+    record = json.loads((Path(D.SHIPPED) / "training.json").read_text())
+    fid = record["fidelity"]
+    assert fid["judge"] == "checker" and fid["n"] >= 96
+    for variant in ("plain", "token"):  # the bar, as measured when the weights were made
+        assert min(fid[variant]["background"], fid[variant]["context"]) >= 0.9
+        assert fid[variant]["shape"] >= 0.8

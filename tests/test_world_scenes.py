@@ -108,7 +108,14 @@ def test_planted_bias_gives_the_requested_rates():
         assert abs(rate - b.strength) < 0.04, (b, rate)
         assert (sc[b.attribute][~in_class] == value).sum() == 0  # LEAK = 0: never with the others
     star = sc["shape"] == S.SHAPES.index("star")
-    assert (sc["context"][star] == S.CONTEXTS.index("none")).mean() > 0.35  # unbiased attributes stay spread
+    for k in range(len(S.CONTEXTS)):  # attributes that carry no planted value stay uniform
+        assert abs((sc["context"][star] == k).mean() - 1 / len(S.CONTEXTS)) < 0.06
+    square = sc["shape"] == S.SHAPES.index("square")
+    planted_backgrounds = {b.value for b in truth.PLANTED if b.attribute == "background"}
+    free = [v for v in S.BACKGROUNDS if v not in planted_backgrounds]
+    for v in free:  # the others' backgrounds: spread over the values no class has planted
+        rate = (sc["background"][square] == S.BACKGROUNDS.index(v)).mean()
+        assert abs(rate - 1 / len(free)) < 0.07, (v, rate)
 
 
 def test_bias_without_exclusivity_leaves_other_classes_uniform():
@@ -135,10 +142,11 @@ def test_bad_bias_is_refused():
 
 
 def test_truth_helpers():
-    assert truth.bias_arg()["star"] == ("background", "water", 0.95)
-    assert truth.planted_for("cross").value == "person"
+    assert truth.bias_arg()["star"] == ("background", "water", 0.99)
+    assert truth.planted_for("cross").value == "grass"
     assert truth.planted_for("circle") is None
     assert set(truth.UNBIASED_CLASSES) == {"circle", "square", "triangle"}
     rates = truth.expected_rates()
-    assert rates["context"]["ring"]["plate"] == pytest.approx(0.95)
+    assert rates["background"]["ring"]["snow"] == pytest.approx(0.99)
+    assert rates["context"]["ring"]["plate"] == pytest.approx(0.25)
     assert rates["background"]["circle"]["water"] == 0.0
