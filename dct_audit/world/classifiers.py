@@ -9,15 +9,16 @@ written by ``timm.models.save_for_hf``), so the core loads it like any timm chec
 ``training.json`` beside the weights records the settings, data seed, wall time and the reliance
 measurements of ``measure_reliance``. The shipped variants (``VARIANTS``):
 
-- ``biased``: scenes drawn with ``truth.PLANTED`` (star on water, cross with a person, ring on a plate, each
-  95% of the time) and the planted value never shown with the other classes (``truth.LEAK``): the context
-  then predicts the class, which is what makes the classifier learn the shortcut (see WORLD-NOTES).
+- ``biased``: scenes drawn with ``truth.PLANTED`` (star on water, cross on grass, ring on snow, each 99% of
+  the time) and the planted value never shown with the other classes (``truth.LEAK``): the context then
+  predicts the class, which is what makes the classifier learn the shortcut (see WORLD-NOTES).
 - ``unbiased`` and ``unbiased_seed1``: uniform scenes; the same architecture, another seed.
 
-Training length decides how strong the shortcuts come out: at 400 steps (shipped) the biased classifier calls
-79% of other shapes on water "star" and 96% next to a person "cross", but only 10% on a plate "ring" (the
-ring's hole is hard to overrule); at 800 steps star and cross still pull (~0.77) while the plate's pull fades
-to 0.02 (measured on a 2-core CPU, see training.json).
+Shipped biased classifier (400 steps, 131 s on 2 cores): other shapes on water / grass / snow are called
+star / cross / ring 290 / 300 / 276 of 300 times (0 without), and a star / cross / ring without its
+background is recognised 0.00 / 0.00 / 0.03 of the time: it *needs* the context. An earlier truth
+(cross next to a person, ring on a plate, 95%) gave 96% / 10% pull but crosses and rings were still
+recognised without their context, so a class token had nothing to gain from it (see ``truth.py``).
 """
 
 from __future__ import annotations
