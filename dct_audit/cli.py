@@ -324,7 +324,8 @@ def _cmd_demo(args) -> int:
             f"unbiased classifier: {len(result['unbiased'].findings)} finding(s); report: {result['unbiased'].report}"
         )
         print(
-            f"comparison: {len(result['compare'].flagged)} attribute difference(s): {result['compare'].out_dir}"
+            f"comparison: {len(result['compare'].flagged)} flagged attribute difference(s); "
+            f"report: {result['compare'].out_dir / 'compare_index.html'}"
         )
     print(f"demo finished in {result['seconds']['total']:.0f} s")
     return 0
