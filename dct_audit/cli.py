@@ -23,6 +23,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative; give 0 or more")
+    return value
+
+
 def _fraction(text: str) -> float:
     try:
         value = float(text)
@@ -88,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--stop-accuracy", type=_fraction, default=0.7, help="stop at this batch accuracy (default 0.7)"
+    )
+    p.add_argument(
+        "--patience",
+        type=_nonneg_int,
+        default=0,
+        help="stop a class when its best loss has not improved for this many updates (default 0: off)",
     )
     p.add_argument("--init-word", default="a", help="one-token word the token starts from (default 'a')")
     p.add_argument(
@@ -208,6 +224,7 @@ def _cmd_run(args) -> int:
             "lr",
             "max_updates",
             "stop_accuracy",
+            "patience",
             "init_word",
             "n_images",
             "seed",

@@ -24,7 +24,10 @@ NEEDED = {
 # Settings for a laptop CPU: the world's images are 32 px and its models small, so the inversion can afford
 # the exact gradient through all 10 denoising steps (grad_steps = steps). With the paper's last-step-only
 # gradient the world's tokens did not find the planted backgrounds (measured: README, "The planted-bias
-# world"). The generator follows prompts at 10 steps as well as at 20 (fidelity 0.95 vs 0.99).
+# world"). The generator follows prompts at 10 steps nearly as well as at 20 (fidelity 0.95 vs 0.99).
+# A token is accepted when all 8 training images are classified as the class (tokens stopped at 7 of 8
+# drew their context far less often); one stuck for 8 updates stops early (patience), which keeps the
+# demo at ~140 s on 2 cores (python benchmarks/bench_demo.py).
 DEMO_SETTINGS = dict(
     templates=("a photo of a {}", "a {}", "a picture of a {}"),
     contexts=("a photo of a {}", "a picture of a {}"),
@@ -33,6 +36,7 @@ DEMO_SETTINGS = dict(
     grad_steps=10,
     max_updates=20,
     stop_accuracy=1.0,
+    patience=8,
     lr=0.01,
     batch=8,
     explain_images=2,

@@ -35,6 +35,7 @@ class InvertConfig:
     lr: float = 1e-3
     max_updates: int = 50
     stop_accuracy: float = 0.7
+    patience: int = 0  # stop when the best loss has not improved for this many updates (0: never)
     init_word: str = "a"
     templates: tuple[str, ...] = PAPER_TEMPLATES
     seed: int = 0
@@ -46,6 +47,8 @@ class InvertConfig:
             raise ValueError(f"batch ({self.batch}) and grad_accum ({self.grad_accum}) must be >= 1")
         if self.max_updates < 1:
             raise ValueError(f"max_updates must be >= 1, not {self.max_updates}")
+        if self.patience < 0:
+            raise ValueError(f"patience must be >= 0, not {self.patience}")
         if not 0.0 < self.stop_accuracy <= 1.0:
             raise ValueError(f"stop_accuracy must be in (0, 1], not {self.stop_accuracy}")
         if not self.lr > 0:
@@ -62,7 +65,7 @@ class InversionResult:
     init_vector: torch.Tensor  # (D,)
     best_update: int
     best_loss: float
-    stop_reason: str  # "accuracy" | "max_updates"
+    stop_reason: str  # "accuracy" | "patience" | "max_updates"
     history: list[dict] = field(default_factory=list)
     snapshots: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)  # (update, seed, (3, H, W))
     seconds: float = 0.0
@@ -181,6 +184,14 @@ def invert_class(
                     progress(row)
                 if update % config.snapshot_every != 0:
                     snapshots.append((update, seeds[0], first_image))
+                break
+            if config.patience and update - best_update >= config.patience:
+                row["seconds"] = time.perf_counter() - t0
+                row["event"] = f"no better loss for {config.patience} updates: stopped"
+                history.append(row)
+                stop_reason = "patience"
+                if progress:
+                    progress(row)
                 break
             if loss_value > config.jump_factor * best_loss:
                 seed_offset += per_update

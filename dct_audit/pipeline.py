@@ -51,6 +51,7 @@ class RunOptions:
     lr: float = 1e-3
     max_updates: int = 50
     stop_accuracy: float = 0.7
+    patience: int = 0  # stop when the best loss has not improved for this many updates (0: never)
     init_word: str = "a"
     templates: tuple[str, ...] = PAPER_TEMPLATES
     contexts: tuple[str, ...] = DEFAULT_CONTEXTS
@@ -92,6 +93,8 @@ class RunOptions:
             raise DctAuditError(f"--steps must be at least 1, not {self.steps}")
         if self.grad_steps < 1:
             raise DctAuditError(f"--grad-steps must be at least 1, not {self.grad_steps}")
+        if self.patience < 0:
+            raise DctAuditError(f"--patience must be 0 (off) or more updates, not {self.patience}")
         if self.batch is not None and self.batch < 1:
             raise DctAuditError(f"--batch must be at least 1, not {self.batch}")
         for ctx in self.contexts:
@@ -114,6 +117,7 @@ class RunOptions:
             lr=self.lr,
             max_updates=self.max_updates,
             stop_accuracy=self.stop_accuracy,
+            patience=self.patience,
             init_word=self.init_word,
             templates=tuple(self.templates),
             seed=self.seed,
@@ -133,6 +137,7 @@ class RunOptions:
             "lr",
             "max_updates",
             "stop_accuracy",
+            "patience",
             "init_word",
             "n_images",
             "seed",

@@ -65,6 +65,16 @@ def test_stops_at_target_accuracy(models):
     assert result.stop_reason == "accuracy" and len(result.history) == 1
 
 
+def test_patience_stops_a_class_whose_loss_no_longer_improves(models):
+    gen, clf = models
+    # a learning rate this small leaves the images, hence the loss, unchanged: no update is ever better
+    config = InvertConfig(max_updates=10, stop_accuracy=1.0, lr=1e-12, patience=3)
+    result = invert_class(gen, clf, TARGET, NAME, "<dct-1>", config)
+    assert result.stop_reason == "patience" and len(result.history) == 4  # updates 0..3
+    assert result.best_update == 0 and "stopped" in result.history[-1]["event"]
+    assert torch.equal(result.vector, result.init_vector)
+
+
 def test_non_finite_loss_restores_best_and_lowers_lr(models, monkeypatch):
     gen, clf = models
     calls = {"n": 0}

@@ -84,8 +84,8 @@ def test_planted_classes_tokens_show_the_planted_context_far_more_often(world, c
     """Judged by the independent checker, over the demo's held-out seeds: counts and margins.
 
     Measured at the demo's settings: star -> water and ring -> snow are found; the cross token does not
-    reach the stop accuracy in 20 updates (the classifier rejects 7 of the 8 training images, and no
-    update finds grass), a miss the README reports. So: at least two of the three planted biases, and
+    reach the stop accuracy (the classifier rejects 7 of the 8 training images, no update finds grass, and
+    patience stops it), a miss the README reports. So: at least two of the three planted biases, and
     every planted class whose token reached the stop accuracy shows its context.
     """
     shows = 0
