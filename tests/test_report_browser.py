@@ -2,7 +2,9 @@
 
 Never a downloaded browser. Skipped with a reason when /usr/bin/chromium or Playwright is missing
 (``apt-get install chromium`` and ``pip install playwright``; no ``playwright install``).
-Set ``DCT_AUDIT_SCREENSHOT=docs/class-page.png`` to keep the class page screenshot for the README.
+Set ``DCT_AUDIT_SCREENSHOT=docs/class-page.png`` to keep the class page screenshot for the README, and
+``DCT_AUDIT_SCREENSHOT_PAGE=reports/demo-biased/report/classes/0003-star.html`` (after ``dct-audit demo``)
+to take it of the demo's star page instead of the tiny test run's.
 """
 
 from __future__ import annotations
@@ -154,7 +156,11 @@ def test_hostile_class_names_do_not_execute_or_inject(
 
 
 def test_screenshot_of_a_class_page(browser, site, tmp_path):
-    page, errors = open_page(browser, site.parent / "classes" / "0000-american-lobster.html")
+    # DCT_AUDIT_SCREENSHOT_PAGE: another class page, e.g. the demo's
+    # reports/demo-biased/report/classes/0003-star.html (the README's screenshot)
+    chosen = os.environ.get("DCT_AUDIT_SCREENSHOT_PAGE")
+    page_path = Path(chosen) if chosen else site.parent / "classes" / "0000-american-lobster.html"
+    page, errors = open_page(browser, page_path)
     shot = tmp_path / "class-page.png"
     page.screenshot(path=str(shot))  # the first screen: summary, findings, the first image grids
     assert shot.stat().st_size > 20_000 and errors == []
