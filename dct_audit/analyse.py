@@ -17,6 +17,10 @@ from .stats import benjamini_hochberg, mean_diff_ci, paired_rates
 
 ALPHA = 0.05
 MIN_EFFECT = 0.25
+# A finding is *confirmed* when the counterfactual shows the classifier's confidence depends on the attribute
+# (interval above 0) by a change that matters: at least this much target probability. Smaller changes are
+# real but do not move decisions (measured: an unbiased classifier, 0.96 -> 1.00 on plain backgrounds).
+CONFIRM_MIN_CHANGE = 0.10
 ENRICHMENT_COLUMNS = [
     "class_index",
     "class_name",
@@ -93,3 +97,11 @@ def counterfactual_effect(with_probs, without_probs) -> dict:
         "n": int(len(with_probs)),
         "depends": bool(low > 0) if np.isfinite(low) else False,
     }
+
+
+def confirmed(counterfactual: dict | None, min_change: float = CONFIRM_MIN_CHANGE) -> bool:
+    """Whether a counterfactual check confirms a finding (see ``CONFIRM_MIN_CHANGE``)."""
+    if not counterfactual:
+        return False
+    diff = counterfactual.get("diff")
+    return bool(counterfactual.get("depends")) and diff is not None and float(diff) >= min_change

@@ -105,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="stop a class when its best loss has not improved for this many updates (default 0: off)",
     )
+    p.add_argument(
+        "--fresh-seeds",
+        action="store_true",
+        help="draw new seeds at every update (optimise over noise) instead of the paper's fixed seeds",
+    )
     p.add_argument("--init-word", default="a", help="one-token word the token starts from (default 'a')")
     p.add_argument(
         "--template",
@@ -225,6 +230,7 @@ def _cmd_run(args) -> int:
             "max_updates",
             "stop_accuracy",
             "patience",
+            "fresh_seeds",
             "init_word",
             "n_images",
             "seed",

@@ -25,18 +25,19 @@ NEEDED = {
 # the exact gradient through all 10 denoising steps (grad_steps = steps). With the paper's last-step-only
 # gradient the world's tokens did not find the planted backgrounds (measured: README, "The planted-bias
 # world"). The generator follows prompts at 10 steps nearly as well as at 20 (fidelity 0.95 vs 0.99).
-# A token is accepted when all 8 training images are classified as the class (tokens stopped at 7 of 8
-# drew their context far less often); one stuck for 8 updates stops early (patience), which keeps the
-# demo at ~140 s on 2 cores (python benchmarks/bench_demo.py).
+# Each update draws 8 fresh seeds (with 8 fixed ones the cross token sat on a plateau for 40 updates; with
+# fresh ones it found grass). A token is accepted when all 8 images of an update are classified as the
+# class (tokens stopped at 7 of 8 drew their context far less often); one stuck for 8 updates stops early.
 DEMO_SETTINGS = dict(
     templates=("a photo of a {}", "a {}", "a picture of a {}"),
     contexts=("a photo of a {}", "a picture of a {}"),
     n_images=16,
     steps=10,
     grad_steps=10,
-    max_updates=20,
+    max_updates=25,
     stop_accuracy=1.0,
     patience=8,
+    fresh_seeds=True,
     lr=0.01,
     batch=8,
     explain_images=2,

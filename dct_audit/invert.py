@@ -36,6 +36,9 @@ class InvertConfig:
     max_updates: int = 50
     stop_accuracy: float = 0.7
     patience: int = 0  # stop when the best loss has not improved for this many updates (0: never)
+    fresh_seeds: bool = (
+        False  # new seeds at every update (the expected loss over noise) instead of fixed ones
+    )
     init_word: str = "a"
     templates: tuple[str, ...] = PAPER_TEMPLATES
     seed: int = 0
@@ -193,7 +196,9 @@ def invert_class(
                 if progress:
                     progress(row)
                 break
-            if loss_value > config.jump_factor * best_loss:
+            if config.fresh_seeds:
+                seed_offset += per_update
+            elif loss_value > config.jump_factor * best_loss:
                 seed_offset += per_update
                 row["event"] = "loss jumped: fresh seeds"
             grad = vector.grad

@@ -20,7 +20,7 @@ import torch
 from . import __version__, rundir
 from .adapters.classifier import Classifier, describe_classifier, load_classifier
 from .adapters.generator import DEFAULT_GENERATOR, Generator, check_generator_spec, load_generator
-from .analyse import ALPHA, MIN_EFFECT, class_enrichment, counterfactual_effect, flag_findings
+from .analyse import ALPHA, MIN_EFFECT, class_enrichment, confirmed, counterfactual_effect, flag_findings
 from .errors import DctAuditError
 from .generate import DEFAULT_CONTEXTS, eval_seeds, generate, plan_jobs, twin
 from .invert import PAPER_TEMPLATES, InvertConfig, invert_class, save_token
@@ -52,6 +52,7 @@ class RunOptions:
     max_updates: int = 50
     stop_accuracy: float = 0.7
     patience: int = 0  # stop when the best loss has not improved for this many updates (0: never)
+    fresh_seeds: bool = False  # new inversion seeds at every update instead of fixed ones
     init_word: str = "a"
     templates: tuple[str, ...] = PAPER_TEMPLATES
     contexts: tuple[str, ...] = DEFAULT_CONTEXTS
@@ -118,6 +119,7 @@ class RunOptions:
             max_updates=self.max_updates,
             stop_accuracy=self.stop_accuracy,
             patience=self.patience,
+            fresh_seeds=self.fresh_seeds,
             init_word=self.init_word,
             templates=tuple(self.templates),
             seed=self.seed,
@@ -138,6 +140,7 @@ class RunOptions:
             "max_updates",
             "stop_accuracy",
             "patience",
+            "fresh_seeds",
             "init_word",
             "n_images",
             "seed",
@@ -366,9 +369,9 @@ def analyse_run(
                 "p": row.p_value,
                 "q": row.q_value,
                 "counterfactual": cf,
-                # the classifier's confidence depends on the attribute (counterfactual interval above 0):
-                # a bias of the classifier, not only a side effect of the token on the images
-                "confirmed": bool(cf.get("depends")),
+                # the classifier's confidence depends on the attribute (counterfactual interval above 0,
+                # change >= CONFIRM_MIN_CHANGE): a bias of the classifier, not a side effect of the token
+                "confirmed": confirmed(cf),
                 "attribution_outside_object": attribution.get("outside_object"),
                 "overlays": [f"classes/{folder.name}/{p}" for p in attribution.get("overlays", [])],
             }

@@ -417,6 +417,7 @@ def _finding(f: dict, run_dir: Path, out_dir: Path) -> dict:
         if not isinstance(depends, bool):
             depends = low is not None and high is not None and (low > 0 or high < 0)
         cf = {**numbers, "depends": depends, **{k: cf.get(k) for k in ("with_prompt", "without_prompt", "n")}}
+        cf["confirmed"] = f.get("confirmed")
     ci = f.get("ci") if isinstance(f.get("ci"), list) and len(f["ci"]) == 2 else [None, None]
     overlays = []
     for o in f.get("overlays") or []:

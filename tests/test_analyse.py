@@ -43,3 +43,12 @@ def test_counterfactual_effect():
     eff = counterfactual_effect([0.9, 0.8, 0.85, 0.95], [0.2, 0.3, 0.1, 0.25])
     assert eff["depends"] and eff["ci_low"] > 0 and eff["n"] == 4
     assert not counterfactual_effect([0.5, 0.6, 0.4], [0.5, 0.4, 0.6])["depends"]
+
+
+def test_a_finding_is_confirmed_by_a_dependence_that_matters():
+    from dct_audit.analyse import CONFIRM_MIN_CHANGE, confirmed
+
+    assert confirmed({"depends": True, "diff": 0.9})
+    assert not confirmed({"depends": True, "diff": CONFIRM_MIN_CHANGE / 3})  # real but tiny
+    assert not confirmed({"depends": False, "diff": 0.5})  # the interval includes 0
+    assert not confirmed(None) and not confirmed({})

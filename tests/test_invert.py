@@ -75,6 +75,19 @@ def test_patience_stops_a_class_whose_loss_no_longer_improves(models):
     assert torch.equal(result.vector, result.init_vector)
 
 
+def test_fresh_seeds_draw_new_images_at_every_update(models):
+    gen, clf = models
+    fixed = InvertConfig(max_updates=3, stop_accuracy=1.0, lr=1e-12, jump_factor=1e9)
+    fresh = InvertConfig(max_updates=3, stop_accuracy=1.0, lr=1e-12, fresh_seeds=True)
+    a = invert_class(gen, clf, TARGET, NAME, "<dct-1>", fixed)
+    b = invert_class(gen, clf, TARGET, NAME, "<dct-1>", fresh)
+    per_update = fresh.batch * fresh.grad_accum
+    assert [r["seed_offset"] for r in a.history] == [0, 0, 0]
+    assert [r["seed_offset"] for r in b.history] == [0, per_update, 2 * per_update]
+    assert len({round(r["loss"], 6) for r in b.history}) == 3  # other images, other losses
+    assert a.history[0]["loss"] == b.history[0]["loss"]  # the same first batch
+
+
 def test_non_finite_loss_restores_best_and_lowers_lr(models, monkeypatch):
     gen, clf = models
     calls = {"n": 0}

@@ -63,58 +63,47 @@ def _flagged(findings) -> set[tuple[str, str]]:
     return {(f["class_name"], f["attribute"]) for f in findings}
 
 
-def test_inversion_raises_the_target_accuracy_of_every_class_it_learns(world):
-    learned = 0
+def test_inversion_raises_the_target_accuracy_of_every_class_it_changes(world):
+    changed = set()
     for c in world["biased"].classes:
         if c["token_unchanged"]:  # the classifier accepted the baseline batch: nothing to learn
             assert c["initial"]["accuracy"] >= DEMO_SETTINGS["stop_accuracy"]
             assert c["token_accuracy"] == c["baseline_accuracy"]
-        elif c["stop_reason"] == "accuracy":  # the token reached the stop accuracy on its training seeds
-            learned += 1
-            assert c["token_accuracy"] - c["baseline_accuracy"] >= 0.3, c  # held-out seeds
+        else:  # held-out seeds: measured +0.47 (triangle) to +0.79 (ring)
+            changed.add(c["name"])
+            assert c["token_accuracy"] - c["baseline_accuracy"] >= 0.3, c
             assert c["token_target_prob"] > c["baseline_target_prob"], c
-    assert learned >= 3  # triangle, star, ring at the demo's seeds (cross: see the next test)
-
-
-def _found(world) -> set[tuple[str, str]]:
-    return PLANTED & _flagged(world["biased"].findings)
+    assert {b.cls for b in T.PLANTED} <= changed  # the biased classifier rejects their baseline images
 
 
 def test_planted_classes_tokens_show_the_planted_context_far_more_often(world, checker):
     """Judged by the independent checker, over the demo's held-out seeds: counts and margins.
 
-    Measured at the demo's settings: star -> water and ring -> snow are found; the cross token does not
-    reach the stop accuracy (the classifier rejects 7 of the 8 training images, no update finds grass, and
-    patience stops it), a miss the README reports. So: at least two of the three planted biases, and
-    every planted class whose token reached the stop accuracy shows its context.
+    Measured: star on water 91% vs 28% at baseline, cross on grass 66% vs 6%, ring on snow 91% vs 0%.
     """
-    shows = 0
     for b in T.PLANTED:
         judged = _judged(world["biased"], b.cls, checker)
         counts = judged.groupby("variant")[b.attribute].apply(
             lambda v, value=b.value: int((v == value).sum())
         )
         n = int((judged["variant"] == "token").sum())
-        summary = next(c for c in world["biased"].classes if c["name"] == b.cls)
-        if summary["stop_reason"] != "accuracy":
-            continue
-        assert counts["token"] >= 0.6 * n, (b, counts.to_dict(), n)
+        assert counts["token"] >= 0.5 * n, (b, counts.to_dict(), n)
         assert counts["token"] - counts["baseline"] >= 0.35 * n, (b, counts.to_dict(), n)
         token_shapes = judged.loc[judged["variant"] == "token", "shape"]
         assert (token_shapes == b.cls).mean() >= 0.8, b  # still the class's object, now in that context
-        shows += 1
-    assert shows >= 2
 
 
 def test_findings_match_the_planted_biases(world):
-    """Found planted biases are flagged; any other flag only says that a context was removed."""
-    flagged = _flagged(world["biased"].findings)
-    assert len(_found(world)) >= 2, flagged
-    assert {attr for _, attr in flagged - PLANTED} <= ABSENCE, flagged - PLANTED
-    for f in world["biased"].findings:
+    """The confirmed findings are exactly the planted biases; any other flag is an unconfirmed absence."""
+    findings = world["biased"].findings
+    confirmed = {(f["class_name"], f["attribute"]) for f in findings if f["confirmed"]}
+    assert confirmed == PLANTED
+    others = _flagged(findings) - PLANTED
+    assert {attr for _, attr in others} <= ABSENCE, others
+    for f in findings:
         if (f["class_name"], f["attribute"]) in PLANTED:
             assert f["token_rate"] - f["baseline_rate"] >= 0.25
-            assert f["confirmed"] and f["counterfactual"]["diff"] > 0.5, f  # the classifier depends on it
+            assert f["counterfactual"]["diff"] > 0.5, f  # the classifier's confidence depends on it
 
 
 def test_unbiased_classifier_gets_no_findings(world):
@@ -124,11 +113,10 @@ def test_unbiased_classifier_gets_no_findings(world):
     assert [f for f in world["unbiased_seed1"].findings if f["confirmed"]] == []
 
 
-def test_compare_biased_vs_unbiased_flags_the_planted_contexts(world):
-    result = world["compare"]
-    more_in_a = {(f["class_name"], f["attribute"]) for f in result.flagged if f["diff"] > 0}
-    assert _found(world) <= more_in_a  # what the biased run found, the comparison shows too
-    assert {attr for _, attr in more_in_a - PLANTED} <= ABSENCE, more_in_a - PLANTED
+def test_compare_biased_vs_unbiased_flags_exactly_the_planted_contexts(world):
+    flagged = world["compare"].flagged
+    assert {(f["class_name"], f["attribute"]) for f in flagged} == PLANTED
+    assert all(f["diff"] > 0 and f["explained_by"] == "a" for f in flagged)  # the biased run's concepts
 
 
 def test_compare_two_unbiased_classifiers_flags_nothing(world):
