@@ -3,8 +3,8 @@
 Never a downloaded browser. Skipped with a reason when /usr/bin/chromium or Playwright is missing
 (``apt-get install chromium`` and ``pip install playwright``; no ``playwright install``).
 Set ``DCT_AUDIT_SCREENSHOT=docs/class-page.png`` to keep the class page screenshot for the README, and
-``DCT_AUDIT_SCREENSHOT_PAGE=reports/demo-biased/report/classes/0003-star.html`` (after ``dct-audit demo``)
-to take it of the demo's star page instead of the tiny test run's.
+``DCT_AUDIT_SCREENSHOT_PAGE=reports/demo-biased/report/classes/0004-cross.html`` (after ``dct-audit demo``)
+to take it of the demo's cross page instead of the tiny test run's.
 """
 
 from __future__ import annotations
@@ -157,7 +157,7 @@ def test_hostile_class_names_do_not_execute_or_inject(
 
 def test_screenshot_of_a_class_page(browser, site, tmp_path):
     # DCT_AUDIT_SCREENSHOT_PAGE: another class page, e.g. the demo's
-    # reports/demo-biased/report/classes/0003-star.html (the README's screenshot)
+    # reports/demo-biased/report/classes/0004-cross.html (the README's screenshot)
     chosen = os.environ.get("DCT_AUDIT_SCREENSHOT_PAGE")
     page_path = Path(chosen) if chosen else site.parent / "classes" / "0000-american-lobster.html"
     page, errors = open_page(browser, page_path)
