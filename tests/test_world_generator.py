@@ -126,3 +126,17 @@ def test_shipped_generator_loads_through_the_core_loader_with_the_world_clip_tex
     for variant in ("plain", "token"):  # the bar, as measured when the weights were made
         assert min(fid[variant]["background"], fid[variant]["context"]) >= 0.9
         assert fid[variant]["shape"] >= 0.8
+
+
+def test_a_missing_shared_component_is_one_clear_error(tmp_path):
+    import shutil
+
+    from dct_audit.adapters.generator import check_generator_spec
+    from dct_audit.errors import DctAuditError
+
+    folder = shutil.copytree(D.SHIPPED, tmp_path / "generator")  # the references now point nowhere
+    with pytest.raises(DctAuditError, match="shares its text_encoder from .* which does not exist"):
+        check_generator_spec(str(folder))
+    (folder / D.SHARED_FILE).write_text("{not json")
+    with pytest.raises(DctAuditError, match="is not valid JSON"):
+        check_generator_spec(str(folder))
