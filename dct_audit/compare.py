@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from . import rundir
-from .analyse import ALPHA, MIN_EFFECT
+from .analyse import ALPHA, MIN_EFFECT, confirmed
 from .errors import DctAuditError
 from .stats import benjamini_hochberg, paired_rates
 
@@ -86,7 +86,7 @@ def _confirmed_findings(root: Path) -> set[tuple[int, str]] | None:
     return {
         (int(f["class_index"]), f["attribute"])
         for f in rundir.read_json(file)
-        if f.get("confirmed", (f.get("counterfactual") or {}).get("depends"))
+        if f.get("confirmed", confirmed(f.get("counterfactual")))  # older runs: the same rule
     }
 
 

@@ -28,11 +28,6 @@ class Job:
         return f"images/{self.variant}/c{self.context_index}_s{self.seed}.png"
 
 
-def baseline_subject(init_word: str, class_name: str) -> str:
-    """The baseline's subject: the class name after the init word (the token's starting value)."""
-    return f"{init_word} {class_name}" if init_word else class_name
-
-
 def twin(job: Job, variant: str) -> Job:
     """The same (context, seed) image in another variant (used when both variants' prompts embed equally)."""
     return Job(variant, job.context_index, job.context, job.seed, job.prompt)
@@ -55,9 +50,7 @@ def plan_jobs(
     """
     jobs = []
     for variant in VARIANTS:
-        subject = (
-            f"{placeholder} {class_name}" if variant == "token" else baseline_subject(init_word, class_name)
-        )
+        subject = f"{placeholder if variant == 'token' else init_word} {class_name}".strip()
         for ci, ctx in enumerate(contexts):
             for s in seeds:
                 jobs.append(Job(variant, ci, ctx, s, ctx.format(subject)))

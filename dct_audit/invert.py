@@ -180,37 +180,30 @@ def invert_class(
                 best_loss, best_update = loss_value, update
                 best_vector = vector.detach().float().cpu().clone()
             if accuracy >= config.stop_accuracy:
-                row["seconds"] = time.perf_counter() - t0
-                history.append(row)
                 stop_reason = "accuracy"
-                if progress:
-                    progress(row)
-                if update % config.snapshot_every != 0:
-                    snapshots.append((update, seeds[0], first_image))
-                break
-            if config.patience and update - best_update >= config.patience:
-                row["seconds"] = time.perf_counter() - t0
-                row["event"] = f"no better loss for {config.patience} updates: stopped"
-                history.append(row)
+            elif config.patience and update - best_update >= config.patience:
                 stop_reason = "patience"
-                if progress:
-                    progress(row)
-                break
-            if config.fresh_seeds:
-                seed_offset += per_update
-            elif loss_value > config.jump_factor * best_loss:
-                seed_offset += per_update
-                row["event"] = "loss jumped: fresh seeds"
-            grad = vector.grad
-            if grad is not None and torch.isfinite(grad).all():
-                row["grad_norm"] = grad.norm().item()
-                optimizer.step()
+                row["event"] = f"no better loss for {config.patience} updates: stopped"
             else:
-                row["event"] = "no usable gradient"
+                if config.fresh_seeds:
+                    seed_offset += per_update
+                elif loss_value > config.jump_factor * best_loss:
+                    seed_offset += per_update
+                    row["event"] = "loss jumped: fresh seeds"
+                grad = vector.grad
+                if grad is not None and torch.isfinite(grad).all():
+                    row["grad_norm"] = grad.norm().item()
+                    optimizer.step()
+                else:
+                    row["event"] = "no usable gradient"
         row["seconds"] = time.perf_counter() - t0
         history.append(row)
         if progress:
             progress(row)
+        if stop_reason != "max_updates":  # stopped early: keep the last image in the evolution strip
+            if update % config.snapshot_every != 0:
+                snapshots.append((update, seeds[0], first_image))
+            break
 
     # 6. Keep the best token, not the last one
     if not math.isfinite(best_loss):

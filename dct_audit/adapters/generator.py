@@ -285,7 +285,8 @@ def check_generator_spec(spec: str) -> str:
     return str(folder)
 
 
-SHARED_FILE = "dct_audit_shared.json"
+SHARED_FILE = "dct_audit_shared.json"  # components a local pipeline folder takes from a sibling folder
+DEFAULTS_FILE = "dct_audit_defaults.json"  # the steps and guidance a local pipeline was measured with
 
 
 def shared_components(folder: str | Path) -> dict[str, Path]:
@@ -351,7 +352,7 @@ def load_generator(
     pipe.set_progress_bar_config(disable=True)
     family = detect_family(spec, pipe)
     steps, guidance = FAMILY_DEFAULTS[family]
-    defaults_file = Path(spec) / "dct_audit_defaults.json"
+    defaults_file = Path(spec) / DEFAULTS_FILE
     if defaults_file.is_file():  # a local pipeline may record the steps and guidance it was measured with
         recorded = json.loads(defaults_file.read_text())
         steps, guidance = int(recorded.get("steps", steps)), float(recorded.get("guidance", guidance))

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from dct_audit.adapters.generator import DEFAULTS_FILE, SHARED_FILE
 from dct_audit.world import scenes as S
 from dct_audit.world.vae import load_vae, render_pool, to_model_range
 
@@ -44,8 +45,6 @@ WEIGHTS = Path(__file__).parent / "weights"
 SHIPPED = WEIGHTS / "generator"
 CLIP_FOLDER = WEIGHTS / "clip"
 FIDELITY_SEED = 2_000_003  # attribute draws and sampling seeds of the fidelity measurement
-DEFAULTS_FILE = "dct_audit_defaults.json"
-SHARED_FILE = "dct_audit_shared.json"  # read by dct_audit.adapters.generator.shared_components
 
 
 # -- architecture and schedule -----------------------------------------------------------------------------
