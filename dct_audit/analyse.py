@@ -85,23 +85,67 @@ def flag_findings(
     return out.sort_values(["class_index", "diff"], ascending=[True, False]).reset_index(drop=True)
 
 
-def counterfactual_effect(with_probs, without_probs) -> dict:
-    """Change of the target probability when the attribute is added vs removed (paired by seed)."""
-    diff, low, high = mean_diff_ci(with_probs, without_probs)
+# A replacement counts only where it removed the attribute: at most this share of its images still shows it
+# (a learned token can outweigh the prompt, e.g. a token that learned "red" keeps an "orange" prompt red).
+REPLACED_MAX_RATE = 0.5
+
+
+def counterfactual_effect(with_probs, replacements: dict[str, dict], with_rate: float | None = None) -> dict:
+    """Change of the target probability when the attribute is shown vs replaced, per replacement (paired by
+    seed), and its worst case.
+
+    ``replacements`` maps a replacement's name to ``{"prompt": ..., "probs": [...], "attribute_rate": r}``
+    (same seeds as ``with_probs``; ``attribute_rate``, when the images were tagged, is the share of the
+    replacement's images that still show the attribute). A replacement is *effective* when it removed the
+    attribute (rate at most ``REPLACED_MAX_RATE``, or untagged). The classifier *depends* on the attribute
+    when the images with it show it (``with_rate``, when tagged, at least 0.5) and every effective
+    replacement lowers the target probability (interval above 0): a change that holds against one
+    replacement only may come from that replacement (for example grass, when grass is what the classifier
+    learned for another class). ``diff``, ``ci_low`` and ``ci_high`` are those of the effective replacement
+    with the smallest change.
+    """
+    rows = []
+    for name, r in replacements.items():
+        diff, low, high = mean_diff_ci(with_probs, r["probs"])
+        rate = r.get("attribute_rate")
+        rows.append(
+            {
+                "name": name,
+                "prompt": r.get("prompt"),
+                "prob": float(np.mean(r["probs"])),
+                "diff": diff,
+                "ci_low": low,
+                "ci_high": high,
+                "depends": bool(low > 0) if np.isfinite(low) else False,
+                "attribute_rate": rate,
+                "effective": rate is None or rate <= REPLACED_MAX_RATE,
+            }
+        )
+    effective = [r for r in rows if r["effective"]]
+    worst = min(effective or rows, key=lambda r: r["diff"])
+    shown = with_rate is None or with_rate >= 0.5
     return {
         "with_prob": float(np.mean(with_probs)),
-        "without_prob": float(np.mean(without_probs)),
-        "diff": diff,
-        "ci_low": low,
-        "ci_high": high,
+        "without_prob": float(np.mean([r["prob"] for r in rows])),
+        "diff": worst["diff"],
+        "ci_low": worst["ci_low"],
+        "ci_high": worst["ci_high"],
+        "worst_replacement": worst["name"],
         "n": int(len(with_probs)),
-        "depends": bool(low > 0) if np.isfinite(low) else False,
+        "depends": bool(effective) and shown and all(r["depends"] for r in effective),
+        "with_attribute_rate": with_rate,
+        "effective_replacements": len(effective),
+        "replacements": rows,
     }
 
 
-def confirmed(counterfactual: dict | None, min_change: float = CONFIRM_MIN_CHANGE) -> bool:
-    """Whether a counterfactual check confirms a finding (see ``CONFIRM_MIN_CHANGE``)."""
-    if not counterfactual:
+def confirmed(counterfactual: dict | None, absence: bool = False, min_change: float = CONFIRM_MIN_CHANGE) -> bool:
+    """Whether a counterfactual check confirms a finding as a bias (see ``CONFIRM_MIN_CHANGE``).
+
+    An absence attribute ("plain background", "alone") is never confirmed as a bias: a token that brings it
+    in is removing other contexts, which the report says as such.
+    """
+    if not counterfactual or absence:
         return False
     diff = counterfactual.get("diff")
     return bool(counterfactual.get("depends")) and diff is not None and float(diff) >= min_change

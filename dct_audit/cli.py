@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from . import __version__
 from .errors import DctAuditError
@@ -109,6 +110,22 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="draw new seeds at every update (optimise over noise) instead of the paper's fixed seeds",
     )
+    p.add_argument(
+        "--val-seeds",
+        type=_nonneg_int,
+        default=0,
+        help="fixed validation seeds that decide the kept token, the accuracy stop and patience "
+        "(default 0: decide on each update's own batch)",
+    )
+    p.add_argument(
+        "--eval-every", type=_positive_int, default=1, help="updates between validations (default 1)"
+    )
+    p.add_argument(
+        "--restart-words",
+        default="",
+        metavar="W1,W2",
+        help="when patience runs out, restart from these words in turn, keeping the best token (default none)",
+    )
     p.add_argument("--init-word", default="a", help="one-token word the token starts from (default 'a')")
     p.add_argument(
         "--template",
@@ -192,6 +209,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the whole audit offline on the bundled planted-bias world")
     p.add_argument("--out", default="reports", help="parent folder of the demo's runs (default reports/)")
     p.add_argument("--no-compare", action="store_true", help="audit the biased classifier only")
+    p.add_argument(
+        "--classifier",
+        default=None,
+        metavar="FOLDER",
+        help="audit this world classifier folder (e.g. trained by `python -m dct_audit.world.classifiers "
+        "--planted SPEC --out DIR`) with the demo's settings, no comparison, and score its confirmed findings "
+        "against the planted set in its training.json (writes truth.json)",
+    )
     p.add_argument("--quiet", action="store_true")
 
     # report ------------------------------------------------------------------------------------
@@ -230,6 +255,8 @@ def _cmd_run(args) -> int:
             "stop_accuracy",
             "patience",
             "fresh_seeds",
+            "val_seeds",
+            "eval_every",
             "init_word",
             "n_images",
             "seed",
@@ -251,20 +278,14 @@ def _cmd_run(args) -> int:
         kwargs["templates"] = tuple(args.templates)
     if args.contexts:
         kwargs["contexts"] = tuple(args.contexts)
+    kwargs["restart_words"] = tuple(w.strip() for w in args.restart_words.split(",") if w.strip())
     result = run_with_options(RunOptions(classifier=args.classifier, classes=args.classes, **kwargs))
     for c in result.classes:
         print(
             f"{c['name']} ({c['index']}): token accuracy {c['token_accuracy']:.2f} vs baseline {c['baseline_accuracy']:.2f}, "
             f"{c['updates']} updates ({c['stop_reason']}), {c['timings']['total_s']:.1f} s"
         )
-    for f in result.findings:
-        cf = f["counterfactual"]
-        print(
-            f"  finding: {f['class_name']}: '{f['attribute']}' in {f['token_rate']:.0%} of token images vs "
-            f"{f['baseline_rate']:.0%} at baseline (q={f['q']:.2g}); with/without it the target probability is "
-            f"{cf['with_prob']:.2f}/{cf['without_prob']:.2f}"
-            + (" (confirmed)" if f.get("confirmed") else " (not confirmed)")
-        )
+    _print_findings(result.findings)
     print(f"run folder: {result.run_dir}")
     if result.report:
         print(f"report: {result.report}")
@@ -325,22 +346,46 @@ def _cmd_compare(args) -> int:
     return 0
 
 
-def _cmd_demo(args) -> int:
-    from .demo import demo
-
-    result = demo(args.out, compare_unbiased=not args.no_compare, quiet=args.quiet)
-    biased = result["biased"]
-    for f in biased.findings:
+def _print_findings(findings: list[dict]) -> None:
+    for f in findings:
+        cf = f.get("counterfactual") or {}
+        if f.get("confirmed"):
+            verdict = f"confirmed: the classifier depends on it (smallest change {cf.get('diff', 0):.2f})"
+        elif f.get("absence"):
+            verdict = "an absence: the token removes other contexts, not a bias of this class"
+        elif cf:
+            verdict = (
+                f"not confirmed: replaced by '{cf.get('worst_replacement', 'its opposite')}' the target probability "
+                f"changes by {cf.get('diff', 0):.2f}"
+            )
+        else:
+            verdict = "not checked by a counterfactual"
         print(
             f"  finding: {f['class_name']}: '{f['attribute']}' in {f['token_rate']:.0%} of token images vs "
-            f"{f['baseline_rate']:.0%} at baseline (q={f['q']:.2g}); "
-            + (
-                "confirmed: the classifier depends on it"
-                if f.get("confirmed")
-                else "not confirmed by the counterfactual"
-            )
+            f"{f['baseline_rate']:.0%} at baseline (q={f['q']:.2g}); {verdict}"
         )
+
+
+def _cmd_demo(args) -> int:
+    from .demo import audit_world_classifier, demo
+    from .world.truth import format_score
+
+    if args.classifier:
+        result = audit_world_classifier(args.classifier, args.out, quiet=args.quiet)
+        run = result["run"]
+        _print_findings(run.findings)
+        print(f"{len(run.findings)} finding(s); report: {run.report}")
+        if result["truth"] is None:
+            print(f"{args.classifier}/training.json records no planted set: nothing to score")
+        else:
+            print(format_score(result["truth"]) + f"; {Path(run.run_dir) / 'truth.json'}")
+        return 0
+    result = demo(args.out, compare_unbiased=not args.no_compare, quiet=args.quiet)
+    biased = result["biased"]
+    _print_findings(biased.findings)
     print(f"biased classifier: {len(biased.findings)} finding(s); report: {biased.report}")
+    if result.get("truth"):
+        print(format_score(result["truth"]))
     if "unbiased" in result:
         print(
             f"unbiased classifier: {len(result['unbiased'].findings)} finding(s); report: {result['unbiased'].report}"

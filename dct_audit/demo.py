@@ -25,20 +25,25 @@ NEEDED = {
 # the exact gradient through all 10 denoising steps (grad_steps = steps). With the paper's last-step-only
 # gradient the world's tokens did not find the planted backgrounds (measured: README, "The planted-bias
 # world"). The generator follows prompts at 10 steps nearly as well as at 20 (fidelity 0.95 vs 0.99).
-# Each update draws 8 fresh seeds (with 8 fixed ones the cross token sat on a plateau for 40 updates; with
-# fresh ones it found grass). A token is accepted when all 8 images of an update are classified as the
-# class (tokens stopped at 7 of 8 drew their context far less often); one stuck for 8 updates stops early.
+# Each update draws 8 fresh seeds (the expected loss over noise). Every decision is made on 16 fixed
+# validation seeds, scored every 2 updates: the kept token (lowest validation loss), the stop (all 16
+# classified as the class) and patience (no better validation loss for 10 updates: restart from "the", then
+# "photo", then stop). Chosen on random planted worlds (benchmarks/bench_truth.py), not on the shipped one:
+# deciding on each update's own fresh batch kept lucky-batch tokens and stopped on noise (README).
 DEMO_SETTINGS = dict(
     templates=("a photo of a {}", "a {}", "a picture of a {}"),
     contexts=("a photo of a {}", "a picture of a {}"),
     n_images=16,
     steps=10,
     grad_steps=10,
-    max_updates=25,
+    max_updates=50,
     stop_accuracy=1.0,
-    patience=8,
+    patience=10,
     fresh_seeds=True,
-    lr=0.01,
+    val_seeds=16,
+    eval_every=2,
+    restart_words=("the", "photo"),
+    lr=0.02,
     batch=8,
     explain_images=2,
 )
@@ -61,8 +66,11 @@ def world_models() -> dict[str, str]:
     }
 
 
-def demo_run(classifier: str, name: str, out: str = "reports", quiet: bool = False, **overrides):
-    """One audit of every world class with a world classifier (a key of ``world_models()`` or a folder)."""
+def demo_run(
+    classifier: str, name: str, out: str = "reports", quiet: bool = False, classes: str | None = None, **overrides
+):
+    """One audit of the world classes (default all) with a world classifier (a key of ``world_models()`` or a
+    folder)."""
     from .pipeline import run
     from .world.scenes import SHAPES
 
@@ -70,7 +78,7 @@ def demo_run(classifier: str, name: str, out: str = "reports", quiet: bool = Fal
     settings = {**DEMO_SETTINGS, **overrides}
     return run(
         models.get(classifier, classifier),
-        ",".join(SHAPES),
+        classes or ",".join(SHAPES),
         name=name,
         generator=models["generator"],
         tagger="world",
@@ -82,13 +90,57 @@ def demo_run(classifier: str, name: str, out: str = "reports", quiet: bool = Fal
     )
 
 
+def score_truth(run, classifier_folder) -> dict | None:
+    """Score a finished world audit against the truth recorded in its classifier's ``training.json``;
+    writes ``truth.json`` beside ``findings.json``. None when the classifier records no truth."""
+    import json
+
+    from .rundir import write_json
+    from .world.truth import PlantedSet, score_findings
+
+    try:
+        planted = PlantedSet.read(classifier_folder)
+    except ValueError as e:
+        raise DctAuditError(str(e)) from None
+    if planted is None:
+        return None
+    record = json.loads((Path(classifier_folder) / "training.json").read_text())
+    reliance = record.get("reliance") if isinstance(record.get("reliance"), dict) else None
+    score = score_findings(run.findings, planted, reliance)
+    score["classifier"] = str(classifier_folder)
+    write_json(Path(run.run_dir) / "truth.json", score)
+    return score
+
+
+def audit_world_classifier(
+    folder: str,
+    out: str = "reports",
+    name: str | None = None,
+    quiet: bool = False,
+    classes: str | None = None,
+    **overrides,
+) -> dict:
+    """``dct-audit demo --classifier FOLDER``: audit a world classifier with the demo's settings and score
+    its confirmed findings against the planted set in its ``training.json``."""
+    path = Path(folder)
+    if not (path / "config.json").is_file():
+        raise DctAuditError(
+            f"--classifier {folder} is not a world classifier folder (no config.json); train one with "
+            "`python -m dct_audit.world.classifiers --planted SPEC --out DIR`"
+        )
+    t0 = time.perf_counter()
+    run = demo_run(str(path), name or f"demo-{path.resolve().name}", out, quiet, classes, **overrides)
+    score = score_truth(run, path)
+    return {"run": run, "truth": score, "seconds": {"total": time.perf_counter() - t0}}
+
+
 def demo(out: str = "reports", compare_unbiased: bool = True, quiet: bool = False, **overrides):
     """Audit every world class with the biased classifier (and the unbiased one, then compare them)."""
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     biased = demo_run("biased", "demo-biased", out, quiet, **overrides)
     seconds["biased run"] = time.perf_counter() - t0
-    result = {"biased": biased, "seconds": seconds}
+    result = {"biased": biased, "seconds": seconds, "truth": score_truth(biased, world_models()["biased"])}
     if compare_unbiased:
         from .compare import compare
 

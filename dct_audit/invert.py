@@ -19,6 +19,19 @@ from torch import nn
 from .adapters.classifier import Classifier
 from .adapters.generator import Generator
 
+# Seed streams, disjoint by construction: evaluation grids use seed + 1000 + i (i < SEED_STREAM - 1000),
+# validation seed + SEED_STREAM + j (j < SEED_STREAM), training seed + 2 * SEED_STREAM + k (k unbounded).
+SEED_STREAM = 1_000_000
+
+
+def val_seed_list(seed: int, n: int) -> list[int]:
+    return [seed + SEED_STREAM + j for j in range(n)]
+
+
+def train_seed(seed: int, k: int) -> int:
+    return seed + 2 * SEED_STREAM + k
+
+
 # The prompt templates of the DCT paper; ``{}`` becomes "<tok> <class name>".
 PAPER_TEMPLATES = ("A photo of {}", "a high resolution realistic image of {}", "A close-up photo of a {}")
 
@@ -44,6 +57,14 @@ class InvertConfig:
     seed: int = 0
     snapshot_every: int = 5
     jump_factor: float = 2.0  # a loss above jump_factor x best moves to fresh seeds
+    # Decisions on like-for-like numbers: with val_seeds > 0 the kept token, the accuracy stop and patience
+    # are decided on a fixed set of validation seeds (disjoint from training and evaluation seeds), scored
+    # every eval_every updates; without, on each update's own training batch (noisy with fresh seeds).
+    val_seeds: int = 0
+    eval_every: int = 1
+    # On patience, start again from the next of these words (fresh optimiser), keeping the best token so
+    # far; stop when none is left. Escapes plateaus where the classifier gives the first start no signal.
+    restart_words: tuple[str, ...] = ()
 
     def check(self) -> None:
         if self.batch < 1 or self.grad_accum < 1:
@@ -54,6 +75,12 @@ class InvertConfig:
             raise ValueError(f"patience must be >= 0, not {self.patience}")
         if not 0.0 < self.stop_accuracy <= 1.0:
             raise ValueError(f"stop_accuracy must be in (0, 1], not {self.stop_accuracy}")
+        if self.val_seeds < 0 or self.val_seeds >= SEED_STREAM:
+            raise ValueError(f"val_seeds must be in [0, {SEED_STREAM}), not {self.val_seeds}")
+        if self.eval_every < 1:
+            raise ValueError(f"eval_every must be >= 1, not {self.eval_every}")
+        if self.restart_words and not self.patience:
+            raise ValueError("restart_words need patience > 0 (a restart happens when patience runs out)")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, not {self.lr}")
         for t in self.templates:
@@ -69,6 +96,8 @@ class InversionResult:
     best_update: int
     best_loss: float
     stop_reason: str  # "accuracy" | "patience" | "max_updates"
+    restarts: int = 0  # restarts from another init word that were used
+    best_val_accuracy: float | None = None  # validation accuracy of the kept token (with val_seeds)
     history: list[dict] = field(default_factory=list)
     snapshots: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)  # (update, seed, (3, H, W))
     seconds: float = 0.0
@@ -86,6 +115,22 @@ def _autocast(device: torch.device):
     return torch.autocast("cpu", enabled=False)
 
 
+def _val_score(generator, classifier, vector_prompts, seeds, target, config, guidance, uncond) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of the current token on the fixed validation seeds (no autograd)."""
+    losses, hits = [], []
+    device = generator.device
+    with torch.no_grad():
+        for i in range(0, len(seeds), config.batch):
+            sl = slice(i, i + config.batch)
+            with _autocast(device):
+                images = generator.sample(vector_prompts[sl], seeds[sl], config.steps, guidance, uncond=uncond)
+                logits = classifier(images).float()  # (b, C)
+            t = torch.full((len(logits),), target, device=logits.device, dtype=torch.long)
+            losses += F.cross_entropy(logits, t, reduction="none").tolist()
+            hits += (logits.argmax(-1) == target).tolist()
+    return sum(losses) / len(losses), sum(hits) / len(hits)
+
+
 def invert_class(
     generator: Generator,
     classifier: Classifier,
@@ -95,7 +140,8 @@ def invert_class(
     config: InvertConfig,
     progress: Callable[[dict], None] | None = None,
 ) -> InversionResult:
-    """Learn the token for ``target``; returns the best token (lowest loss), not the last one."""
+    """Learn the token for ``target``; returns the best token (lowest validation loss, or lowest training
+    loss without validation seeds), not the last one."""
     # 1. Check inputs
     config.check()
     device = generator.device
@@ -106,6 +152,7 @@ def invert_class(
     vector = nn.Parameter(init.clone().to(device))
     generator.set_token(placeholder, vector)
     optimizer = torch.optim.AdamW([vector], lr=config.lr, weight_decay=0.0)
+    starts = list(config.restart_words)  # words still to restart from
 
     # 3. The unconditional branch is fixed: compute it once for the class
     guidance = generator.spec.default_guidance if config.guidance is None else config.guidance
@@ -116,18 +163,33 @@ def invert_class(
 
     per_update = config.batch * config.grad_accum
     prompts = token_prompts(config.templates, placeholder, class_name, per_update)
+    val_seeds = val_seed_list(config.seed, config.val_seeds)
+    val_prompts = token_prompts(config.templates, placeholder, class_name, len(val_seeds))
     seed_offset = 0
-    best_loss, best_update = math.inf, 0
+    best_loss, best_update, last_improved = math.inf, 0, 0
+    best_val_accuracy = None
     best_vector = init.clone()
     history: list[dict] = []
     snapshots: list[tuple[int, int, torch.Tensor]] = []
     stop_reason = "max_updates"
+    restarts = 0
     target_t = torch.full((config.batch,), target, device=device, dtype=torch.long)
 
     # 4. Updates
     for update in range(config.max_updates):
         t0 = time.perf_counter()
-        seeds = [config.seed + seed_offset + j for j in range(per_update)]
+        seeds = [train_seed(config.seed, seed_offset + j) for j in range(per_update)]
+        row = {"update": update, "seed_offset": seed_offset, "lr": optimizer.param_groups[0]["lr"], "event": ""}
+
+        # 4a. Validation of the current token (the one the step below would change), on fixed seeds
+        validated = bool(val_seeds) and (update % config.eval_every == 0)
+        if validated:
+            val_loss, val_acc = _val_score(
+                generator, classifier, val_prompts, val_seeds, target, config, guidance, uncond
+            )
+            row.update(val_loss=val_loss, val_accuracy=val_acc)
+
+        # 4b. Training batch: loss and gradient
         optimizer.zero_grad(set_to_none=True)
         losses, probs, hits = [], [], []
         first_image = None
@@ -135,12 +197,7 @@ def invert_class(
             sl = slice(m * config.batch, (m + 1) * config.batch)
             with _autocast(device):
                 images = generator.sample(
-                    prompts[sl],
-                    seeds[sl],
-                    config.steps,
-                    guidance,
-                    grad_steps=config.grad_steps,
-                    uncond=uncond,
+                    prompts[sl], seeds[sl], config.steps, guidance, grad_steps=config.grad_steps, uncond=uncond
                 )  # (b, 3, H, W)
                 logits = classifier(images).float()  # (b, C)
             loss = F.cross_entropy(logits, target_t)
@@ -155,20 +212,13 @@ def invert_class(
                 first_image = images[0].detach().float().cpu()
         loss_value = sum(losses) / len(losses)
         accuracy = sum(hits) / len(hits)
-        row = {
-            "update": update,
-            "loss": loss_value,
-            "target_prob": sum(probs) / len(probs),
-            "accuracy": accuracy,
-            "seed_offset": seed_offset,
-            "lr": optimizer.param_groups[0]["lr"],
-            "grad_norm": float("nan"),
-            "event": "",
-        }
+        row.update(loss=loss_value, target_prob=sum(probs) / len(probs), accuracy=accuracy, grad_norm=float("nan"))
         if update % config.snapshot_every == 0:
             snapshots.append((update, seeds[0], first_image))
 
-        # 5. Bookkeeping before the step: the vector that produced this loss is the candidate
+        # 5. Decisions, on validation numbers when there are any, else on this batch
+        judged_loss, judged_acc = (row["val_loss"], row["val_accuracy"]) if validated else (loss_value, accuracy)
+        decide = validated or not val_seeds
         if not math.isfinite(loss_value):
             vector.data.copy_(best_vector.to(device))
             for g in optimizer.param_groups:
@@ -176,18 +226,30 @@ def invert_class(
             optimizer.state.clear()
             row["event"] = "non-finite loss: restored best token, halved lr"
         else:
-            if loss_value < best_loss:
-                best_loss, best_update = loss_value, update
+            if decide and judged_loss < best_loss:
+                best_loss, best_update, last_improved = judged_loss, update, update
                 best_vector = vector.detach().float().cpu().clone()
-            if accuracy >= config.stop_accuracy:
+                best_val_accuracy = judged_acc if validated else None
+            if decide and judged_acc >= config.stop_accuracy:
                 stop_reason = "accuracy"
-            elif config.patience and update - best_update >= config.patience:
+                best_loss, best_update = judged_loss, update  # the accepted token is the one that passed
+                best_vector = vector.detach().float().cpu().clone()
+                best_val_accuracy = judged_acc if validated else None
+            elif decide and config.patience and update - last_improved >= config.patience and starts:
+                word = starts.pop(0)
+                vector.data.copy_(generator.word_vector(word).to(device))
+                optimizer = torch.optim.AdamW([vector], lr=config.lr, weight_decay=0.0)
+                restarts += 1
+                last_improved = update
+                seed_offset += per_update
+                row["event"] = f"no better loss for {config.patience} updates: restart from '{word}'"
+            elif decide and config.patience and update - last_improved >= config.patience:
                 stop_reason = "patience"
                 row["event"] = f"no better loss for {config.patience} updates: stopped"
             else:
                 if config.fresh_seeds:
                     seed_offset += per_update
-                elif loss_value > config.jump_factor * best_loss:
+                elif not val_seeds and loss_value > config.jump_factor * best_loss:
                     seed_offset += per_update
                     row["event"] = "loss jumped: fresh seeds"
                 grad = vector.grad
@@ -205,7 +267,16 @@ def invert_class(
                 snapshots.append((update, seeds[0], first_image))
             break
 
-    # 6. Keep the best token, not the last one
+    # 6. The last step's token has not been judged yet: validate it too
+    if stop_reason == "max_updates" and val_seeds and math.isfinite(history[-1]["loss"]):
+        val_loss, val_acc = _val_score(generator, classifier, val_prompts, val_seeds, target, config, guidance, uncond)
+        history[-1].update(final_val_loss=val_loss, final_val_accuracy=val_acc)
+        if val_loss < best_loss:
+            best_loss, best_update = val_loss, config.max_updates
+            best_vector = vector.detach().float().cpu().clone()
+            best_val_accuracy = val_acc
+
+    # 7. Keep the best token, not the last one
     if not math.isfinite(best_loss):
         best_vector = init.clone()
     generator.set_token(placeholder, best_vector.to(device=device))
@@ -219,6 +290,8 @@ def invert_class(
         history=history,
         snapshots=snapshots,
         seconds=time.perf_counter() - start,
+        restarts=restarts,
+        best_val_accuracy=best_val_accuracy,
     )
 
 

@@ -14,6 +14,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -53,6 +54,9 @@ class RunOptions:
     stop_accuracy: float = 0.7
     patience: int = 0  # stop when the best loss has not improved for this many updates (0: never)
     fresh_seeds: bool = False  # new inversion seeds at every update instead of fixed ones
+    val_seeds: int = 0  # fixed validation seeds deciding the kept token, the stop and patience (0: off)
+    eval_every: int = 1  # updates between validations
+    restart_words: tuple[str, ...] = ()  # on patience, restart from these words in turn
     init_word: str = "a"
     templates: tuple[str, ...] = PAPER_TEMPLATES
     contexts: tuple[str, ...] = DEFAULT_CONTEXTS
@@ -120,6 +124,9 @@ class RunOptions:
             stop_accuracy=self.stop_accuracy,
             patience=self.patience,
             fresh_seeds=self.fresh_seeds,
+            val_seeds=self.val_seeds,
+            eval_every=self.eval_every,
+            restart_words=tuple(self.restart_words),
             init_word=self.init_word,
             templates=tuple(self.templates),
             seed=self.seed,
@@ -141,6 +148,8 @@ class RunOptions:
             "stop_accuracy",
             "patience",
             "fresh_seeds",
+            "val_seeds",
+            "eval_every",
             "init_word",
             "n_images",
             "seed",
@@ -148,6 +157,7 @@ class RunOptions:
         )
         s = {k: getattr(self, k) for k in keys}
         s.update(batch=batch, templates=list(self.templates), contexts=list(self.contexts))
+        s["restart_words"] = list(self.restart_words)
         return s
 
 
@@ -347,11 +357,14 @@ def analyse_run(
         cls = next(c for c in targets if c.index == row.class_index)
         folder = run_dir.class_dir(cls.index, cls.name)
         cache = folder / "counterfactual" / f"{rundir.slugify(row.attribute)}.json"
-        if cache.is_file():
-            cf = rundir.read_json(cache)
-        else:
-            _load_models(models, opts, device, None)
-            cf = _counterfactual(models, cls, by_name[row.attribute], seeds, opts, batch)
+        attribute = by_name[row.attribute]
+        cf = rundir.read_json(cache) if cache.is_file() else None
+        if cf is None or "replacements" not in cf:  # older caches compared against one replacement
+            _load_models(models, opts, device, vocabulary)
+            replacements = vocabulary.replacements(attribute)
+            cf = _counterfactual(
+                models, cls, attribute, replacements, seeds, opts, batch, folder / "token.safetensors"
+            )
             rundir.write_json(cache, cf)
         attribution = (
             rundir.read_json(folder / "attribution.json") if (folder / "attribution.json").is_file() else {}
@@ -369,9 +382,11 @@ def analyse_run(
                 "p": row.p_value,
                 "q": row.q_value,
                 "counterfactual": cf,
-                # the classifier's confidence depends on the attribute (counterfactual interval above 0,
-                # change >= CONFIRM_MIN_CHANGE): a bias of the classifier, not a side effect of the token
-                "confirmed": confirmed(cf),
+                # an absence attribute ("plain background") says the token removes other contexts
+                "absence": attribute.absence,
+                # the classifier's confidence depends on the attribute against every replacement (intervals
+                # above 0, worst change >= CONFIRM_MIN_CHANGE): a bias of the classifier, not a side effect
+                "confirmed": confirmed(cf, attribute.absence),
                 "attribution_outside_object": attribution.get("outside_object"),
                 "overlays": [f"classes/{folder.name}/{p}" for p in attribution.get("overlays", [])],
             }
@@ -381,26 +396,49 @@ def analyse_run(
 
 
 def _counterfactual(
-    models: Models, cls: ResolvedClass, attribute, seeds: list[int], opts: RunOptions, batch: int
+    models: Models,
+    cls: ResolvedClass,
+    attribute,
+    replacements: list[tuple[str, str]],
+    seeds: list[int],
+    opts: RunOptions,
+    batch: int,
+    token_file: Path,
 ) -> dict:
-    """Target probability of token images with the attribute vs without it, same seeds."""
-    subject = f"{placeholder_for(cls.index)} {cls.name}"
+    """Target probability of token images with the attribute vs with each replacement, same seeds."""
     from .generate import Job
+    from .invert import load_token
 
-    jobs = [
-        Job(v, 0, ctx, s, ctx.format(subject))
-        for v, ctx in (("with", attribute.with_context), ("without", attribute.without_context))
-        for s in seeds
-    ]
-    probs = {"with": [], "without": []}
+    # the class's own token, also when it was learned in an earlier process (a resumed run)
+    placeholder, vector = load_token(token_file)
+    models.generator.set_token(placeholder, vector.to(models.generator.device))
+    subject = f"{placeholder} {cls.name}"
+    variants = [("with", attribute.with_context)] + replacements
+    jobs = [Job(name, 0, prompt, s, prompt.format(subject)) for name, prompt in variants for s in seeds]
+    probs: dict[str, list[float]] = {name: [] for name, _ in variants}
+    shown: dict[str, list[bool]] = {name: [] for name, _ in variants}  # does the image show the attribute
+    bank = models.bank
     for chunk, images in generate(models.generator, jobs, max(batch, 4), opts.steps, opts.guidance):
-        for job, score in zip(chunk, score_images(models.classifier, images, cls.index), strict=True):
+        present = None
+        if bank is not None:
+            column = bank.vocabulary.names.index(attribute.name)
+            tag = bank.scores(bank.tagger.image_features(images))[:, column]  # (b,)
+            present = (tag >= (attribute.threshold if attribute.threshold is not None else 0.5)).tolist()
+        for k, (job, score) in enumerate(zip(chunk, score_images(models.classifier, images, cls.index), strict=True)):
             probs[job.variant].append(score["target_prob"])
-    out = counterfactual_effect(probs["with"], probs["without"])
-    out.update(
-        with_prompt=attribute.with_context.format(subject),
-        without_prompt=attribute.without_context.format(subject),
+            if present is not None:
+                shown[job.variant].append(bool(present[k]))
+
+    def rate(name):
+        return float(np.mean(shown[name])) if shown[name] else None
+
+    out = counterfactual_effect(
+        probs["with"],
+        {name: {"prompt": p.format(subject), "probs": probs[name], "attribute_rate": rate(name)} for name, p in replacements},
+        with_rate=rate("with"),
     )
+    worst = next(r for r in out["replacements"] if r["name"] == out["worst_replacement"])
+    out.update(with_prompt=attribute.with_context.format(subject), without_prompt=worst["prompt"])
     return out
 
 
@@ -548,6 +586,8 @@ def audit_class(
         "updates": len(hist),
         "token_unchanged": unchanged,
         "stop_reason": inv.stop_reason,
+        "restarts": inv.restarts,
+        "best_val_accuracy": inv.best_val_accuracy,
         "best_update": inv.best_update,
         "best_loss": inv.best_loss,
         "initial": {

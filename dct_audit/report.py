@@ -416,8 +416,18 @@ def _finding(f: dict, run_dir: Path, out_dir: Path) -> dict:
         depends = cf.get("depends")
         if not isinstance(depends, bool):
             depends = low is not None and high is not None and (low > 0 or high < 0)
+        replacements = [
+            {
+                "name": str(r.get("name", "")),
+                "prompt": r.get("prompt"),
+                **{k: _number(r.get(k)) for k in ("prob", "diff", "ci_low", "ci_high")},
+            }
+            for r in cf.get("replacements") or []
+            if isinstance(r, dict)
+        ]
         cf = {**numbers, "depends": depends, **{k: cf.get(k) for k in ("with_prompt", "without_prompt", "n")}}
         cf["confirmed"] = f.get("confirmed")
+        cf["replacements"] = replacements
     ci = f.get("ci") if isinstance(f.get("ci"), list) and len(f["ci"]) == 2 else [None, None]
     overlays = []
     for o in f.get("overlays") or []:
@@ -432,6 +442,7 @@ def _finding(f: dict, run_dir: Path, out_dir: Path) -> dict:
         "token_rate": _number(f.get("token_rate")),
         "baseline_rate": _number(f.get("baseline_rate")),
         "counterfactual": cf,
+        "absence": bool(f.get("absence")),
         "attribution_outside_object": _number(f.get("attribution_outside_object")),
         "overlays": overlays,
     }

@@ -40,10 +40,12 @@ class Attribute:
     group: str
     prompts: tuple[str, ...]
     with_context: str  # counterfactual: "{} on a plate"
-    without_context: str  # counterfactual: "{} on a bare table, no plate"
+    without_context: str  # counterfactual: "{} on a bare table, no plate" (the first of ``without_contexts``)
     threshold: float | None = None
     sources: tuple[str, ...] = ()
     exclusive: str | None = None  # attributes sharing this name exclude each other (one per image)
+    absence: bool = False  # says that something is *absent* ("plain background", "alone")
+    without_contexts: tuple[str, ...] = ()  # every replacement prompt of the file's "without" (str or list)
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,23 @@ class Vocabulary:
     def __len__(self) -> int:
         return len(self.attributes)
 
+    def replacements(self, attribute: Attribute) -> list[tuple[str, str]]:
+        """``(name, prompt template)`` of every replacement a counterfactual check compares against.
+
+        An attribute of an ``exclusive`` set is replaced by every other member of the set (water by plain,
+        grass, snow ...: the classifier must depend on water itself, not on the absence of one alternative
+        it has learned for another class); any other attribute by each of its ``without`` prompts.
+        """
+        out: dict[str, str] = {}
+        if attribute.exclusive:
+            for other in self.attributes:
+                if other.exclusive == attribute.exclusive and other.name != attribute.name:
+                    out.setdefault(other.with_context, other.name)
+        if not out:
+            for k, prompt in enumerate(attribute.without_contexts or (attribute.without_context,)):
+                out.setdefault(prompt, f"without {attribute.name}" + (f" ({k + 1})" if k else ""))
+        return [(name, prompt) for prompt, name in out.items()]
+
 
 def _parse_vocabulary(data, source: str) -> tuple[list[Attribute], list[str] | None, str]:
     if not isinstance(data, dict) or not isinstance(data.get("attributes"), list):
@@ -73,9 +92,15 @@ def _parse_vocabulary(data, source: str) -> tuple[list[Attribute], list[str] | N
             raise DctAuditError(f"{where} ('{a['name']}'): 'prompts' must be a list of non-empty strings")
         with_c = a.get("with", "{} with " + a["name"])
         without_c = a.get("without", "{} without " + a["name"])
-        for key, text in (("with", with_c), ("without", without_c)):
+        withouts = without_c if isinstance(without_c, list) and without_c else [without_c]
+        for key, text in [("with", with_c)] + [("without", w) for w in withouts]:
             if not isinstance(text, str) or text.count("{}") != 1:
-                raise DctAuditError(f"{where} ('{a['name']}'): '{key}' must contain '{{}}' exactly once")
+                raise DctAuditError(
+                    f"{where} ('{a['name']}'): '{key}' must be a prompt (or, for 'without', a list of prompts) "
+                    "containing '{}' exactly once"
+                )
+        if not isinstance(a.get("absence", False), bool):
+            raise DctAuditError(f"{where} ('{a['name']}'): 'absence' must be true or false")
         thr = a.get("threshold")
         if thr is not None and not (isinstance(thr, (int, float)) and 0 < thr < 1):
             raise DctAuditError(f"{where} ('{a['name']}'): 'threshold' must be a number in (0, 1)")
@@ -90,10 +115,12 @@ def _parse_vocabulary(data, source: str) -> tuple[list[Attribute], list[str] | N
                 str(a.get("group", "other")),
                 tuple(prompts),
                 with_c,
-                without_c,
+                withouts[0],
                 None if thr is None else float(thr),
                 tuple(a.get("sources", ())),
                 exclusive,
+                bool(a.get("absence", False)),
+                tuple(withouts),
             )
         )
     neutral = data.get("neutral")

@@ -39,10 +39,36 @@ def test_small_effects_are_not_flagged_even_if_significant():
     assert out.loc[0, "p_value"] < 0.001 and not out.loc[0, "flagged"]
 
 
+def _rep(probs, rate=None):
+    return {"prompt": "{}", "probs": probs, "attribute_rate": rate}
+
+
 def test_counterfactual_effect():
-    eff = counterfactual_effect([0.9, 0.8, 0.85, 0.95], [0.2, 0.3, 0.1, 0.25])
+    eff = counterfactual_effect([0.9, 0.8, 0.85, 0.95], {"plain": _rep([0.2, 0.3, 0.1, 0.25])})
     assert eff["depends"] and eff["ci_low"] > 0 and eff["n"] == 4
-    assert not counterfactual_effect([0.5, 0.6, 0.4], [0.5, 0.4, 0.6])["depends"]
+    assert not counterfactual_effect([0.5, 0.6, 0.4], {"plain": _rep([0.5, 0.4, 0.6])})["depends"]
+
+
+def test_a_dependence_on_one_replacement_only_is_not_a_dependence_on_the_attribute():
+    """The outside check's false finding: 'plain background' replaced by grass only, and grass was what the
+    classifier had learned for another class. Against every alternative the dependence does not hold."""
+    with_probs = [0.9, 0.85, 0.95, 0.9]
+    eff = counterfactual_effect(
+        with_probs, {"grass": _rep([0.05, 0.1, 0.0, 0.05]), "stripes": _rep([0.9, 0.88, 0.93, 0.91])}
+    )
+    assert not eff["depends"] and eff["worst_replacement"] == "stripes"
+    assert [r["depends"] for r in eff["replacements"]] == [True, False]
+
+
+def test_a_replacement_that_did_not_remove_the_attribute_is_not_counted():
+    """A token that learned 'red' can keep an 'orange' prompt red: that replacement says nothing."""
+    with_probs = [0.95, 0.9, 1.0, 0.95]
+    reps = {"green": _rep([0.0, 0.05, 0.0, 0.1], 0.0), "orange": _rep([0.95, 0.9, 1.0, 0.9], 0.75)}
+    eff = counterfactual_effect(with_probs, reps, with_rate=1.0)
+    assert eff["depends"] and eff["effective_replacements"] == 1 and eff["worst_replacement"] == "green"
+    # nothing effective, or the images "with" the attribute do not show it: no dependence
+    assert not counterfactual_effect(with_probs, {"orange": reps["orange"]}, with_rate=1.0)["depends"]
+    assert not counterfactual_effect(with_probs, {"green": reps["green"]}, with_rate=0.25)["depends"]
 
 
 def test_a_finding_is_confirmed_by_a_dependence_that_matters():
@@ -52,3 +78,4 @@ def test_a_finding_is_confirmed_by_a_dependence_that_matters():
     assert not confirmed({"depends": True, "diff": CONFIRM_MIN_CHANGE / 3})  # real but tiny
     assert not confirmed({"depends": False, "diff": 0.5})  # the interval includes 0
     assert not confirmed(None) and not confirmed({})
+    assert not confirmed({"depends": True, "diff": 0.9}, absence=True)  # "plain background": an absence

@@ -48,10 +48,10 @@ def test_best_token_is_kept_not_the_last(models):
     result = invert_class(gen, clf, TARGET, NAME, "<dct-1>", config)
     assert result.best_loss == min(h["loss"] for h in result.history)
     # re-evaluating the kept token on the update's seeds reproduces the recorded best loss
-    from dct_audit.invert import token_prompts
+    from dct_audit.invert import token_prompts, train_seed
 
     row = result.history[result.best_update]
-    seeds = [config.seed + row["seed_offset"] + j for j in range(config.batch)]
+    seeds = [train_seed(config.seed, row["seed_offset"] + j) for j in range(config.batch)]
     with torch.no_grad():
         images = gen.sample(token_prompts(config.templates, "<dct-1>", NAME, config.batch), seeds)
         loss = torch.nn.functional.cross_entropy(clf(images), torch.full((config.batch,), TARGET)).item()

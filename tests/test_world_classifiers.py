@@ -13,7 +13,7 @@ from dct_audit.world import checker as CH
 from dct_audit.world import classifiers as K
 from dct_audit.world import scenes as S
 
-TINY = K.ClassifierTrainConfig(biased=True, steps=2, batch=8)
+TINY = K.ClassifierTrainConfig(planted=K.T.SHIPPED.spec(), steps=2, batch=8)
 QUIET = dict(log=lambda s: None)
 
 

@@ -30,8 +30,10 @@ def truth_table(batch: S.Scenes, names: list[str]) -> np.ndarray:
             cols.append(np.array(batch.names("background")) == value)
         elif value in S.CONTEXTS:
             cols.append(np.array(batch.names("context")) == value)
+        elif value in S.COLOURS:
+            cols.append(np.array(batch.names("colour")) == value)
         else:
-            raise ValueError(f"world attribute {name!r} is neither a background nor a context")
+            raise ValueError(f"world attribute {name!r} is not a background, context or colour")
     return np.stack(cols, 1)
 
 

@@ -59,7 +59,8 @@ SHIPPED = Path(__file__).parent / "weights" / "classifiers"
 class ClassifierTrainConfig:
     """Training settings of one world classifier (recorded in training.json)."""
 
-    biased: bool = False  # draw training scenes with truth.PLANTED (and truth.LEAK)
+    planted: str = ""  # a planted set (truth.PlantedSet spec); "" draws uniform (unbiased) scenes
+    leak: float = 0.0  # how often a planted value appears with the other classes
     steps: int = 400
     batch: int = 128
     lr: float = 2e-3
@@ -71,10 +72,15 @@ class ClassifierTrainConfig:
 
 
 VARIANTS: dict[str, ClassifierTrainConfig] = {
-    "biased": ClassifierTrainConfig(biased=True, seed=0, data_seed=10),
-    "unbiased": ClassifierTrainConfig(biased=False, seed=0, data_seed=20),
-    "unbiased_seed1": ClassifierTrainConfig(biased=False, seed=1, data_seed=21),
+    "biased": ClassifierTrainConfig(planted=T.SHIPPED.spec(), leak=T.SHIPPED.leak, seed=0, data_seed=10),
+    "unbiased": ClassifierTrainConfig(seed=0, data_seed=20),
+    "unbiased_seed1": ClassifierTrainConfig(seed=1, data_seed=21),
 }
+
+
+def planted_set(tc: ClassifierTrainConfig) -> T.PlantedSet:
+    """The truth a classifier is trained on (an empty set for an unbiased one)."""
+    return T.PlantedSet.parse(tc.planted, tc.leak) if tc.planted else T.PlantedSet((), tc.leak)
 
 
 def create_model(num_classes: int = len(S.SHAPES)) -> nn.Module:
@@ -89,7 +95,7 @@ def preprocess() -> Preprocess:
 
 def training_scenes(step: int, tc: ClassifierTrainConfig) -> S.Scenes:
     """The scenes of training step ``step``: scenes ``step * batch ..`` of stream ``tc.data_seed``."""
-    kwargs = T.biased_sampling() if tc.biased else {}
+    kwargs = planted_set(tc).sampling() if tc.planted else {}
     return S.sample_scenes(tc.batch, tc.data_seed, start=step * tc.batch, **kwargs)
 
 
@@ -150,8 +156,7 @@ def train_classifier(
     record = {
         "train": asdict(tc),
         "final_loss": loss_val,
-        "planted": [asdict(b) for b in T.PLANTED] if tc.biased else [],
-        "leak": T.LEAK if tc.biased else None,
+        **planted_set(tc).to_dict(),
         "architecture": ARCHITECTURE,
         "model_args": MODEL_ARGS,
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -169,14 +174,19 @@ def train_classifier(
 
 
 # -- measuring the reliance on the planted contexts ------------------------------------------------------
-def _neutral_attributes(n: int, seed: int, start: int) -> dict[str, np.ndarray]:
+# A classifier *relies* on a planted value when adding it to its own class's scenes raises that class's
+# probability by at least this much (``reliance`` below): only then can a class token gain from showing it.
+RELIES_MIN = 0.2
+
+
+def _neutral_attributes(planted: T.PlantedSet, n: int, seed: int, start: int) -> dict[str, np.ndarray]:
     """Scenes in which no planted value appears (every planted value has probability 0 for every class)."""
-    no_planted = {b.cls: (b.attribute, b.value, 0.0) for b in T.PLANTED}
+    no_planted = {b.cls: (b.attribute, b.value, 0.0) for b in planted.biases}
     return S.draw_attributes(n, seed, bias=no_planted, leak=0.0, start=start)
 
 
-@functools.lru_cache(maxsize=2)
-def reliance_scenes(n: int = 300, seed: int = EVAL_SEED) -> dict[str, S.Scenes]:
+@functools.lru_cache(maxsize=4)
+def reliance_scenes(planted: T.PlantedSet, n: int = 300, seed: int = EVAL_SEED) -> dict[str, S.Scenes]:
     """The scene sets of ``measure_reliance`` (cached: measuring several classifiers renders them once).
 
     ``clean`` (uniform), ``biased_data`` (drawn like the biased training data), and per planted class c
@@ -185,13 +195,13 @@ def reliance_scenes(n: int = 300, seed: int = EVAL_SEED) -> dict[str, S.Scenes]:
     """
     sets = {
         "clean": S.sample_scenes(n, seed),
-        "biased_data": S.sample_scenes(n, seed, start=n, **T.biased_sampling()),
+        "biased_data": S.sample_scenes(n, seed, start=n, **planted.sampling()),
     }
-    for j, b in enumerate(T.PLANTED):
+    for b in planted.biases:
         c = S.SHAPES.index(b.cls)
         others = [i for i in range(len(S.SHAPES)) if i != c]
-        for group, start in (("others", 100_000 * (j + 1)), ("cls", 100_000 * (j + 1) + 50_000)):
-            attrs = _neutral_attributes(n, seed, start)
+        for group, start in (("others", 100_000 * (c + 1)), ("cls", 100_000 * (c + 1) + 50_000)):
+            attrs = _neutral_attributes(planted, n, seed, start)
             attrs["shape"] = np.array([c] * n if group == "cls" else [others[k % 5] for k in range(n)])
             sets[f"{b.cls}/{group}/without"] = S.render_scenes(attrs, seed, start=start)
             attrs[b.attribute] = np.full(n, S.VOCAB[b.attribute].index(b.value))
@@ -201,9 +211,12 @@ def reliance_scenes(n: int = 300, seed: int = EVAL_SEED) -> dict[str, S.Scenes]:
 
 @torch.no_grad()
 def measure_reliance(
-    classifier: Callable[[torch.Tensor], torch.Tensor], n: int = 300, seed: int = EVAL_SEED
+    classifier: Callable[[torch.Tensor], torch.Tensor],
+    planted: T.PlantedSet = T.SHIPPED,
+    n: int = 300,
+    seed: int = EVAL_SEED,
 ) -> dict:
-    """How much a classifier of the six shapes relies on each planted context; deterministic given ``seed``.
+    """How much a classifier of the six shapes relies on each planted value; deterministic given ``seed``.
 
     ``classifier`` maps images (B, 3, 32, 32) in [0, 1] to logits over ``scenes.SHAPES`` (a loaded
     ``Classifier``). Per planted bias (class c, attribute a, value v), on ``n`` paired counterfactual scenes
@@ -211,25 +224,28 @@ def measure_reliance(
 
     - ``others_*``: the other five shapes. ``called_c_with`` / ``called_c_without``: how many are predicted
       as c with / without v; ``p_c_with`` / ``p_c_without``: the mean probability of c; ``pull``: their
-      difference (the context's pull towards c); ``accuracy_with``: shape accuracy with v (counter-correlated).
+      difference (the value's pull towards c); ``accuracy_with``: shape accuracy with v (counter-correlated).
     - ``cls_*``: shape c itself; ``accuracy_without`` (counter-correlated) and ``accuracy_with``, and the
-      mean probability of c, ``p_with`` / ``p_without`` (what a class-token inversion can gain from v).
+      mean probability of c, ``p_with`` / ``p_without``.
+    - ``reliance`` = ``cls_p_with - cls_p_without``: what a class token can gain by showing v, and
+      ``relies`` = reliance >= ``RELIES_MIN``. A classifier that does not rely on a planted value gives its
+      token nothing to gain from it, so an audit cannot be expected to find it.
 
     Also ``clean_accuracy`` on ``n`` uniform scenes, ``biased_data_accuracy`` on ``n`` scenes drawn like the
-    biased classifier's training data, and ``counter_accuracy``: accuracy over all counter-correlated sets
-    (c without v, others with v).
+    training data, and ``counter_accuracy``: accuracy over all counter-correlated sets (c without v, others
+    with v).
     """
-    sets = reliance_scenes(n, seed)
+    sets = reliance_scenes(planted, n, seed)
     probs = {k: classifier(images_to_tensor(sc.images)).softmax(-1) for k, sc in sets.items()}  # (n, 6)
     preds = {k: p.argmax(-1).numpy() for k, p in probs.items()}
     correct = {k: preds[k] == sets[k].shape for k in sets}
-    out: dict = {"n": n, "seed": seed}
+    out: dict = {"n": n, "seed": seed, "planted": planted.spec(), "relies_min": RELIES_MIN}
     out["clean_accuracy"] = float(correct["clean"].mean())
     out["biased_data_accuracy"] = float(correct["biased_data"].mean())
     counter = []
-    for b in T.PLANTED:
+    for b in planted.biases:
         c, key = S.SHAPES.index(b.cls), b.cls
-        res: dict = {"cls": b.cls, "attribute": b.attribute, "value": b.value}
+        res: dict = {"cls": b.cls, "attribute": b.attribute, "value": b.value, "strength": b.strength}
         for side in ("with", "without"):
             res[f"others_called_cls_{side}"] = int((preds[f"{key}/others/{side}"] == c).sum())
             res[f"others_p_cls_{side}"] = float(probs[f"{key}/others/{side}"][:, c].mean())
@@ -237,16 +253,20 @@ def measure_reliance(
             res[f"cls_p_{side}"] = float(probs[f"{key}/cls/{side}"][:, c].mean())
         res["others_pull"] = res["others_p_cls_with"] - res["others_p_cls_without"]
         res["others_accuracy_with"] = float(correct[f"{key}/others/with"].mean())
+        res["reliance"] = res["cls_p_with"] - res["cls_p_without"]
+        res["relies"] = bool(res["reliance"] >= RELIES_MIN)
         counter += [correct[f"{key}/others/with"], correct[f"{key}/cls/without"]]
         out[b.cls] = res
-    out["counter_accuracy"] = float(np.concatenate(counter).mean())
+    out["counter_accuracy"] = float(np.concatenate(counter).mean()) if counter else None
     return out
 
 
 def remeasure(folder: str | Path, n: int = 300) -> dict:
-    """Measure a saved classifier (loaded by the core's loader) and store the numbers in its training.json."""
+    """Measure a saved classifier (loaded by the core's loader) against the truth in its training.json and
+    store the numbers there."""
     folder = Path(folder)
-    rel = measure_reliance(load_classifier(str(folder)), n=n)
+    planted = T.PlantedSet.read(folder) or T.PlantedSet(())
+    rel = measure_reliance(load_classifier(str(folder)), planted, n=n)
     path = folder / "training.json"
     record = json.loads(path.read_text()) if path.is_file() else {}
     path.write_text(json.dumps({**record, "reliance": rel}, indent=2) + "\n")
@@ -255,18 +275,19 @@ def remeasure(folder: str | Path, n: int = 300) -> dict:
 
 def format_reliance(rel: dict) -> str:
     """A few readable lines of ``measure_reliance``'s numbers."""
+    counter = rel.get("counter_accuracy")
     lines = [
-        f"clean accuracy {rel['clean_accuracy']:.3f}, on biased data {rel['biased_data_accuracy']:.3f}, "
-        f"counter-correlated accuracy {rel['counter_accuracy']:.3f}"
+        f"clean accuracy {rel['clean_accuracy']:.3f}, on its training distribution {rel['biased_data_accuracy']:.3f}"
+        + (f", counter-correlated accuracy {counter:.3f}" if counter is not None else "")
     ]
-    for b in T.PLANTED:
+    for b in T.PlantedSet.parse(rel["planted"]).biases if rel.get("planted") else ():
         r = rel[b.cls]
         lines.append(
-            f"  {b.cls} / {b.value}: others called {b.cls} {r['others_called_cls_with']}/{rel['n']} with vs "
-            f"{r['others_called_cls_without']}/{rel['n']} without; p({b.cls}) {r['others_p_cls_with']:.3f} vs "
-            f"{r['others_p_cls_without']:.3f} (pull {r['others_pull']:+.3f}); {b.cls} accuracy "
-            f"{r['cls_accuracy_with']:.3f} with, {r['cls_accuracy_without']:.3f} without "
-            f"(p {r['cls_p_with']:.3f} vs {r['cls_p_without']:.3f})"
+            f"  {b.cls} / {b.attribute} {b.value}: others called {b.cls} {r['others_called_cls_with']}/{rel['n']} with vs "
+            f"{r['others_called_cls_without']}/{rel['n']} without (pull {r['others_pull']:+.3f}); {b.cls} accuracy "
+            f"{r['cls_accuracy_with']:.3f} with, {r['cls_accuracy_without']:.3f} without; reliance "
+            f"p {r['cls_p_with']:.3f} - {r['cls_p_without']:.3f} = {r['reliance']:+.3f}"
+            + (" (relies)" if r["relies"] else " (does not rely)")
         )
     return "\n".join(lines)
 
@@ -278,7 +299,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "variants", nargs="*", metavar="VARIANT", help=f"some of {list(VARIANTS)} (default all)"
     )
-    parser.add_argument("--out", default=str(SHIPPED), help="parent folder of the variants' folders")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="parent folder of the variants' folders (default: the shipped one); with --planted, the model folder",
+    )
+    parser.add_argument(
+        "--planted",
+        default=None,
+        metavar="SPEC",
+        help="train one biased classifier on this planted set, e.g. star:background:water@0.99,cross:colour:red "
+        "(attribute background, colour or context; strength default 0.99) into --out",
+    )
+    parser.add_argument("--leak", type=float, default=0.0, help="with --planted: how often a planted value "
+                        "appears with the other classes (default 0: never)")
+    parser.add_argument("--seed", type=int, default=0, help="with --planted: initialisation and data seed")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--eval-n", type=int, default=300)
     parser.add_argument(
@@ -295,6 +330,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     if unknown:
         parser.error(f"unknown variants {sorted(unknown)}; choose from {list(VARIANTS)}")
     torch.set_num_threads(args.threads)
+    if args.planted is not None:
+        if args.variants or args.measure or not args.out:
+            parser.error("--planted trains one classifier into --out DIR (no variant names, no --measure)")
+        try:
+            planted = T.PlantedSet.parse(args.planted, args.leak)
+        except ValueError as e:
+            parser.error(str(e))
+        tc = ClassifierTrainConfig(
+            planted=planted.spec(), leak=planted.leak, seed=args.seed, data_seed=1000 + args.seed
+        )
+        if args.steps is not None:
+            tc = ClassifierTrainConfig(**{**asdict(tc), "steps": args.steps})
+        train_classifier(args.out, tc, eval_n=args.eval_n)
+        return
+    args.out = args.out or str(SHIPPED)
     for name in args.variants or list(VARIANTS):
         if args.measure:
             print(f"== {name}")

@@ -8,10 +8,17 @@ what makes a classifier learn the shortcut (with the value common elsewhere it d
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from dct_audit.world.scenes import SHAPES, VOCAB, BiasSpec, attribute_probabilities
+
+
+PLANTABLE = ("background", "colour", "context")
+# Values that mean "nothing there": planting them would make an absence the class's evidence.
+NOT_PLANTABLE = {"background": "plain", "context": "none"}
+# The world vocabulary's attribute name of a value (its attributes.json); every other value is its own name.
+ATTRIBUTE_NAME = {("background", "plain"): "plain background", ("context", "none"): "alone"}
 
 
 @dataclass(frozen=True)
@@ -19,9 +26,131 @@ class PlantedBias:
     """Class ``cls`` was drawn with ``attribute`` = ``value`` in a ``strength`` fraction of its training scenes."""
 
     cls: str
-    attribute: str  # "background" or "context" (or "colour")
+    attribute: str  # "background", "colour" or "context"
     value: str
     strength: float
+
+    @property
+    def attribute_name(self) -> str:
+        """The name of the world vocabulary's attribute that tags this value ("water", "red", "person")."""
+        return ATTRIBUTE_NAME.get((self.attribute, self.value), self.value)
+
+    def spec(self) -> str:
+        return f"{self.cls}:{self.attribute}:{self.value}@{self.strength:g}"
+
+
+@dataclass(frozen=True)
+class PlantedSet:
+    """A set of planted biases plus how often a planted value leaks to the other classes: one world's truth.
+
+    Written as ``CLASS:ATTRIBUTE:VALUE[@STRENGTH]`` items separated by commas
+    (``star:background:water@0.99,cross:colour:red``); a classifier trained on it records it in its
+    ``training.json``, which is where an audit's scoring reads the truth from.
+    """
+
+    biases: tuple[PlantedBias, ...]
+    leak: float = 0.0
+
+    @classmethod
+    def parse(cls, spec: str, leak: float = 0.0, default_strength: float = 0.99) -> PlantedSet:
+        """Parse a spec; a ``ValueError`` names the bad item and what is allowed."""
+        items = [t.strip() for t in spec.split(",") if t.strip()]
+        if not items:
+            raise ValueError("an empty planted set; write CLASS:ATTRIBUTE:VALUE[@STRENGTH], e.g. star:background:water@0.99")
+        biases = []
+        for item in items:
+            body, _, strength = item.partition("@")
+            parts = [p.strip().lower() for p in body.split(":")]
+            if len(parts) != 3:
+                raise ValueError(f"planted item {item!r} is not CLASS:ATTRIBUTE:VALUE[@STRENGTH]")
+            try:
+                value = float(strength) if strength else default_strength
+            except ValueError:
+                raise ValueError(f"planted item {item!r}: strength {strength!r} is not a number") from None
+            biases.append(PlantedBias(parts[0], parts[1], parts[2], value))
+        return cls(tuple(biases), leak).checked()
+
+    def checked(self) -> PlantedSet:
+        seen_cls, seen_val = set(), set()
+        for b in self.biases:
+            if b.cls not in SHAPES:
+                raise ValueError(f"planted class {b.cls!r} is not a world class; choose from {', '.join(SHAPES)}")
+            if b.attribute not in PLANTABLE:
+                raise ValueError(f"planted attribute {b.attribute!r} for {b.cls}: choose from {', '.join(PLANTABLE)}")
+            if b.value not in VOCAB[b.attribute] or NOT_PLANTABLE.get(b.attribute) == b.value:
+                allowed = [v for v in VOCAB[b.attribute] if v != NOT_PLANTABLE.get(b.attribute)]
+                raise ValueError(f"planted {b.attribute} {b.value!r} for {b.cls}: choose from {', '.join(allowed)}")
+            if not 0.0 < b.strength <= 1.0:
+                raise ValueError(f"planted strength {b.strength:g} for {b.cls}: must be in (0, 1]")
+            if b.cls in seen_cls:
+                raise ValueError(f"class {b.cls} is planted twice; plant at most one value per class")
+            if (b.attribute, b.value) in seen_val:
+                raise ValueError(f"{b.attribute} {b.value!r} is planted on two classes; plant each value once")
+            seen_cls.add(b.cls)
+            seen_val.add((b.attribute, b.value))
+        if not 0.0 <= self.leak < 1.0:
+            raise ValueError(f"leak {self.leak:g} must be in [0, 1)")
+        return self
+
+    def spec(self) -> str:
+        return ",".join(b.spec() for b in self.biases)
+
+    def for_class(self, cls: str) -> PlantedBias | None:
+        return next((b for b in self.biases if b.cls == cls), None)
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return tuple(b.cls for b in self.biases)
+
+    def sampling(self) -> dict[str, Any]:
+        """Keyword arguments for ``scenes.sample_scenes`` that draw this world's biased training data."""
+        return {"bias": {b.cls: (b.attribute, b.value, b.strength) for b in self.biases}, "leak": self.leak}
+
+    def to_dict(self) -> dict:
+        return {"spec": self.spec(), "leak": self.leak, "planted": [asdict(b) for b in self.biases]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PlantedSet:
+        """From ``to_dict`` output (or a training.json's ``planted`` list and ``leak``)."""
+        items = d.get("planted") or []
+        return cls(tuple(PlantedBias(**b) for b in items), float(d.get("leak") or 0.0)).checked()
+
+    @classmethod
+    def read(cls, classifier_folder) -> PlantedSet | None:
+        """The truth recorded in a world classifier's ``training.json``; None when it records none."""
+        import json
+        from pathlib import Path
+
+        path = Path(classifier_folder) / "training.json"
+        if not path.is_file():
+            return None
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path} is not readable JSON ({e}); retrain the classifier") from None
+        if "planted" not in record:
+            return None
+        return cls.from_dict(record)
+
+
+def random_planted_set(
+    rng, n_min: int = 1, n_max: int = 3, strengths=(0.9, 0.99), attributes=PLANTABLE
+) -> PlantedSet:
+    """A random planted set: 1-3 distinct classes, each with one visible value of a random attribute type."""
+    n = int(rng.integers(n_min, n_max + 1))
+    classes = rng.choice(len(SHAPES), size=n, replace=False)
+    biases, used = [], set()
+    for c in classes:
+        while True:
+            attr = attributes[int(rng.integers(len(attributes)))]
+            values = [v for v in VOCAB[attr] if v != NOT_PLANTABLE.get(attr) and (attr, v) not in used]
+            if values:
+                break
+        value = values[int(rng.integers(len(values)))]
+        used.add((attr, value))
+        strength = float(strengths[int(rng.integers(len(strengths)))])
+        biases.append(PlantedBias(SHAPES[int(c)], attr, value, strength))
+    return PlantedSet(tuple(biases)).checked()
 
 
 PLANTED: tuple[PlantedBias, ...] = (
@@ -42,6 +171,7 @@ PLANTED: tuple[PlantedBias, ...] = (
 # planted biases, not a bias of its own. The tests accept flags on these and on nothing else unplanted.
 ABSENCE_ATTRIBUTES: tuple[str, ...] = ("alone", "plain background")
 LEAK = 0.0  # how often a planted value appears with the other classes (per value)
+SHIPPED = PlantedSet(PLANTED, LEAK)  # the demo's world
 UNBIASED_CLASSES: tuple[str, ...] = tuple(c for c in SHAPES if c not in {b.cls for b in PLANTED})
 
 
@@ -69,3 +199,61 @@ def expected_rates(
         a: {c: dict(zip(VOCAB[a], map(float, t[i]), strict=True)) for i, c in enumerate(SHAPES)}
         for a, t in tables.items()
     }
+
+
+def score_findings(findings: list[dict], planted: PlantedSet, reliance: dict | None = None) -> dict:
+    """Score an audit's *confirmed* findings against the planted truth.
+
+    A planted bias is found when a confirmed finding names its class and its attribute. Recall is over all
+    planted biases and, separately, over those the classifier relies on (``reliance[cls]["relies"]``, see
+    ``classifiers.measure_reliance``); precision is the share of confirmed findings that are planted.
+    """
+    confirmed = [(f["class_name"], f["attribute"]) for f in findings if f.get("confirmed")]
+    flagged = {(f["class_name"], f["attribute"]) for f in findings}
+    rows = []
+    for b in planted.biases:
+        rel = (reliance or {}).get(b.cls) or {}
+        key = (b.cls, b.attribute_name)
+        rows.append(
+            {
+                "planted": b.spec(),
+                "cls": b.cls,
+                "attribute": b.attribute,
+                "value": b.value,
+                "strength": b.strength,
+                "reliance": rel.get("reliance"),
+                "relies": rel.get("relies"),
+                "flagged": key in flagged,
+                "found": key in confirmed,
+            }
+        )
+    truth = {(b.cls, b.attribute_name) for b in planted.biases}
+    correct = [c for c in confirmed if c in truth]
+    relied = [r for r in rows if r["relies"]]
+    return {
+        "planted_spec": planted.spec(),
+        "planted": rows,
+        "confirmed": [{"class_name": c, "attribute": a, "planted": (c, a) in truth} for c, a in confirmed],
+        "found": sum(r["found"] for r in rows),
+        "n_planted": len(rows),
+        "recall": sum(r["found"] for r in rows) / len(rows) if rows else None,
+        "n_relied": len(relied),
+        "recall_relied": sum(r["found"] for r in relied) / len(relied) if relied else None,
+        "n_confirmed": len(confirmed),
+        "false_confirmations": len(confirmed) - len(correct),
+        "precision": len(correct) / len(confirmed) if confirmed else None,
+    }
+
+
+def format_score(score: dict) -> str:
+    """One line: what was planted, what was found, recall and precision."""
+
+    def frac(x):
+        return "n/a" if x is None else f"{x:.2f}"
+
+    return (
+        f"truth: {score['found']}/{score['n_planted']} planted biases confirmed (recall {frac(score['recall'])}; "
+        f"{score['n_relied']} relied on, recall {frac(score['recall_relied'])}), "
+        f"{score['n_confirmed']} confirmed finding(s), {score['false_confirmations']} false "
+        f"(precision {frac(score['precision'])})"
+    )
