@@ -6,6 +6,7 @@ Every user error becomes one line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -45,9 +46,12 @@ def _fraction(text: str) -> float:
 
 def _float(text: str) -> float:
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, not {text}")
+    return value
 
 
 class _Parser(argparse.ArgumentParser):
@@ -81,6 +85,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="reports", help="parent folder of the run folder (default reports/)")
     p.add_argument("--name", help="run folder name (default CLASSIFIER-DATE)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "bf16", "fp16", "fp32"),
+        help="generator precision (default auto: bf16 on CUDA where supported, fp16 on older GPUs, fp32 on CPU)",
+    )
+    p.add_argument(
+        "--resolution", type=_positive_int, help="image size in pixels (default: the generator's own)"
+    )
+    p.add_argument(
+        "--family",
+        choices=("sd-turbo", "sd1", "sd2"),
+        help="generator family for the default steps/guidance (default: read from the pipeline's config)",
+    )
     p.add_argument(
         "--steps", type=_positive_int, help="denoising steps (default per family: SD-Turbo 1, SD 1.x/2.x 30)"
     )
@@ -205,6 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-cross-score", action="store_true", help="skip scoring each run's images by the other classifier"
     )
 
+    # verify ------------------------------------------------------------------------------------
+    p = sub.add_parser("verify", help="check a run folder: which classes are finished and intact (loads no model)")
+    p.add_argument("run_dir")
+
     # demo --------------------------------------------------------------------------------------
     p = sub.add_parser("demo", help="the whole audit offline on the bundled planted-bias world")
     p.add_argument("--out", default="reports", help="parent folder of the demo's runs (default reports/)")
@@ -245,6 +267,9 @@ def _cmd_run(args) -> int:
             "out",
             "name",
             "device",
+            "dtype",
+            "resolution",
+            "family",
             "steps",
             "guidance",
             "grad_steps",
@@ -398,6 +423,29 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _cmd_verify(args) -> int:
+    from . import rundir
+
+    root = Path(args.run_dir)
+    run = rundir.RunDir(root)
+    manifest = run.read_manifest()
+    if manifest is None:
+        raise DctAuditError(f"'{root}' is not a dct-audit run folder (no manifest.json)")
+    classes = manifest.get("classes") or []
+    if not isinstance(classes, list) or not all(isinstance(c, dict) and "index" in c and "name" in c for c in classes):
+        raise DctAuditError(f"{run.manifest_path} lists no valid classes; rerun the audit with --overwrite")
+    bad = 0
+    for c in classes:
+        state, detail = run.verify_class(int(c["index"]), str(c["name"]))
+        bad += state != "done"
+        print(f"{state:10s} {int(c['index']):5d} {c['name']}: {detail}")
+    for name in ("enrichment.csv", "findings.json"):
+        print(f"{'present' if (root / name).is_file() else 'missing':10s} {name}")
+    print(f"{len(classes) - bad}/{len(classes)} classes finished and intact" + ("" if not bad else
+          "; run the same `dct-audit run` command to redo the others"))
+    return 0 if not bad else 1
+
+
 def _cmd_report(args) -> int:
     from .report import render_report
 
@@ -425,6 +473,7 @@ def main(argv: list[str] | None = None) -> int:
         "compare": _cmd_compare,
         "demo": _cmd_demo,
         "download": _cmd_download,
+        "verify": _cmd_verify,
     }
     try:
         return handlers[args.command](args)

@@ -23,9 +23,11 @@ def download(
         from huggingface_hub import snapshot_download
 
         with hub.missing_model_guard("generator", f"--generator {generator}"):
+            # the pipeline's component folders only: a root-level single-file checkpoint (SD-Turbo ships
+            # several GB of one) is never used by from_pretrained
             path = snapshot_download(
                 generator,
-                allow_patterns=["*.json", "*.txt", "*.safetensors", "tokenizer/*"],
+                allow_patterns=["model_index.json", "*/*.json", "*/*.txt", "*/*.safetensors", "tokenizer/*"],
                 ignore_patterns=["*.ckpt", "*non_ema*", "*.bin", "*.fp16.*"],
             )
         say(f"generator {generator} -> {path}")
@@ -37,11 +39,9 @@ def download(
         say(f"classifier {classifier} cached")
         done.append(classifier)
     if tagger:
-        import open_clip
+        from .tag import load_tagger
 
-        arch, _, tag = tagger.partition("/")
-        with hub.missing_model_guard("tagger", f"--tagger {tagger}"):
-            open_clip.create_model(arch, pretrained=tag or None)
+        load_tagger(tagger)  # the same resolution as a run: ARCH/TAG, hf:ORG/MODEL, world
         say(f"tagger {tagger} cached")
         done.append(tagger)
     return done

@@ -109,10 +109,11 @@ def token_prompts(templates: tuple[str, ...], placeholder: str, class_name: str,
     return [templates[j % len(templates)].format(subject) for j in range(n)]
 
 
-def _autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
+def _autocast(device: torch.device, dtype: torch.dtype = torch.float32):
+    """Mixed precision at the generator's dtype on CUDA (bf16, or fp16 on GPUs without bf16); none on CPU."""
+    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
+        return torch.autocast("cuda", dtype=dtype)
+    return torch.autocast(device.type, enabled=False)
 
 
 def _val_score(generator, classifier, vector_prompts, seeds, target, config, guidance, uncond) -> tuple[float, float]:
@@ -122,7 +123,7 @@ def _val_score(generator, classifier, vector_prompts, seeds, target, config, gui
     with torch.no_grad():
         for i in range(0, len(seeds), config.batch):
             sl = slice(i, i + config.batch)
-            with _autocast(device):
+            with _autocast(device, generator.dtype):
                 images = generator.sample(vector_prompts[sl], seeds[sl], config.steps, guidance, uncond=uncond)
                 logits = classifier(images).float()  # (b, C)
             t = torch.full((len(logits),), target, device=logits.device, dtype=torch.long)
@@ -195,7 +196,7 @@ def invert_class(
         first_image = None
         for m in range(config.grad_accum):
             sl = slice(m * config.batch, (m + 1) * config.batch)
-            with _autocast(device):
+            with _autocast(device, generator.dtype):
                 images = generator.sample(
                     prompts[sl], seeds[sl], config.steps, guidance, grad_steps=config.grad_steps, uncond=uncond
                 )  # (b, 3, H, W)

@@ -44,6 +44,9 @@ class RunOptions:
     out: str = "reports"
     name: str | None = None
     device: str = "auto"
+    dtype: str = "auto"  # auto | bf16 | fp16 | fp32 (auto: bf16 on CUDA where supported, else fp16; fp32 on CPU)
+    resolution: int | None = None  # image size in pixels; None: the generator's own (unet.sample_size)
+    family: str | None = None  # generator family (sd-turbo, sd1, sd2); None: read from the pipeline's config
     steps: int | None = None
     guidance: float | None = None
     grad_steps: int = 1
@@ -100,6 +103,16 @@ class RunOptions:
             raise DctAuditError(f"--grad-steps must be at least 1, not {self.grad_steps}")
         if self.patience < 0:
             raise DctAuditError(f"--patience must be 0 (off) or more updates, not {self.patience}")
+        if not (self.lr > 0 and self.lr < float("inf")):
+            raise DctAuditError(f"--lr must be > 0, not {self.lr}")
+        if self.val_seeds < 0:
+            raise DctAuditError(f"--val-seeds must be 0 (off) or more, not {self.val_seeds}")
+        if self.eval_every < 1:
+            raise DctAuditError(f"--eval-every must be at least 1, not {self.eval_every}")
+        if self.restart_words and not self.patience:
+            raise DctAuditError("--restart-words need --patience > 0 (a restart happens when patience runs out)")
+        if self.resolution is not None and (self.resolution < 64 or self.resolution % 8):
+            raise DctAuditError(f"--resolution must be a multiple of 8 and at least 64, not {self.resolution}")
         if self.batch is not None and self.batch < 1:
             raise DctAuditError(f"--batch must be at least 1, not {self.batch}")
         for ctx in self.contexts:
@@ -139,6 +152,9 @@ class RunOptions:
             "labels",
             "holdout_classifier",
             "generator",
+            "dtype",
+            "resolution",
+            "family",
             "steps",
             "guidance",
             "grad_steps",
@@ -226,10 +242,29 @@ def run(classifier: str, classes: str | list[str], **kwargs) -> RunResult:
     return run_with_options(opts)
 
 
+def _estimated_bytes(opts: RunOptions, n_classes: int) -> int:
+    """What a run's images take on disk, roughly: PNGs of about 1.5 bytes per pixel."""
+    size = opts.resolution
+    if size is None:
+        config = Path(opts.generator) / "unet" / "config.json"
+        try:
+            import json
+
+            size = int(json.loads(config.read_text())["sample_size"]) * 8
+        except (OSError, ValueError, KeyError, TypeError):
+            size = 512
+    per_image = int(size * size * 1.5) + 2048
+    images = n_classes * (2 * len(opts.contexts) * opts.n_images + opts.max_updates // max(1, opts.snapshot_every) + 1)
+    return images * per_image + 10 * 2**20
+
+
 def run_with_options(opts: RunOptions) -> RunResult:
     # 1. Check inputs and resolve names, before any weights load
     opts.check()
     device = opts.resolved_device()
+    from .adapters.generator import resolve_dtype
+
+    resolve_dtype(opts.dtype, device)  # a dtype the device cannot run: one line, before anything loads
     batch = opts.batch or (4 if device.type == "cuda" else 2)
     clf_record, labels = describe_classifier(opts.classifier, opts.labels)
     targets, notes = resolve_classes(opts.classes, labels)
@@ -241,13 +276,29 @@ def run_with_options(opts: RunOptions) -> RunResult:
     root = Path(opts.out) / (opts.name or default_run_name(opts.classifier))
     settings = opts.settings(batch)
     run_dir, previous = rundir.open_run_dir(root, settings, opts.overwrite)
-    todo = [c for c in targets if opts.overwrite or not run_dir.is_done(c.index, c.name)]
+    check_generator_spec(opts.generator)  # a local folder or hub index that cannot work: before anything
+    rundir.check_free_space(root, _estimated_bytes(opts, len(targets)))
+    with rundir.run_lock(root):
+        return _run_locked(opts, device, batch, clf_record, targets, say, root, settings, run_dir, previous)
+
+
+def _run_locked(opts, device, batch, clf_record, targets, say, root, settings, run_dir, previous) -> RunResult:
+    states = {c.index: run_dir.verify_class(c.index, c.name) for c in targets}
+    todo = [c for c in targets if opts.overwrite or states[c.index][0] != "done"]
     skipped = [c.index for c in targets if c not in todo]
     if skipped:
         say(f"resuming {root}: {len(skipped)} class(es) already finished")
+    for c in todo:
+        state, detail = states[c.index]
+        if state == "damaged" and not opts.overwrite:
+            say(f"class {c.name} ({c.index}) is damaged ({detail}): redoing it")
 
     # 3. Load models (only if there is work left), then create the folder
     vocabulary = load_vocabulary(opts.attributes) if opts.tagger else None
+    if opts.tagger:
+        from .tag import check_tagger
+
+        check_tagger(opts.tagger)  # before the classifier and generator load: fail fast and cheaply
     models = Models()
     if todo:
         check_generator_spec(opts.generator)
@@ -315,7 +366,11 @@ def _load_models(
                     f"--holdout-classifier {opts.holdout_classifier} has other classes than {opts.classifier}; "
                     "a held-out classifier must share the label list"
                 )
-        models.generator = load_generator(opts.generator, device)
+        from .adapters.generator import resolve_dtype
+
+        models.generator = load_generator(
+            opts.generator, device, resolve_dtype(opts.dtype, device), opts.resolution, opts.family
+        )
         if opts.grad_checkpointing:
             models.generator.enable_gradient_checkpointing()
     if vocabulary is not None and models.bank is None:

@@ -12,10 +12,12 @@ Layout of one run::
         images/baseline/c0_s1000.png  ... and with the baseline prompt (init word for the token)
         scores.csv                  the classifier on every generated image
         class.json                  the class summary
-        DONE                        completion marker, written last
+        DONE                        completion marker, written last: JSON listing every file of the
+                                    class with its size and SHA-256
 
 Every file goes to a temporary name in the same folder and is renamed into place, so a reader never
-sees half a file; a class without ``DONE`` is removed and redone on resume.
+sees half a file; a class without ``DONE``, or whose files no longer match it, is removed and redone on
+resume (``verify_class``; ``dct-audit verify RUN_DIR`` reports every class without loading a model).
 """
 
 from __future__ import annotations
@@ -106,6 +108,16 @@ def to_pil(image):
     return Image.fromarray(arr)
 
 
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def _json_default(obj):
     if isinstance(obj, Path):
         return str(obj)
@@ -136,10 +148,43 @@ class RunDir:
         return self.root / "classes" / f"{index:04d}-{slugify(name)}"
 
     def is_done(self, index: int, name: str) -> bool:
-        return (self.class_dir(index, name) / MARKER).is_file()
+        """Finished and intact (see ``verify_class``)."""
+        return self.verify_class(index, name)[0] == "done"
 
     def mark_done(self, index: int, name: str) -> None:
-        write_text(self.class_dir(index, name) / MARKER, "ok\n")
+        """Write the marker last: every file of the class with its size and hash."""
+        folder = self.class_dir(index, name)
+        files = {
+            p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+            for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != MARKER and not p.name.endswith(".tmp")
+        }
+        write_json(folder / MARKER, {"dct_audit_marker": 1, "files": files})
+
+    def verify_class(self, index: int, name: str) -> tuple[str, str]:
+        """``(state, detail)``: "done", "missing" (never started), "incomplete" (no marker: interrupted)
+        or "damaged" (a listed file is missing or changed, or the marker is unreadable)."""
+        folder = self.class_dir(index, name)
+        marker = folder / MARKER
+        if not folder.is_dir():
+            return "missing", "not started"
+        if not marker.is_file():
+            return "incomplete", "interrupted before it finished (no DONE marker)"
+        text = marker.read_text(encoding="utf-8", errors="replace")
+        if text.strip() == "ok":  # runs of dct-audit 0.1 wrote a bare marker: trusted, not verifiable
+            return "done", "finished (an older marker without file hashes)"
+        try:
+            files = json.loads(text)["files"]
+            assert isinstance(files, dict)
+        except (ValueError, KeyError, TypeError, AssertionError):
+            return "damaged", "its DONE marker is unreadable"
+        for rel, meta in files.items():
+            path = folder / rel
+            if not path.is_file():
+                return "damaged", f"{rel} is missing"
+            if path.stat().st_size != meta.get("size") or _sha256(path) != meta.get("sha256"):
+                return "damaged", f"{rel} has changed since the class finished"
+        return "done", f"finished, {len(files)} files verified"
 
     def clear_class(self, index: int, name: str) -> None:
         """Remove a half-finished class so it is redone from scratch."""
@@ -173,6 +218,57 @@ def check_writable(root: Path) -> None:
     if not os.access(probe, os.W_OK | os.X_OK):
         raise DctAuditError(
             f"cannot write to output folder '{root}': no write permission on '{probe}'; choose another --out"
+        )
+
+
+@contextlib.contextmanager
+def run_lock(root: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the run folder (``.lock`` inside it) while a run writes there.
+
+    A second process that targets the same folder is refused with one line. The lock is an OS file lock
+    (``flock``), so a run that was killed leaves no stale lock behind.
+    """
+    import fcntl
+
+    created = []  # folders this lock creates, deepest last: removed again if the run writes nothing
+    probe = root
+    while not probe.exists():
+        created.insert(0, probe)
+        probe = probe.parent
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        handle = open(root / ".lock", "a+")  # noqa: SIM115 - held for the whole run
+    except OSError as e:
+        raise DctAuditError(f"cannot write to output folder '{root}' ({e.strerror or e}); choose another --out") from None
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise DctAuditError(
+            f"another dct-audit process is writing into '{root}'; wait for it to finish or choose another --name"
+        ) from None
+    try:
+        yield
+    finally:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+        handle.close()
+        if created and [p.name for p in root.iterdir()] == [".lock"]:  # failed before writing anything
+            (root / ".lock").unlink(missing_ok=True)
+            for folder in reversed(created):
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+
+
+def check_free_space(root: Path, needed_bytes: int) -> None:
+    """Refuse a run whose images would not fit on the output folder's disk (with a 20% margin)."""
+    probe = root
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < needed_bytes * 1.2:
+        raise DctAuditError(
+            f"not enough free disk for the run in '{root}': about {needed_bytes * 1.2 / 2**20:.0f} MiB needed, "
+            f"{free / 2**20:.0f} MiB free; free some space, choose another --out, or lower --n-images"
         )
 
 

@@ -200,6 +200,39 @@ class Tagger:
         return {"spec": self.spec, "kind": self.kind, "logit_scale": self.logit_scale}
 
 
+def check_tagger(spec: str) -> None:
+    """Check cheaply, before any model loads or any file is written, that the tagger can be had: a known
+    architecture, and offline, its weights in the cache. Raises one line naming the fix."""
+    if spec == "world" or spec.startswith("world:"):
+        return
+    if spec.startswith("hf:"):
+        hub.hf_config(spec[3:], what="tagger", flag=f"--tagger {spec}")
+        return
+    import open_clip
+
+    arch, _, tag = spec.partition("/")
+    if arch not in open_clip.list_models():
+        raise DctAuditError(
+            f"unknown tagger architecture '{arch}'; e.g. {DEFAULT_TAGGER}, hf:openai/clip-vit-base-patch32 or world"
+        )
+    if not tag:
+        return
+    cfg = open_clip.get_pretrained_cfg(arch, tag)
+    if not cfg:
+        tags = ", ".join(t for a, t in open_clip.list_pretrained() if a == arch) or "none"
+        raise DctAuditError(f"tagger '{arch}' has no pretrained tag '{tag}'; known tags: {tags}")
+    repo = (cfg.get("hf_hub") or "").strip("/")
+    if hub.offline() and repo:
+        from huggingface_hub import try_to_load_from_cache
+
+        names = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+        if not any(isinstance(try_to_load_from_cache(repo, n), str) for n in names):
+            raise DctAuditError(
+                f"tagger could not be loaded: {spec} is not in the local cache (HF_HOME) and HF_HUB_OFFLINE=1 is "
+                f"set; on a connected machine run `dct-audit download --tagger {spec}`, or pass --tagger none"
+            )
+
+
 def load_tagger(spec: str = DEFAULT_TAGGER, device: str | torch.device = "cpu") -> Tagger:
     device = torch.device(device)
     if spec == "world" or spec.startswith("world:"):
@@ -255,8 +288,14 @@ def load_tagger(spec: str = DEFAULT_TAGGER, device: str | torch.device = "cpu") 
         raise DctAuditError(
             f"unknown tagger architecture '{arch}'; e.g. {DEFAULT_TAGGER}, hf:openai/clip-vit-base-patch32 or world"
         )
+    check_tagger(spec)
     with hub.missing_model_guard("tagger", f"--tagger {spec}"):
-        model = open_clip.create_model(arch, pretrained=tag or None, device=device).eval()
+        try:
+            model = open_clip.create_model(arch, pretrained=tag or None, device=device).eval()
+        except RuntimeError as e:  # open_clip wraps the hub's "not cached, no network" in a RuntimeError
+            if "download" not in str(e).lower():
+                raise
+            raise OSError(str(e)) from None
     tokenizer = open_clip.get_tokenizer(arch)
     cfg = model.visual.preprocess_cfg
     size = cfg.get("size", 224)

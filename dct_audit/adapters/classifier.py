@@ -195,6 +195,8 @@ def parse_spec(spec: str) -> tuple[str, str]:
             return kind, rest
     if os.path.isdir(spec):
         return "timm", f"local-dir:{spec}"
+    if spec.startswith((".", "/", "~")) or spec.endswith("/"):  # meant as a folder
+        raise DctAuditError(f"classifier folder '{spec}' does not exist; pass a timm model folder or a model name")
     return "timm", spec
 
 
@@ -350,11 +352,22 @@ def load_classifier(
         from transformers import AutoImageProcessor, AutoModelForImageClassification
 
         with hub.missing_model_guard("classifier", f"--classifier {spec}"):
-            model = AutoModelForImageClassification.from_pretrained(model_id, **hub.hf_kwargs(model_id))
+            # float32 whatever the checkpoint stores: the images we score are float32 (a half-precision
+            # checkpoint loaded with transformers' dtype="auto" would fail on them, or score in half)
+            model = AutoModelForImageClassification.from_pretrained(
+                model_id, dtype=torch.float32, **hub.hf_kwargs(model_id)
+            )
             proc = AutoImageProcessor.from_pretrained(model_id, **hub.hf_kwargs(model_id))
         pre = _preprocess_from_hf(proc)
     else:  # torchscript
-        model = torch.jit.load(model_id, map_location="cpu")
+        try:
+            model = torch.jit.load(model_id, map_location="cpu")
+        except (RuntimeError, ValueError, OSError) as e:
+            first = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+            raise DctAuditError(
+                f"classifier file '{model_id}' is not a TorchScript archive ({first}); save the model with "
+                "torch.jit.save(torch.jit.script(model), PATH) or pass a timm/torchvision/hf: name"
+            ) from None
         pre = _preprocess_from_sidecar(Path(model_id))
         rec.extra["preprocess"] = asdict(pre)
     clf = Classifier(model, pre, labels, rec).to(device)

@@ -87,14 +87,19 @@ class GeneratorSpec:
 
 
 def detect_family(model_id: str, pipe) -> str:
-    name = model_id.lower()
-    if "turbo" in name:
-        return "sd-turbo"
+    """The family from the pipeline's own configuration, not its name (a local copy of SD-Turbo may live in
+    any folder). Turbo models are distilled for one-step sampling with trailing timestep spacing and no
+    classifier-free guidance; diffusers stores that in the scheduler config (``timestep_spacing:
+    "trailing"``) of stabilityai/sd-turbo, where SD 1.x/2.x ship "leading". A folder may also say what it
+    is in ``dct_audit_family.txt``."""
     marker = Path(model_id) / "dct_audit_family.txt"
     if marker.is_file():  # local folders may say what they are
         fam = marker.read_text().strip()
         if fam in FAMILY_DEFAULTS:
             return fam
+    config = pipe.scheduler.config
+    if config.get("timestep_spacing") == "trailing" and config.get("prediction_type", "epsilon") == "epsilon":
+        return "sd-turbo"
     width = pipe.text_encoder.config.hidden_size
     return "sd2" if width >= 1024 else "sd1"
 
@@ -263,6 +268,7 @@ def check_generator_spec(spec: str) -> str:
     if not spec or not spec.strip():
         raise DctAuditError("--generator is empty; give a hub id (stabilityai/sd-turbo) or a pipeline folder")
     if not hub.looks_like_path(spec):
+        check_hub_generator(spec)
         return spec
     folder = Path(spec).expanduser()
     if not folder.is_dir():
@@ -271,11 +277,15 @@ def check_generator_spec(spec: str) -> str:
         )
     if not (folder / "model_index.json").is_file():
         raise DctAuditError(f"generator folder '{spec}' is not a diffusers pipeline (no model_index.json)")
-    index = json.loads((folder / "model_index.json").read_text())
-    if index.get("_class_name") not in ("StableDiffusionPipeline", None):
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DctAuditError(
-            f"generator '{spec}' is a {index.get('_class_name')}; dct-audit supports StableDiffusionPipeline (SD 1.x/2.x/Turbo)"
-        )
+            f"generator folder '{spec}': model_index.json is not valid JSON ({e}); re-download or re-save the pipeline"
+        ) from None
+    if not isinstance(index, dict):
+        raise DctAuditError(f"generator folder '{spec}': model_index.json is not a JSON object")
+    _check_pipeline_class(spec, index)
     for part, path in shared_components(folder).items():
         if not path.is_dir():
             raise DctAuditError(
@@ -283,6 +293,36 @@ def check_generator_spec(spec: str) -> str:
                 f"restore that folder or edit {folder / SHARED_FILE}"
             )
     return str(folder)
+
+
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline",)
+
+
+def _check_pipeline_class(spec: str, index: dict) -> None:
+    """Refuse pipelines this adapter cannot drive (SDXL's second text encoder would be dropped silently)."""
+    name = index.get("_class_name")
+    if name is None or name in SUPPORTED_PIPELINES:
+        if "text_encoder_2" in index:
+            name = name or "a pipeline with two text encoders"
+        else:
+            return
+    hint = " (SDXL is not supported yet)" if "XL" in str(name) or "text_encoder_2" in index else ""
+    raise DctAuditError(
+        f"generator '{spec}' is a {name}{hint}; dct-audit supports StableDiffusionPipeline "
+        "(SD 1.x/2.x/Turbo), e.g. --generator stabilityai/sd-turbo"
+    )
+
+
+def check_hub_generator(spec: str) -> None:
+    """For a hub id: read its model_index.json (cached, or fetched unless offline) and refuse an unsupported
+    pipeline before anything is written. Silent when the index cannot be had: loading will say why."""
+    try:
+        path = hub.hf_file(spec, "model_index.json", "generator", f"--generator {spec}")
+        index = json.loads(Path(path).read_text())
+    except (DctAuditError, OSError, ValueError):
+        return
+    if isinstance(index, dict):
+        _check_pipeline_class(spec, index)
 
 
 SHARED_FILE = "dct_audit_shared.json"  # components a local pipeline folder takes from a sibling folder
@@ -324,8 +364,30 @@ def _load_shared(folder: str, dtype: torch.dtype) -> dict:
     return parts
 
 
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``--dtype``: auto is bf16 on a CUDA device that supports it, fp16 on older GPUs (T4, V100), fp32 on CPU."""
+    if name == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if name not in DTYPES:
+        raise DctAuditError(f"--dtype must be auto, bf16, fp16 or fp32, not {name!r}")
+    if device.type != "cuda" and name != "fp32":
+        raise DctAuditError(f"--dtype {name} needs a CUDA device; on {device.type} use --dtype fp32 (or auto)")
+    if name == "bf16" and not torch.cuda.is_bf16_supported():
+        raise DctAuditError("--dtype bf16: this GPU does not support bfloat16; use --dtype fp16 or auto")
+    return DTYPES[name]
+
+
 def load_generator(
-    spec: str = DEFAULT_GENERATOR, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    spec: str = DEFAULT_GENERATOR,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    resolution: int | None = None,
+    family: str | None = None,
 ) -> Generator:
     """Load a Stable Diffusion pipeline by hub id or local folder through diffusers' own loader."""
     from diffusers import StableDiffusionPipeline
@@ -336,7 +398,9 @@ def load_generator(
     transformers_logging.disable_progress_bar()
     device = torch.device(device)
     if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        dtype = resolve_dtype("auto", device)
+    if family is not None and family not in FAMILY_DEFAULTS:
+        raise DctAuditError(f"--family must be one of {', '.join(FAMILY_DEFAULTS)}, not {family!r}")
     spec = check_generator_spec(spec)
     with hub.missing_model_guard("generator", f"--generator {spec}"):
         shared = _load_shared(spec, dtype) if hub.looks_like_path(spec) else {}
@@ -350,7 +414,7 @@ def load_generator(
         )
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    family = detect_family(spec, pipe)
+    family = family or detect_family(spec, pipe)
     steps, guidance = FAMILY_DEFAULTS[family]
     defaults_file = Path(spec) / DEFAULTS_FILE
     if defaults_file.is_file():  # a local pipeline may record the steps and guidance it was measured with
@@ -362,7 +426,7 @@ def load_generator(
         family=family,
         prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon"),
         scheduler=type(pipe.scheduler).__name__,
-        resolution=int(pipe.unet.config.sample_size * pipe.vae_scale_factor),
+        resolution=int(resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor),
         default_steps=steps,
         default_guidance=guidance,
         dtype=str(dtype).replace("torch.", ""),

@@ -1,0 +1,126 @@
+"""Bad input gets one clear line and a non-zero exit: no traceback, nothing written.
+
+Each case is one row: the command line (``{MODEL}``, ``{LABELS}``, ``{GEN}``, ``{TMP}`` are filled in), the
+exit code, and a phrase the one error line must contain. Cases that need a file set it up in ``SETUP``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from dct_audit.cli import main
+
+RUN = "run --classifier file:{MODEL} --labels {LABELS} --generator {GEN} --tagger none --classes 0 --out {TMP}/out --quiet"
+
+CASES = [
+    # numeric flags of run
+    ("run-max-updates-0", RUN + " --max-updates 0", 2, "must be at least 1"),
+    ("run-lr-negative", RUN + " --lr -1", 2, "--lr must be > 0"),
+    ("run-lr-nan", RUN + " --lr nan", 2, "must be a finite number"),
+    ("run-lr-inf", RUN + " --lr inf", 2, "must be a finite number"),
+    ("run-lr-text", RUN + " --lr fast", 2, "'fast' is not a number"),
+    ("run-stop-accuracy-1.5", RUN + " --stop-accuracy 1.5", 2, "must be in (0, 1]"),
+    ("run-alpha-0", RUN + " --alpha 0", 2, "must be in (0, 1]"),
+    ("run-min-effect-2", RUN + " --min-effect 2", 2, "must be in (0, 1]"),
+    ("run-n-images-0", RUN + " --n-images 0", 2, "must be at least 1"),
+    ("run-batch-0", RUN + " --batch 0", 2, "must be at least 1"),
+    ("run-steps-negative", RUN + " --steps -3", 2, "must be at least 1"),
+    ("run-grad-steps-0", RUN + " --grad-steps 0", 2, "must be at least 1"),
+    ("run-patience-negative", RUN + " --patience -1", 2, "must be at least 0"),
+    ("run-val-seeds-text", RUN + " --val-seeds x", 2, "is not a whole number"),
+    ("run-eval-every-0", RUN + " --eval-every 0", 2, "must be at least 1"),
+    ("run-resolution-30", RUN + " --resolution 30", 2, "--resolution must be a multiple of 8"),
+    ("run-guidance-text", RUN + " --guidance strong", 2, "is not a number"),
+    ("run-device-tpu", RUN + " --device tpu", 2, "is not a torch device"),
+    ("run-dtype-bf16-on-cpu", RUN + " --dtype bf16 --device cpu", 2, "needs a CUDA device"),
+    ("run-restart-without-patience", RUN + " --restart-words the", 2, "--restart-words need --patience"),
+    ("run-context-without-braces", RUN + " --context 'a photo'", 2, "must contain '{}' exactly once"),
+    # files: labels, attributes, models, manifest
+    ("run-labels-missing", RUN.replace("{LABELS}", "{TMP}/nolabels.txt"), 2, "does not exist"),
+    ("run-labels-empty", RUN.replace("{LABELS}", "{TMP}/empty.txt"), 2, "empty"),
+    ("run-attributes-not-json", RUN.replace("--tagger none", "--tagger world") + " --attributes {TMP}/bad.json", 2, "is not valid JSON"),
+    ("run-attributes-truncated", RUN.replace("--tagger none", "--tagger world") + " --attributes {TMP}/trunc.json", 2, "expected an object with an 'attributes' list"),
+    ("run-attributes-hostile", RUN.replace("--tagger none", "--tagger world") + " --attributes {TMP}/hostile.json", 2, "exactly once"),
+    ("run-classifier-not-torchscript", RUN.replace("{MODEL}", "{TMP}/junk.pt"), 2, "is not a TorchScript archive"),
+    ("run-classifier-folder-missing", RUN.replace("file:{MODEL}", "{TMP}/nomodel/"), 2, "does not exist"),
+    ("run-generator-no-index", RUN.replace("{GEN}", "{TMP}/empty-dir"), 2, "no model_index.json"),
+    ("run-generator-index-not-json", RUN.replace("{GEN}", "{TMP}/badgen"), 2, "model_index.json is not valid JSON"),
+    ("run-generator-sdxl", RUN.replace("{GEN}", "{TMP}/sdxl"), 2, "SDXL is not supported yet"),
+    ("run-class-no-match", RUN.replace("--classes 0", "--classes zebra"), 2, "zebra"),
+    ("run-out-is-a-file", RUN.replace("{TMP}/out", "{TMP}/empty.txt/run"), 2, "is a file"),
+    ("run-manifest-damaged", RUN.replace("{TMP}/out", "{TMP}/runs") + " --name damaged", 2, "is not valid JSON"),
+    ("run-tagger-unknown", RUN.replace("--tagger none", "--tagger NoSuchNet/x"), 2, "unknown tagger architecture"),
+    ("run-tagger-unknown-tag", RUN.replace("--tagger none", "--tagger ViT-B-32/nope"), 2, "has no pretrained tag"),
+    # classes
+    ("classes-no-match", "classes --classifier file:{MODEL} --labels {LABELS} zebra", 2, "zebra"),
+    ("classes-file-without-labels", "classes --classifier file:{MODEL} lobster", 2, "needs --labels"),
+    # compare
+    ("compare-one-run", "compare {TMP}/runs/damaged", 2, "needs two run folders"),
+    ("compare-not-runs", "compare {TMP}/empty-dir {TMP}/empty-dir", 2, "manifest"),
+    # report and verify
+    ("report-not-a-run", "report {TMP}/empty-dir", 2, "manifest"),
+    ("verify-not-a-run", "verify {TMP}/empty-dir", 2, "not a dct-audit run folder"),
+    ("verify-damaged-manifest", "verify {TMP}/runs/damaged", 2, "is not valid JSON"),
+    # demo
+    ("demo-classifier-not-a-folder", "demo --classifier {TMP}/empty-dir --out {TMP}/demo", 2, "is not a world classifier folder"),
+    ("demo-training-json-damaged", "demo --classifier {TMP}/worldclf --out {TMP}/demo", 2, "is not readable JSON"),
+    # download
+    ("download-offline", "download --tagger world", 2, "HF_HUB_OFFLINE=1 is set, so nothing can be downloaded"),
+]
+
+
+@pytest.fixture()
+def files(tmp_path, tiny_classifier, tiny_pipelines):
+    model, labels = tiny_classifier
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "bad.json").write_text("{attributes: [")
+    (tmp_path / "trunc.json").write_text(json.dumps({"attributes": "plate"}))
+    (tmp_path / "hostile.json").write_text(
+        json.dumps({"attributes": [{"name": "<script>alert(1)</script>", "with": "{} {} {}"}]})
+    )
+    (tmp_path / "junk.pt").write_bytes(b"\x00not torchscript")
+    (tmp_path / "empty-dir").mkdir()
+    (tmp_path / "badgen").mkdir()
+    (tmp_path / "badgen" / "model_index.json").write_text('{"_class_name": "StableDiff')
+    (tmp_path / "sdxl").mkdir()
+    (tmp_path / "sdxl" / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    (tmp_path / "runs" / "damaged").mkdir(parents=True)
+    (tmp_path / "runs" / "damaged" / "manifest.json").write_text('{"settings": {')
+    (tmp_path / "worldclf").mkdir()
+    (tmp_path / "worldclf" / "config.json").write_text("{}")
+    (tmp_path / "worldclf" / "training.json").write_text("{trunc")
+    return {"{MODEL}": model, "{LABELS}": labels, "{GEN}": tiny_pipelines["turbo"], "{TMP}": str(tmp_path)}
+
+
+def _argv(template: str, files: dict) -> list[str]:
+    import shlex
+
+    for key, value in files.items():
+        template = template.replace(key, value)
+    return shlex.split(template)
+
+
+@pytest.mark.parametrize("name, command, code, phrase", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line(name, command, code, phrase, files, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # nothing here may reach the network
+    before = sorted(os.listdir(files["{TMP}"]))
+    try:
+        got = main(_argv(command, files))
+    except SystemExit as e:  # argparse
+        got = e.code
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert got == code, err
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert phrase in lines[0], lines[0]
+    assert sorted(os.listdir(files["{TMP}"])) == before  # nothing written beside the inputs
+    assert not os.path.exists(os.path.join(files["{TMP}"], "out"))
+
+
+def test_the_suite_covers_every_command():
+    commands = {c[1].split()[0] for c in CASES}
+    assert commands >= {"run", "classes", "compare", "report", "demo", "download", "verify"}
+    assert len(CASES) >= 35

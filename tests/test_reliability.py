@@ -1,0 +1,164 @@
+"""Regression tests for the failures an outside check and a read of the real-model path found: each is named
+after what broke. Tiny local models only; nothing here downloads."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import dct_audit.pipeline as pipeline
+from dct_audit import rundir
+from dct_audit.adapters.classifier import load_classifier
+from dct_audit.adapters.generator import check_generator_spec, load_generator, resolve_dtype
+from dct_audit.cli import main
+from dct_audit.errors import DctAuditError
+from dct_audit.generate import eval_seeds
+from dct_audit.invert import SEED_STREAM, train_seed, val_seed_list
+
+FAST = ["--max-updates", "2", "--n-images", "2", "--context", "a photo of {}", "--lr", "0.2", "--quiet"]
+
+
+@pytest.fixture()
+def run_args(tiny_pipelines, tiny_classifier, tiny_clip, tmp_path):
+    model, labels = tiny_classifier
+    return ["run", "--tagger", f"hf:{tiny_clip}", "--generator", tiny_pipelines["turbo"], "--classifier",
+            f"file:{model}", "--labels", labels, "--out", str(tmp_path), "--name", "r", *FAST]
+
+
+def test_a_classifier_file_that_is_not_torchscript_is_one_line(tmp_path, tiny_classifier):
+    junk = tmp_path / "model.pt"
+    junk.write_bytes(b"not a torchscript archive")
+    with pytest.raises(DctAuditError, match="is not a TorchScript archive"):
+        load_classifier(f"file:{junk}", tiny_classifier[1])
+
+
+def test_a_generator_whose_model_index_is_not_json_is_one_line(tmp_path):
+    (tmp_path / "model_index.json").write_text("{broken")
+    with pytest.raises(DctAuditError, match="model_index.json is not valid JSON"):
+        check_generator_spec(str(tmp_path))
+
+
+def test_an_sdxl_pipeline_is_refused_before_anything_is_written(tmp_path, tiny_classifier):
+    gen = tmp_path / "sdxl"
+    gen.mkdir()
+    (gen / "model_index.json").write_text(
+        json.dumps({"_class_name": "StableDiffusionXLPipeline", "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]})
+    )
+    with pytest.raises(DctAuditError, match="SDXL is not supported yet"):
+        check_generator_spec(str(gen))
+    model, labels = tiny_classifier
+    code = main(["run", "--generator", str(gen), "--classifier", f"file:{model}", "--labels", labels,
+                 "--classes", "0", "--out", str(tmp_path / "out"), "--tagger", "none", "--quiet"])
+    assert code == 2 and not (tmp_path / "out").exists()
+
+
+def test_an_uncached_tagger_offline_is_one_line_before_any_model_loads(monkeypatch, tmp_path, run_args, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache" / "hub"))
+    loaded = []
+    monkeypatch.setattr(pipeline, "load_classifier", lambda *a, **k: loaded.append(a) or None)
+    args = [a if a != run_args[2] else "ViT-B-32/laion2b_s34b_b79k" for a in run_args]
+    assert main([*args, "--classes", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "dct-audit download --tagger ViT-B-32/laion2b_s34b_b79k" in err[0]
+    assert loaded == []
+
+
+def test_download_of_a_world_tagger_does_not_split_its_name(capsys):
+    from dct_audit.download import download
+
+    assert download(tagger="world") == ["world"]
+
+
+def test_a_local_sd_turbo_copy_is_recognised_by_its_config_not_its_name(tiny_pipelines, tmp_path):
+    copy = tmp_path / "my-model"  # no "turbo" in the name, no marker file
+    shutil.copytree(tiny_pipelines["turbo"], copy)
+    (copy / "dct_audit_family.txt").unlink()
+    gen = load_generator(str(copy))
+    assert (gen.spec.family, gen.spec.default_steps, gen.spec.default_guidance) == ("sd-turbo", 1, 0.0)
+    assert load_generator(str(copy), family="sd1").spec.default_steps == 30  # --family overrides
+    assert load_generator(str(copy), resolution=32).spec.resolution == 32  # --resolution overrides
+
+
+def test_dtype_choices_are_checked_against_the_device():
+    cpu = torch.device("cpu")
+    assert resolve_dtype("auto", cpu) == torch.float32 and resolve_dtype("fp32", cpu) == torch.float32
+    with pytest.raises(DctAuditError, match="needs a CUDA device"):
+        resolve_dtype("bf16", cpu)
+
+
+def test_inversion_validation_and_evaluation_seed_streams_are_disjoint():
+    for seed in (0, 7, 123):
+        train = {train_seed(seed, k) for k in range(50 * 64 * 3)}  # 50 updates x 64 images x 3 starts
+        val = set(val_seed_list(seed, 64))
+        evals = set(eval_seeds(seed, 5000))
+        assert not (train & val) and not (train & evals) and not (val & evals)
+    assert min(train) - max(val) > 0 and max(evals) < min(val) and len(val_seed_list(0, SEED_STREAM - 1)) > 0
+
+
+def test_a_damaged_finished_class_is_redone_and_verify_reports_it(run_args, tmp_path, capsys):
+    assert main([*run_args, "--classes", "0"]) == 0
+    root = tmp_path / "r"
+    folder = root / "classes" / "0000-american-lobster"
+    assert json.loads((folder / "DONE").read_text())["files"]["token.safetensors"]["size"] > 2
+    capsys.readouterr()
+    assert main(["verify", str(root)]) == 0
+    assert "1/1 classes finished and intact" in capsys.readouterr().out
+    (folder / "token.safetensors").write_bytes(b"xx")  # the damage the outside check made
+    assert main(["verify", str(root)]) == 1
+    out = capsys.readouterr().out
+    assert "damaged" in out and "token.safetensors has changed" in out
+    args = [a for a in run_args if a != "--quiet"]
+    assert main([*args, "--classes", "0"]) == 0
+    assert "is damaged (token.safetensors has changed since the class finished): redoing it" in capsys.readouterr().err
+    assert (folder / "token.safetensors").stat().st_size > 2 and main(["verify", str(root)]) == 0
+
+
+def test_two_runs_into_one_folder_at_once_are_refused(run_args, tmp_path, capsys):
+    root = tmp_path / "r"
+    with rundir.run_lock(root):
+        assert main([*run_args, "--classes", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"dct-audit: error: another dct-audit process is writing into '{root}'; wait for it to finish or choose another --name"]
+    assert main([*run_args, "--classes", "0"]) == 0  # the lock is released with the run
+
+
+def test_a_run_that_does_not_fit_on_disk_is_refused_before_writing(tmp_path):
+    with pytest.raises(DctAuditError, match="not enough free disk"):
+        rundir.check_free_space(tmp_path / "run", 10**18)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_resumed_analysis_measures_the_counterfactual_with_the_learned_token(
+    tiny_pipelines, tiny_classifier, tmp_path
+):
+    """The counterfactual of a class finished in an earlier process used to run without its token."""
+    from dct_audit.invert import save_token
+    from dct_audit.tag import load_vocabulary
+
+    gen = load_generator(tiny_pipelines["turbo"])
+    vector = torch.linspace(-1, 1, gen.embedding_dim)
+    save_token(tmp_path / "token.safetensors", "<dct-0>", vector)
+    clf = load_classifier(f"file:{tiny_classifier[0]}", tiny_classifier[1])
+    models = pipeline.Models(generator=gen, classifier=clf)
+    seen = []
+    real = gen.sample
+
+    def spy(prompts, seeds, *a, **k):
+        token_id = gen.tokenizer("<dct-0>", add_special_tokens=False).input_ids
+        seen.append(len(token_id) == 1 and torch.equal(gen.embedding.extra[token_id[0]].cpu(), vector))
+        return real(prompts, seeds, *a, **k)
+
+    gen.sample = spy
+    vocab = load_vocabulary()
+    plate = next(a for a in vocab.attributes if a.name == "plate")
+    cls = pipeline.ResolvedClass(0, "plate", "plate")
+    opts = pipeline.RunOptions(classifier="x", classes="0", steps=1, guidance=0.0)
+    out = pipeline._counterfactual(
+        models, cls, plate, vocab.replacements(plate), [1, 2], opts, 2, tmp_path / "token.safetensors"
+    )
+    assert seen and all(seen) and "<dct-0> plate" in out["with_prompt"]
