@@ -13,8 +13,15 @@ class's probability by at least ``RELIES_MIN`` (0.2) on 300 paired procedural sc
 value, no other planted value shown). A value it does not rely on gives the class token nothing to gain, so
 recall is reported over all planted biases and over the relied-on ones.
 
+Per planted bias it also reports what the generator drew, judged by the world's independent attribute
+checker (a CNN trained on true labels, not the tagger): the share of the class's token and baseline images
+that show the planted value, and the token images' accuracy. A missed bias whose value the token never
+drew is a limit of the inversion (or of the generator); one drawn but not confirmed is a limit of the
+analysis.
+
 Writes ``OUT/worlds.csv`` (one row per planted bias and per control), ``OUT/summary.md`` (the tables below)
-and prints them. Classifiers and runs are kept under OUT and reused when rerun with the same arguments.
+and prints them. Classifiers and runs are kept under OUT and reused when rerun with the same arguments
+(finished classes are not redone), so a rerun only re-scores.
 """
 
 from __future__ import annotations
@@ -47,11 +54,26 @@ def train(folder: Path, planted: PlantedSet | None, seed: int, steps: int) -> di
     return remeasure(folder)
 
 
-def audit(folder: Path, runs: Path, overrides: dict) -> tuple[dict, float]:
-    truth_file = runs / f"demo-{folder.name}" / "truth.json"
+def audit(folder: Path, runs: Path, overrides: dict) -> tuple[dict, float, Path]:
     t0 = time.perf_counter()
     result = audit_world_classifier(str(folder), str(runs), quiet=True, **overrides)
-    return result["truth"], time.perf_counter() - t0
+    return result["truth"], time.perf_counter() - t0, Path(result["run"].run_dir)
+
+
+@torch.no_grad()
+def drawn(run_dir: Path, cls: str, attribute: str, value: str, checker) -> tuple[float, float, float]:
+    """Judged by the independent attribute checker (not the tagger): the share of the class's token and
+    baseline images that show the planted value, and the token images' accuracy for the class (the
+    generator's response to the token)."""
+    from PIL import Image
+
+    folder = next((run_dir / "classes").glob(f"*-{cls}"))
+    scores = pd.read_csv(folder / "scores.csv")
+    images = np.stack([np.asarray(Image.open(folder / f).convert("RGB")) for f in scores["file"]])
+    names = checker.predict_names(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255)
+    shows = np.array([n[attribute] == value for n in names])
+    token = (scores["variant"] == "token").to_numpy()
+    return float(shows[token].mean()), float(shows[~token].mean()), float(scores.loc[token, "correct"].mean())
 
 
 def summarise(rows: pd.DataFrame, controls: pd.DataFrame) -> str:
@@ -82,16 +104,22 @@ def summarise(rows: pd.DataFrame, controls: pd.DataFrame) -> str:
     for lo, hi, label in bins:
         g = planted[(planted["reliance"] >= lo) & (planted["reliance"] < hi)]
         lines.append(f"| {label} | {len(g)} | {frac(int(g['found'].sum()), len(g))} |")
-    lines += ["", "| world | planted | reliance | found | confirmed (false) | audit s |", "|---|---|---|---|---|---|"]
-    for w, g in planted.groupby("world", sort=True):
+    lines += [
+        "",
+        "| world | planted bias | reliance | token accuracy | drawn: token vs baseline | flagged | confirmed |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for _, r in planted.iterrows():
         lines.append(
-            f"| {w} | {g['planted'].str.cat(sep=', ')} | "
-            + ", ".join(f"{x:.2f}" for x in g["reliance"])
-            + f" | {int(g['found'].sum())}/{len(g)} | {int(g['n_confirmed'].iloc[0])} ({int(g['false_confirmations'].iloc[0])}) "
-            f"| {g['audit_s'].iloc[0]:.0f} |"
+            f"| {r['world']} | {r['planted']} | {r['reliance']:.2f} | {r['token_accuracy']:.2f} | "
+            f"{r['drawn_token']:.2f} vs {r['drawn_baseline']:.2f} | {'yes' if r['flagged'] else 'no'} | "
+            f"{'**yes**' if r['found'] else 'no'} |"
         )
+    lines += ["", "| world | confirmed findings (false) | audit s |", "|---|---|---|"]
+    for w, g in planted.groupby("world", sort=True):
+        lines.append(f"| {w} | {int(g['n_confirmed'].iloc[0])} ({int(g['false_confirmations'].iloc[0])}) | {g['audit_s'].iloc[0]:.0f} |")
     for _, c in controls.iterrows():
-        lines.append(f"| {c['world']} | (unbiased control) | | | {int(c['n_confirmed'])} ({int(c['n_confirmed'])}) | {c['audit_s']:.0f} |")
+        lines.append(f"| {c['world']} (unbiased control) | {int(c['n_confirmed'])} ({int(c['n_confirmed'])}) | {c['audit_s']:.0f} |")
     return "\n".join(lines)
 
 
@@ -110,6 +138,9 @@ def main(argv=None) -> int:
     out = Path(args.out)
     rng = np.random.default_rng(args.seed)
     print(f"demo settings: {json.dumps({**DEMO_SETTINGS, **overrides})}", flush=True)
+    from dct_audit.world.checker import AttributeChecker
+
+    checker = AttributeChecker.from_pretrained().eval()
     rows, controls = [], []
     jobs = [(f"w{args.seed}-{w}", random_planted_set(rng)) for w in range(args.worlds)]
     jobs += [(f"c{args.seed}-{k}", None) for k in range(args.controls)]
@@ -118,16 +149,20 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         train(folder, planted, seed=args.seed * 1000 + j, steps=args.steps)
         train_s = time.perf_counter() - t0
-        score, audit_s = audit(folder, out / "runs", overrides)
+        score, audit_s, run_dir = audit(folder, out / "runs", overrides)
         if planted is None:
             controls.append({"world": name, "n_confirmed": score["n_confirmed"], "audit_s": audit_s, "train_s": train_s})
             print(f"{name}: unbiased control, {score['n_confirmed']} confirmed finding(s) ({audit_s:.0f} s)", flush=True)
             continue
         for r in score["planted"]:
+            token_rate, baseline_rate, token_acc = drawn(run_dir, r["cls"], r["attribute"], r["value"], checker)
             rows.append(
                 {
                     "world": name,
                     **{k: r[k] for k in ("planted", "cls", "attribute", "value", "strength", "reliance", "relies", "flagged", "found")},
+                    "drawn_token": token_rate,
+                    "drawn_baseline": baseline_rate,
+                    "token_accuracy": token_acc,
                     "n_confirmed": score["n_confirmed"],
                     "false_confirmations": score["false_confirmations"],
                     "audit_s": audit_s,

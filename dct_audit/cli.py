@@ -120,29 +120,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--patience",
         type=_nonneg_int,
-        default=0,
-        help="stop a class when its best loss has not improved for this many updates (default 0: off)",
+        default=20,
+        help="restart (see --restart-words) or stop a class when its best validation loss has not improved "
+        "for this many updates (default 20; 0: off)",
     )
     p.add_argument(
-        "--fresh-seeds",
-        action="store_true",
-        help="draw new seeds at every update (optimise over noise) instead of the paper's fixed seeds",
+        "--fixed-seeds",
+        dest="fresh_seeds",
+        action="store_false",
+        help="the paper's fixed inversion seeds instead of fresh seeds at every update (default: fresh)",
     )
+    p.add_argument("--fresh-seeds", dest="fresh_seeds", action="store_true", help=argparse.SUPPRESS)
     p.add_argument(
         "--val-seeds",
         type=_nonneg_int,
-        default=0,
+        default=8,
         help="fixed validation seeds that decide the kept token, the accuracy stop and patience "
-        "(default 0: decide on each update's own batch)",
+        "(default 8; 0: decide on each update's own batch)",
     )
     p.add_argument(
-        "--eval-every", type=_positive_int, default=1, help="updates between validations (default 1)"
+        "--eval-every", type=_positive_int, default=2, help="updates between validations (default 2)"
     )
     p.add_argument(
         "--restart-words",
-        default="",
+        default="the",
         metavar="W1,W2",
-        help="when patience runs out, restart from these words in turn, keeping the best token (default none)",
+        help="when patience runs out, restart from these words in turn, keeping the best token "
+        "(default 'the'; '' for none)",
+    )
+    p.add_argument(
+        "--max-norm",
+        type=_float,
+        default=2.0,
+        help="keep the token's norm at most this many times the vocabulary's mean norm (default 2; 0: no limit)",
     )
     p.add_argument("--init-word", default="a", help="one-token word the token starts from (default 'a')")
     p.add_argument(
@@ -282,6 +292,7 @@ def _cmd_run(args) -> int:
             "fresh_seeds",
             "val_seeds",
             "eval_every",
+            "max_norm",
             "init_word",
             "n_images",
             "seed",

@@ -29,7 +29,9 @@ NEEDED = {
 # validation seeds, scored every 2 updates: the kept token (lowest validation loss), the stop (all 16
 # classified as the class) and patience (no better validation loss for 20 updates: restart from "the", then
 # stop). Hard classes sit on a plateau for 15-25 updates before their context appears (measured), so a
-# shorter patience gives up just before the jump. Chosen on random planted worlds (benchmarks/bench_truth.py), not on the shipped one:
+# shorter patience gives up just before the jump. The token's norm is kept at most 2x the vocabulary's mean
+# norm: without it, three classes that rely on their planted context (0.72-0.99) reached validation accuracy
+# 0.0 / 0.56 / 0.62 in 60 updates; with it 1.0 / 1.0 / 1.0 in 37-45 (README, "Inversion decisions"). Chosen on random planted worlds (benchmarks/bench_truth.py), not on the shipped one:
 # deciding on each update's own fresh batch kept lucky-batch tokens and stopped on noise (README).
 DEMO_SETTINGS = dict(
     templates=("a photo of a {}", "a {}", "a picture of a {}"),
@@ -45,6 +47,7 @@ DEMO_SETTINGS = dict(
     eval_every=2,
     restart_words=("the",),
     lr=0.01,
+    max_norm=2.0,
     batch=8,
     explain_images=2,
 )

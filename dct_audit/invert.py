@@ -63,8 +63,11 @@ class InvertConfig:
     val_seeds: int = 0
     eval_every: int = 1
     # On patience, start again from the next of these words (fresh optimiser), keeping the best token so
-    # far; stop when none is left. Escapes plateaus where the classifier gives the first start no signal.
+    # far; stop when none is left (without patience, no restart happens). Escapes plateaus where the classifier gives the first start no signal.
     restart_words: tuple[str, ...] = ()
+    # Keep the token's norm at most this many times the vocabulary's mean norm (0: no limit): a token far
+    # outside the embedding distribution makes the text encoder's output meaningless.
+    max_norm: float = 0.0
 
     def check(self) -> None:
         if self.batch < 1 or self.grad_accum < 1:
@@ -77,10 +80,10 @@ class InvertConfig:
             raise ValueError(f"stop_accuracy must be in (0, 1], not {self.stop_accuracy}")
         if self.val_seeds < 0 or self.val_seeds >= SEED_STREAM:
             raise ValueError(f"val_seeds must be in [0, {SEED_STREAM}), not {self.val_seeds}")
+        if not self.max_norm >= 0:
+            raise ValueError(f"max_norm must be >= 0, not {self.max_norm}")
         if self.eval_every < 1:
             raise ValueError(f"eval_every must be >= 1, not {self.eval_every}")
-        if self.restart_words and not self.patience:
-            raise ValueError("restart_words need patience > 0 (a restart happens when patience runs out)")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, not {self.lr}")
         for t in self.templates:
@@ -154,6 +157,7 @@ def invert_class(
     generator.set_token(placeholder, vector)
     optimizer = torch.optim.AdamW([vector], lr=config.lr, weight_decay=0.0)
     starts = list(config.restart_words)  # words still to restart from
+    vocab_norm = float(generator.embedding.base.weight.detach().float().norm(dim=-1).mean())
 
     # 3. The unconditional branch is fixed: compute it once for the class
     guidance = generator.spec.default_guidance if config.guidance is None else config.guidance
@@ -257,6 +261,12 @@ def invert_class(
                 if grad is not None and torch.isfinite(grad).all():
                     row["grad_norm"] = grad.norm().item()
                     optimizer.step()
+                    if config.max_norm:
+                        with torch.no_grad():
+                            limit = config.max_norm * vocab_norm
+                            norm = vector.norm()
+                            if norm > limit:
+                                vector.mul_(limit / norm)
                 else:
                     row["event"] = "no usable gradient"
         row["seconds"] = time.perf_counter() - t0

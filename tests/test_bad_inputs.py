@@ -36,7 +36,7 @@ CASES = [
     ("run-guidance-text", RUN + " --guidance strong", 2, "is not a number"),
     ("run-device-tpu", RUN + " --device tpu", 2, "is not a torch device"),
     ("run-dtype-bf16-on-cpu", RUN + " --dtype bf16 --device cpu", 2, "needs a CUDA device"),
-    ("run-restart-without-patience", RUN + " --restart-words the", 2, "--restart-words need --patience"),
+    ("run-val-seeds-negative", RUN + " --val-seeds -1", 2, "must be at least 0"),
     ("run-context-without-braces", RUN + " --context 'a photo'", 2, "must contain '{}' exactly once"),
     # files: labels, attributes, models, manifest
     ("run-labels-missing", RUN.replace("{LABELS}", "{TMP}/nolabels.txt"), 2, "does not exist"),
@@ -46,6 +46,8 @@ CASES = [
     ("run-attributes-hostile", RUN.replace("--tagger none", "--tagger world") + " --attributes {TMP}/hostile.json", 2, "exactly once"),
     ("run-classifier-not-torchscript", RUN.replace("{MODEL}", "{TMP}/junk.pt"), 2, "is not a TorchScript archive"),
     ("run-classifier-folder-missing", RUN.replace("file:{MODEL}", "{TMP}/nomodel/"), 2, "does not exist"),
+    ("run-classifier-config-not-json", RUN.replace("file:{MODEL}", "{TMP}/badclf"), 2, "config.json is not a valid JSON object"),
+    ("run-classifier-uncached-offline", RUN.replace("file:{MODEL} --labels {LABELS}", "resnet18.a1_in1k"), 2, "dct-audit download --classifier resnet18.a1_in1k"),
     ("run-generator-no-index", RUN.replace("{GEN}", "{TMP}/empty-dir"), 2, "no model_index.json"),
     ("run-generator-index-not-json", RUN.replace("{GEN}", "{TMP}/badgen"), 2, "model_index.json is not valid JSON"),
     ("run-generator-sdxl", RUN.replace("{GEN}", "{TMP}/sdxl"), 2, "SDXL is not supported yet"),
@@ -89,6 +91,8 @@ def files(tmp_path, tiny_classifier, tiny_pipelines):
     (tmp_path / "sdxl" / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
     (tmp_path / "runs" / "damaged").mkdir(parents=True)
     (tmp_path / "runs" / "damaged" / "manifest.json").write_text('{"settings": {')
+    (tmp_path / "badclf").mkdir()
+    (tmp_path / "badclf" / "config.json").write_text("{trunc")
     (tmp_path / "worldclf").mkdir()
     (tmp_path / "worldclf" / "config.json").write_text("{}")
     (tmp_path / "worldclf" / "training.json").write_text("{trunc")
@@ -105,7 +109,8 @@ def _argv(template: str, files: dict) -> list[str]:
 
 @pytest.mark.parametrize("name, command, code, phrase", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_one_line(name, command, code, phrase, files, capsys, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # nothing here may reach the network
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # nothing here may reach the network, and nothing is cached
+    monkeypatch.setenv("HF_HUB_CACHE", os.path.join(files["{TMP}"], "..", "empty-hf-cache"))
     before = sorted(os.listdir(files["{TMP}"]))
     try:
         got = main(_argv(command, files))

@@ -134,3 +134,38 @@ def test_token_file_round_trip_through_diffusers(models, tiny_pipelines, tmp_pat
     ).images
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
     assert not torch.equal(result.vector, result.init_vector)
+
+
+def test_with_validation_seeds_the_kept_token_is_judged_on_fixed_images(models):
+    """The kept token is the one with the lowest loss on the fixed validation seeds, not on a lucky batch."""
+    from dct_audit.invert import _val_score, token_prompts, val_seed_list
+
+    gen, clf = models
+    config = InvertConfig(lr=0.2, max_updates=6, stop_accuracy=1.0, fresh_seeds=True, val_seeds=4, eval_every=2)
+    result = invert_class(gen, clf, TARGET, NAME, "<dct-1>", config)
+    judged = [h["val_loss"] for h in result.history if "val_loss" in h] + [result.history[-1]["final_val_loss"]]
+    assert len(judged) == 4 and result.best_loss == min(judged)  # updates 0, 2, 4 and the final token
+    assert all(("val_loss" in h) == (h["update"] % 2 == 0) for h in result.history)
+    # the kept token, scored again on the same validation seeds, gives the recorded loss
+    gen.set_token("<dct-1>", result.vector)
+    seeds = val_seed_list(config.seed, 4)
+    loss, _ = _val_score(
+        gen, clf, token_prompts(config.templates, "<dct-1>", NAME, 4), seeds, TARGET, config, 0.0, None
+    )
+    assert math.isclose(loss, result.best_loss, rel_tol=1e-4)
+    assert result.best_val_accuracy is not None
+
+
+def test_patience_restarts_from_the_next_word_then_stops(models):
+    gen, clf = models
+    # a learning rate this small never improves the validation loss: patience runs out twice
+    config = InvertConfig(
+        max_updates=20, stop_accuracy=1.0, lr=1e-12, patience=2, val_seeds=2, restart_words=("the",)
+    )
+    result = invert_class(gen, clf, TARGET, NAME, "<dct-1>", config)
+    events = [h["event"] for h in result.history if h["event"]]
+    assert events[0] == "no better loss for 2 updates: restart from 'the'" and "stopped" in events[-1]
+    assert result.restarts == 1 and result.stop_reason == "patience"
+    # no step moved the vector: the kept token is the first word's or the restart word's, whichever
+    # validated best
+    assert torch.equal(result.vector, result.init_vector) or torch.equal(result.vector, gen.word_vector("the"))

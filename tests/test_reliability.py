@@ -162,3 +162,47 @@ def test_a_resumed_analysis_measures_the_counterfactual_with_the_learned_token(
         models, cls, plate, vocab.replacements(plate), [1, 2], opts, 2, tmp_path / "token.safetensors"
     )
     assert seen and all(seen) and "<dct-0> plate" in out["with_prompt"]
+
+
+def test_a_half_precision_hf_classifier_is_scored_in_float32(tmp_path):
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    config = ViTConfig(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=32, num_labels=3, id2label={0: "a", 1: "b", 2: "c"},
+                       label2id={"a": 0, "b": 1, "c": 2})
+    torch.manual_seed(0)
+    ViTForImageClassification(config).half().save_pretrained(tmp_path / "vit")
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "vit")
+    clf = load_classifier(f"hf:{tmp_path / 'vit'}")
+    assert all(p.dtype == torch.float32 for p in clf.model.parameters())
+    logits = clf(torch.rand(2, 3, 48, 48))
+    assert logits.shape == (2, 3) and logits.dtype == torch.float32
+
+
+def test_download_fetches_no_root_single_file_checkpoint(monkeypatch):
+    """SD-Turbo's repository holds a several-GB single-file checkpoint at its root that nothing loads."""
+    import fnmatch
+
+    import huggingface_hub
+
+    from dct_audit.download import download
+
+    seen = {}
+
+    def fake(repo, allow_patterns, ignore_patterns):
+        seen.update(allow=allow_patterns, ignore=ignore_patterns)
+        return "/cache/" + repo
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    download(generator="stabilityai/sd-turbo", say=lambda m: None)
+
+    def fetched(path):
+        return any(fnmatch.fnmatch(path, p) for p in seen["allow"]) and not any(
+            fnmatch.fnmatch(path, p) for p in seen["ignore"]
+        )
+
+    assert not fetched("sd_turbo.safetensors")
+    assert all(fetched(p) for p in ("model_index.json", "unet/diffusion_pytorch_model.safetensors",
+                                    "text_encoder/config.json", "tokenizer/vocab.json",
+                                    "scheduler/scheduler_config.json"))

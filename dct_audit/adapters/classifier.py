@@ -212,8 +212,15 @@ def _timm_pretrained_cfg(model_id: str) -> dict:
             raise DctAuditError(
                 f"classifier folder '{folder}' has no config.json (a timm model folder is expected)"
             )
-        raw = json.loads(cfg_file.read_text())
-        cfg = dict(raw.get("pretrained_cfg", {}))
+        try:
+            raw = json.loads(cfg_file.read_text())
+            assert isinstance(raw, dict)
+        except (ValueError, AssertionError):
+            raise DctAuditError(
+                f"classifier folder '{folder}': config.json is not a valid JSON object; re-save the model "
+                "(timm.models.save_for_hf)"
+            ) from None
+        cfg = dict(raw.get("pretrained_cfg") or {})
         cfg.setdefault("num_classes", raw.get("num_classes"))
         cfg.setdefault("label_names", raw.get("label_names"))
         cfg.setdefault("architecture", raw.get("architecture"))
