@@ -270,6 +270,8 @@ def invert_class(
                 else:
                     row["event"] = "no usable gradient"
         row["seconds"] = time.perf_counter() - t0
+        first = ("update", "loss", "target_prob", "accuracy", "seed_offset", "lr", "grad_norm", "event")
+        row = {**{k: row[k] for k in first}, **{k: v for k, v in row.items() if k not in first}}
         history.append(row)
         if progress:
             progress(row)

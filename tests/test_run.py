@@ -77,7 +77,12 @@ def test_run_writes_a_complete_run_folder(run_args, tmp_path, capsys):
     )
     assert (pairs == 1).all().all()  # every token image has its baseline twin with the same seed
     assert all((folder / f).is_file() for f in scores["file"])
-    assert scores.loc[scores.variant == "token", "prompt"].str.contains("<dct-2> horizontal bar").all()
+    summary = json.loads((folder / "class.json").read_text())
+    token_prompts = scores.loc[scores.variant == "token", "prompt"]
+    if summary["token_unchanged"]:  # validation kept the starting token: one grid, filed under both variants
+        assert (token_prompts.to_numpy() == scores.loc[scores.variant == "baseline", "prompt"].to_numpy()).all()
+    else:
+        assert token_prompts.str.contains("<dct-2> horizontal bar").all()
     history = pd.read_csv(folder / "history.csv")
     assert list(history.columns[:4]) == ["update", "loss", "target_prob", "accuracy"] and len(history) >= 1
     assert len(list((folder / "evolution").glob("*.png"))) >= 1

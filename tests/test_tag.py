@@ -69,7 +69,7 @@ def test_user_vocabulary_replaces_or_extends(tmp_path):
         ("{not json", "is not valid JSON"),
         ('{"attrs": []}', "'attributes' list"),
         ('{"attributes": [{"prompts": ["x"]}]}', "needs a non-empty 'name'"),
-        ('{"attributes": [{"name": "a", "with": "no slot"}]}', "'with' must contain"),
+        ('{"attributes": [{"name": "a", "with": "no slot"}]}', "'with' must be a prompt"),
         ('{"attributes": [{"name": "a", "threshold": 3}]}', "'threshold' must be"),
         ('{"attributes": [{"name": "a"}, {"name": "a"}]}', "names an attribute twice"),
     ],

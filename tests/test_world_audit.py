@@ -70,10 +70,12 @@ def test_inversion_raises_the_target_accuracy_of_every_class_it_changes(world):
             assert c["stop_reason"] == "accuracy" and c["best_update"] == 0
             assert c["best_val_accuracy"] >= DEMO_SETTINGS["stop_accuracy"]
             assert c["token_accuracy"] == c["baseline_accuracy"]
-        else:  # held-out seeds: measured +0.47 (triangle) to +0.79 (ring)
+        else:  # held-out seeds: star 0.28 -> 0.91, cross 0.06 -> 0.91, ring 0.12 -> 1.00
             changed.add(c["name"])
-            assert c["token_accuracy"] - c["baseline_accuracy"] >= 0.3, c
+            assert c["token_accuracy"] >= max(c["baseline_accuracy"], 0.85), c
             assert c["token_target_prob"] > c["baseline_target_prob"], c
+            if c["name"] in {b.cls for b in T.PLANTED}:
+                assert c["token_accuracy"] - c["baseline_accuracy"] >= 0.5, c
     assert {b.cls for b in T.PLANTED} <= changed  # the biased classifier rejects their baseline images
 
 
@@ -108,8 +110,10 @@ def test_findings_match_the_planted_biases(world):
             assert f["counterfactual"]["diff"] > 0.5, f  # the classifier's confidence depends on it
 
 
-def test_unbiased_classifier_gets_no_findings(world):
-    assert world["unbiased"].findings == []
+def test_unbiased_classifier_gets_no_confirmed_finding(world):
+    # its tokens may move (pushed to 16/16 validation images) and change the images' style; nothing the
+    # classifier depends on against every replacement
+    assert [f for f in world["unbiased"].findings if f["confirmed"]] == []
     # the second unbiased classifier (another seed): nothing its counterfactual check confirms (a token
     # that moved may change the images' style, e.g. more plain backgrounds, that the classifier ignores)
     assert [f for f in world["unbiased_seed1"].findings if f["confirmed"]] == []
