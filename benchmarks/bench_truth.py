@@ -92,7 +92,11 @@ def summarise(rows: pd.DataFrame, controls: pd.DataFrame) -> str:
         f"| precision of confirmed findings (biased classifiers) | {frac(conf - false, conf)} |",
         f"| confirmed findings on unbiased controls | {int(controls['n_confirmed'].sum())} of {len(controls)} controls |",
     ]
-    lines += ["", "| attribute type | planted | relied on | found (all) | found (relied on) |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| attribute type | planted | relied on | found (all) | found (relied on) |",
+        "|---|---|---|---|---|",
+    ]
     for attr, g in planted.groupby("attribute"):
         r = g[g["relies"]]
         lines.append(
@@ -100,7 +104,12 @@ def summarise(rows: pd.DataFrame, controls: pd.DataFrame) -> str:
             f"{frac(int(r['found'].sum()), len(r))} |"
         )
     lines += ["", "| reliance (class probability gain) | planted | found |", "|---|---|---|"]
-    bins = [(-1, 0.2, "< 0.2 (does not rely)"), (0.2, 0.5, "0.2 - 0.5"), (0.5, 0.9, "0.5 - 0.9"), (0.9, 2, ">= 0.9")]
+    bins = [
+        (-1, 0.2, "< 0.2 (does not rely)"),
+        (0.2, 0.5, "0.2 - 0.5"),
+        (0.5, 0.9, "0.5 - 0.9"),
+        (0.9, 2, ">= 0.9"),
+    ]
     for lo, hi, label in bins:
         g = planted[(planted["reliance"] >= lo) & (planted["reliance"] < hi)]
         lines.append(f"| {label} | {len(g)} | {frac(int(g['found'].sum()), len(g))} |")
@@ -117,9 +126,13 @@ def summarise(rows: pd.DataFrame, controls: pd.DataFrame) -> str:
         )
     lines += ["", "| world | confirmed findings (false) | audit s |", "|---|---|---|"]
     for w, g in planted.groupby("world", sort=True):
-        lines.append(f"| {w} | {int(g['n_confirmed'].iloc[0])} ({int(g['false_confirmations'].iloc[0])}) | {g['audit_s'].iloc[0]:.0f} |")
+        lines.append(
+            f"| {w} | {int(g['n_confirmed'].iloc[0])} ({int(g['false_confirmations'].iloc[0])}) | {g['audit_s'].iloc[0]:.0f} |"
+        )
     for _, c in controls.iterrows():
-        lines.append(f"| {c['world']} (unbiased control) | {int(c['n_confirmed'])} ({int(c['n_confirmed'])}) | {c['audit_s']:.0f} |")
+        lines.append(
+            f"| {c['world']} (unbiased control) | {int(c['n_confirmed'])} ({int(c['n_confirmed'])}) | {c['audit_s']:.0f} |"
+        )
     return "\n".join(lines)
 
 
@@ -151,15 +164,35 @@ def main(argv=None) -> int:
         train_s = time.perf_counter() - t0
         score, audit_s, run_dir = audit(folder, out / "runs", overrides)
         if planted is None:
-            controls.append({"world": name, "n_confirmed": score["n_confirmed"], "audit_s": audit_s, "train_s": train_s})
-            print(f"{name}: unbiased control, {score['n_confirmed']} confirmed finding(s) ({audit_s:.0f} s)", flush=True)
+            controls.append(
+                {"world": name, "n_confirmed": score["n_confirmed"], "audit_s": audit_s, "train_s": train_s}
+            )
+            print(
+                f"{name}: unbiased control, {score['n_confirmed']} confirmed finding(s) ({audit_s:.0f} s)",
+                flush=True,
+            )
             continue
         for r in score["planted"]:
-            token_rate, baseline_rate, token_acc = drawn(run_dir, r["cls"], r["attribute"], r["value"], checker)
+            token_rate, baseline_rate, token_acc = drawn(
+                run_dir, r["cls"], r["attribute"], r["value"], checker
+            )
             rows.append(
                 {
                     "world": name,
-                    **{k: r[k] for k in ("planted", "cls", "attribute", "value", "strength", "reliance", "relies", "flagged", "found")},
+                    **{
+                        k: r[k]
+                        for k in (
+                            "planted",
+                            "cls",
+                            "attribute",
+                            "value",
+                            "strength",
+                            "reliance",
+                            "relies",
+                            "flagged",
+                            "found",
+                        )
+                    },
                     "drawn_token": token_rate,
                     "drawn_baseline": baseline_rate,
                     "token_accuracy": token_acc,
@@ -175,8 +208,13 @@ def main(argv=None) -> int:
             f"reliance {[round(r['reliance'], 2) for r in score['planted']]} ({audit_s:.0f} s)",
             flush=True,
         )
-    table, ctrl = pd.DataFrame(rows), pd.DataFrame(controls, columns=["world", "n_confirmed", "audit_s", "train_s"])
-    pd.concat([table, ctrl.assign(planted="(control)")], ignore_index=True).to_csv(out / "worlds.csv", index=False)
+    table, ctrl = (
+        pd.DataFrame(rows),
+        pd.DataFrame(controls, columns=["world", "n_confirmed", "audit_s", "train_s"]),
+    )
+    pd.concat([table, ctrl.assign(planted="(control)")], ignore_index=True).to_csv(
+        out / "worlds.csv", index=False
+    )
     text = summarise(table, ctrl)
     (out / "summary.md").write_text(
         f"`python benchmarks/bench_truth.py --worlds {args.worlds} --seed {args.seed} --controls {args.controls} "

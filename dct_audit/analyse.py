@@ -139,7 +139,9 @@ def counterfactual_effect(with_probs, replacements: dict[str, dict], with_rate: 
     }
 
 
-def confirmed(counterfactual: dict | None, absence: bool = False, min_change: float = CONFIRM_MIN_CHANGE) -> bool:
+def confirmed(
+    counterfactual: dict | None, absence: bool = False, min_change: float = CONFIRM_MIN_CHANGE
+) -> bool:
     """Whether a counterfactual check confirms a finding as a bias (see ``CONFIRM_MIN_CHANGE``).
 
     An absence attribute ("plain background", "alone") is never confirmed as a bias: a token that brings it

@@ -234,7 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     # verify ------------------------------------------------------------------------------------
-    p = sub.add_parser("verify", help="check a run folder: which classes are finished and intact (loads no model)")
+    p = sub.add_parser(
+        "verify", help="check a run folder: which classes are finished and intact (loads no model)"
+    )
     p.add_argument("run_dir")
 
     # demo --------------------------------------------------------------------------------------
@@ -443,7 +445,9 @@ def _cmd_verify(args) -> int:
     if manifest is None:
         raise DctAuditError(f"'{root}' is not a dct-audit run folder (no manifest.json)")
     classes = manifest.get("classes") or []
-    if not isinstance(classes, list) or not all(isinstance(c, dict) and "index" in c and "name" in c for c in classes):
+    if not isinstance(classes, list) or not all(
+        isinstance(c, dict) and "index" in c and "name" in c for c in classes
+    ):
         raise DctAuditError(f"{run.manifest_path} lists no valid classes; rerun the audit with --overwrite")
     bad = 0
     for c in classes:
@@ -452,8 +456,10 @@ def _cmd_verify(args) -> int:
         print(f"{state:10s} {int(c['index']):5d} {c['name']}: {detail}")
     for name in ("enrichment.csv", "findings.json"):
         print(f"{'present' if (root / name).is_file() else 'missing':10s} {name}")
-    print(f"{len(classes) - bad}/{len(classes)} classes finished and intact" + ("" if not bad else
-          "; run the same `dct-audit run` command to redo the others"))
+    print(
+        f"{len(classes) - bad}/{len(classes)} classes finished and intact"
+        + ("" if not bad else "; run the same `dct-audit run` command to redo the others")
+    )
     return 0 if not bad else 1
 
 

@@ -31,8 +31,9 @@ NEEDED = {
 # stop). Hard classes sit on a plateau for 15-25 updates before their context appears (measured), so a
 # shorter patience gives up just before the jump. The token's norm is kept at most 2x the vocabulary's mean
 # norm: without it, three classes that rely on their planted context (0.72-0.99) reached validation accuracy
-# 0.0 / 0.56 / 0.62 in 60 updates; with it 1.0 / 1.0 / 1.0 in 37-45 (README, "Inversion decisions"). Chosen on random planted worlds (benchmarks/bench_truth.py), not on the shipped one:
-# deciding on each update's own fresh batch kept lucky-batch tokens and stopped on noise (README).
+# 0.0 / 0.56 / 0.62 in 60 updates; with it 1.0 / 1.0 / 1.0 in 37-45. Chosen on random planted worlds
+# (benchmarks/bench_truth.py), not on the shipped one: deciding on each update's own fresh batch kept
+# lucky-batch tokens and stopped on noise (README, "Truth benchmark").
 DEMO_SETTINGS = dict(
     templates=("a photo of a {}", "a {}", "a picture of a {}"),
     contexts=("a photo of a {}", "a picture of a {}"),
@@ -71,7 +72,12 @@ def world_models() -> dict[str, str]:
 
 
 def demo_run(
-    classifier: str, name: str, out: str = "reports", quiet: bool = False, classes: str | None = None, **overrides
+    classifier: str,
+    name: str,
+    out: str = "reports",
+    quiet: bool = False,
+    classes: str | None = None,
+    **overrides,
 ):
     """One audit of the world classes (default all) with a world classifier (a key of ``world_models()`` or a
     folder)."""

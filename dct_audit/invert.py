@@ -119,7 +119,9 @@ def _autocast(device: torch.device, dtype: torch.dtype = torch.float32):
     return torch.autocast(device.type, enabled=False)
 
 
-def _val_score(generator, classifier, vector_prompts, seeds, target, config, guidance, uncond) -> tuple[float, float]:
+def _val_score(
+    generator, classifier, vector_prompts, seeds, target, config, guidance, uncond
+) -> tuple[float, float]:
     """Mean cross-entropy and accuracy of the current token on the fixed validation seeds (no autograd)."""
     losses, hits = [], []
     device = generator.device
@@ -127,7 +129,9 @@ def _val_score(generator, classifier, vector_prompts, seeds, target, config, gui
         for i in range(0, len(seeds), config.batch):
             sl = slice(i, i + config.batch)
             with _autocast(device, generator.dtype):
-                images = generator.sample(vector_prompts[sl], seeds[sl], config.steps, guidance, uncond=uncond)
+                images = generator.sample(
+                    vector_prompts[sl], seeds[sl], config.steps, guidance, uncond=uncond
+                )
                 logits = classifier(images).float()  # (b, C)
             t = torch.full((len(logits),), target, device=logits.device, dtype=torch.long)
             losses += F.cross_entropy(logits, t, reduction="none").tolist()
@@ -184,7 +188,12 @@ def invert_class(
     for update in range(config.max_updates):
         t0 = time.perf_counter()
         seeds = [train_seed(config.seed, seed_offset + j) for j in range(per_update)]
-        row = {"update": update, "seed_offset": seed_offset, "lr": optimizer.param_groups[0]["lr"], "event": ""}
+        row = {
+            "update": update,
+            "seed_offset": seed_offset,
+            "lr": optimizer.param_groups[0]["lr"],
+            "event": "",
+        }
 
         # 4a. Validation of the current token (the one the step below would change), on fixed seeds
         validated = bool(val_seeds) and (update % config.eval_every == 0)
@@ -202,7 +211,12 @@ def invert_class(
             sl = slice(m * config.batch, (m + 1) * config.batch)
             with _autocast(device, generator.dtype):
                 images = generator.sample(
-                    prompts[sl], seeds[sl], config.steps, guidance, grad_steps=config.grad_steps, uncond=uncond
+                    prompts[sl],
+                    seeds[sl],
+                    config.steps,
+                    guidance,
+                    grad_steps=config.grad_steps,
+                    uncond=uncond,
                 )  # (b, 3, H, W)
                 logits = classifier(images).float()  # (b, C)
             loss = F.cross_entropy(logits, target_t)
@@ -217,12 +231,16 @@ def invert_class(
                 first_image = images[0].detach().float().cpu()
         loss_value = sum(losses) / len(losses)
         accuracy = sum(hits) / len(hits)
-        row.update(loss=loss_value, target_prob=sum(probs) / len(probs), accuracy=accuracy, grad_norm=float("nan"))
+        row.update(
+            loss=loss_value, target_prob=sum(probs) / len(probs), accuracy=accuracy, grad_norm=float("nan")
+        )
         if update % config.snapshot_every == 0:
             snapshots.append((update, seeds[0], first_image))
 
         # 5. Decisions, on validation numbers when there are any, else on this batch
-        judged_loss, judged_acc = (row["val_loss"], row["val_accuracy"]) if validated else (loss_value, accuracy)
+        judged_loss, judged_acc = (
+            (row["val_loss"], row["val_accuracy"]) if validated else (loss_value, accuracy)
+        )
         decide = validated or not val_seeds
         if not math.isfinite(loss_value):
             vector.data.copy_(best_vector.to(device))
@@ -282,7 +300,9 @@ def invert_class(
 
     # 6. The last step's token has not been judged yet: validate it too
     if stop_reason == "max_updates" and val_seeds and math.isfinite(history[-1]["loss"]):
-        val_loss, val_acc = _val_score(generator, classifier, val_prompts, val_seeds, target, config, guidance, uncond)
+        val_loss, val_acc = _val_score(
+            generator, classifier, val_prompts, val_seeds, target, config, guidance, uncond
+        )
         history[-1].update(final_val_loss=val_loss, final_val_accuracy=val_acc)
         if val_loss < best_loss:
             best_loss, best_update = val_loss, config.max_updates

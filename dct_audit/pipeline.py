@@ -44,7 +44,9 @@ class RunOptions:
     out: str = "reports"
     name: str | None = None
     device: str = "auto"
-    dtype: str = "auto"  # auto | bf16 | fp16 | fp32 (auto: bf16 on CUDA where supported, else fp16; fp32 on CPU)
+    dtype: str = (
+        "auto"  # auto | bf16 | fp16 | fp32 (auto: bf16 on CUDA where supported, else fp16; fp32 on CPU)
+    )
     resolution: int | None = None  # image size in pixels; None: the generator's own (unet.sample_size)
     family: str | None = None  # generator family (sd-turbo, sd1, sd2); None: read from the pipeline's config
     steps: int | None = None
@@ -55,7 +57,7 @@ class RunOptions:
     lr: float = 1e-3
     max_updates: int = 50
     stop_accuracy: float = 0.7
-    # Decisions on like-for-like numbers (measured on random planted worlds, README "Inversion decisions"):
+    # Decisions on like-for-like numbers (measured on random planted worlds, README "Truth benchmark"):
     # fresh seeds every update, a fixed validation set decides the kept token, the stop and patience.
     patience: int = 20  # restart / stop when the best validation loss has not improved for this many updates
     fresh_seeds: bool = True  # new inversion seeds at every update (the expected loss over noise)
@@ -115,7 +117,9 @@ class RunOptions:
         if self.eval_every < 1:
             raise DctAuditError(f"--eval-every must be at least 1, not {self.eval_every}")
         if self.resolution is not None and (self.resolution < 64 or self.resolution % 8):
-            raise DctAuditError(f"--resolution must be a multiple of 8 and at least 64, not {self.resolution}")
+            raise DctAuditError(
+                f"--resolution must be a multiple of 8 and at least 64, not {self.resolution}"
+            )
         if self.batch is not None and self.batch < 1:
             raise DctAuditError(f"--batch must be at least 1, not {self.batch}")
         for ctx in self.contexts:
@@ -259,7 +263,9 @@ def _estimated_bytes(opts: RunOptions, n_classes: int) -> int:
         except (OSError, ValueError, KeyError, TypeError):
             size = 512
     per_image = int(size * size * 1.5) + 2048
-    images = n_classes * (2 * len(opts.contexts) * opts.n_images + opts.max_updates // max(1, opts.snapshot_every) + 1)
+    images = n_classes * (
+        2 * len(opts.contexts) * opts.n_images + opts.max_updates // max(1, opts.snapshot_every) + 1
+    )
     return images * per_image + 10 * 2**20
 
 
@@ -287,7 +293,9 @@ def run_with_options(opts: RunOptions) -> RunResult:
         return _run_locked(opts, device, batch, clf_record, targets, say, root, settings, run_dir, previous)
 
 
-def _run_locked(opts, device, batch, clf_record, targets, say, root, settings, run_dir, previous) -> RunResult:
+def _run_locked(
+    opts, device, batch, clf_record, targets, say, root, settings, run_dir, previous
+) -> RunResult:
     states = {c.index: run_dir.verify_class(c.index, c.name) for c in targets}
     todo = [c for c in targets if opts.overwrite or states[c.index][0] != "done"]
     skipped = [c.index for c in targets if c not in todo]
@@ -484,7 +492,9 @@ def _counterfactual(
             column = bank.vocabulary.names.index(attribute.name)
             tag = bank.scores(bank.tagger.image_features(images))[:, column]  # (b,)
             present = (tag >= (attribute.threshold if attribute.threshold is not None else 0.5)).tolist()
-        for k, (job, score) in enumerate(zip(chunk, score_images(models.classifier, images, cls.index), strict=True)):
+        for k, (job, score) in enumerate(
+            zip(chunk, score_images(models.classifier, images, cls.index), strict=True)
+        ):
             probs[job.variant].append(score["target_prob"])
             if present is not None:
                 shown[job.variant].append(bool(present[k]))
@@ -494,7 +504,10 @@ def _counterfactual(
 
     out = counterfactual_effect(
         probs["with"],
-        {name: {"prompt": p.format(subject), "probs": probs[name], "attribute_rate": rate(name)} for name, p in replacements},
+        {
+            name: {"prompt": p.format(subject), "probs": probs[name], "attribute_rate": rate(name)}
+            for name, p in replacements
+        },
         with_rate=rate("with"),
     )
     worst = next(r for r in out["replacements"] if r["name"] == out["worst_replacement"])

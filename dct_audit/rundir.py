@@ -239,7 +239,9 @@ def run_lock(root: Path) -> Iterator[None]:
         root.mkdir(parents=True, exist_ok=True)
         handle = open(root / ".lock", "a+")  # noqa: SIM115 - held for the whole run
     except OSError as e:
-        raise DctAuditError(f"cannot write to output folder '{root}' ({e.strerror or e}); choose another --out") from None
+        raise DctAuditError(
+            f"cannot write to output folder '{root}' ({e.strerror or e}); choose another --out"
+        ) from None
     try:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:

@@ -41,21 +41,71 @@ CASES = [
     # files: labels, attributes, models, manifest
     ("run-labels-missing", RUN.replace("{LABELS}", "{TMP}/nolabels.txt"), 2, "does not exist"),
     ("run-labels-empty", RUN.replace("{LABELS}", "{TMP}/empty.txt"), 2, "empty"),
-    ("run-attributes-not-json", RUN.replace("--tagger none", "--tagger world") + " --attributes {TMP}/bad.json", 2, "is not valid JSON"),
-    ("run-attributes-truncated", RUN.replace("--tagger none", "--tagger world") + " --attributes {TMP}/trunc.json", 2, "expected an object with an 'attributes' list"),
-    ("run-attributes-hostile", RUN.replace("--tagger none", "--tagger world") + " --attributes {TMP}/hostile.json", 2, "exactly once"),
-    ("run-classifier-not-torchscript", RUN.replace("{MODEL}", "{TMP}/junk.pt"), 2, "is not a TorchScript archive"),
+    (
+        "run-attributes-not-json",
+        RUN.replace("--tagger none", "--tagger world") + " --attributes {TMP}/bad.json",
+        2,
+        "is not valid JSON",
+    ),
+    (
+        "run-attributes-truncated",
+        RUN.replace("--tagger none", "--tagger world") + " --attributes {TMP}/trunc.json",
+        2,
+        "expected an object with an 'attributes' list",
+    ),
+    (
+        "run-attributes-hostile",
+        RUN.replace("--tagger none", "--tagger world") + " --attributes {TMP}/hostile.json",
+        2,
+        "exactly once",
+    ),
+    (
+        "run-classifier-not-torchscript",
+        RUN.replace("{MODEL}", "{TMP}/junk.pt"),
+        2,
+        "is not a TorchScript archive",
+    ),
     ("run-classifier-folder-missing", RUN.replace("file:{MODEL}", "{TMP}/nomodel/"), 2, "does not exist"),
-    ("run-classifier-config-not-json", RUN.replace("file:{MODEL}", "{TMP}/badclf"), 2, "config.json is not a valid JSON object"),
-    ("run-classifier-uncached-offline", RUN.replace("file:{MODEL} --labels {LABELS}", "resnet18.a1_in1k"), 2, "dct-audit download --classifier resnet18.a1_in1k"),
+    (
+        "run-classifier-config-not-json",
+        RUN.replace("file:{MODEL}", "{TMP}/badclf"),
+        2,
+        "config.json is not a valid JSON object",
+    ),
+    (
+        "run-classifier-uncached-offline",
+        RUN.replace("file:{MODEL} --labels {LABELS}", "resnet18.a1_in1k"),
+        2,
+        "dct-audit download --classifier resnet18.a1_in1k",
+    ),
     ("run-generator-no-index", RUN.replace("{GEN}", "{TMP}/empty-dir"), 2, "no model_index.json"),
-    ("run-generator-index-not-json", RUN.replace("{GEN}", "{TMP}/badgen"), 2, "model_index.json is not valid JSON"),
+    (
+        "run-generator-index-not-json",
+        RUN.replace("{GEN}", "{TMP}/badgen"),
+        2,
+        "model_index.json is not valid JSON",
+    ),
     ("run-generator-sdxl", RUN.replace("{GEN}", "{TMP}/sdxl"), 2, "SDXL is not supported yet"),
     ("run-class-no-match", RUN.replace("--classes 0", "--classes zebra"), 2, "zebra"),
     ("run-out-is-a-file", RUN.replace("{TMP}/out", "{TMP}/empty.txt/run"), 2, "is a file"),
-    ("run-manifest-damaged", RUN.replace("{TMP}/out", "{TMP}/runs") + " --name damaged", 2, "is not valid JSON"),
-    ("run-tagger-unknown", RUN.replace("--tagger none", "--tagger NoSuchNet/x"), 2, "unknown tagger architecture"),
-    ("run-tagger-unknown-tag", RUN.replace("--tagger none", "--tagger ViT-B-32/nope"), 2, "has no pretrained tag"),
+    (
+        "run-manifest-damaged",
+        RUN.replace("{TMP}/out", "{TMP}/runs") + " --name damaged",
+        2,
+        "is not valid JSON",
+    ),
+    (
+        "run-tagger-unknown",
+        RUN.replace("--tagger none", "--tagger NoSuchNet/x"),
+        2,
+        "unknown tagger architecture",
+    ),
+    (
+        "run-tagger-unknown-tag",
+        RUN.replace("--tagger none", "--tagger ViT-B-32/nope"),
+        2,
+        "has no pretrained tag",
+    ),
     # classes
     ("classes-no-match", "classes --classifier file:{MODEL} --labels {LABELS} zebra", 2, "zebra"),
     ("classes-file-without-labels", "classes --classifier file:{MODEL} lobster", 2, "needs --labels"),
@@ -67,10 +117,25 @@ CASES = [
     ("verify-not-a-run", "verify {TMP}/empty-dir", 2, "not a dct-audit run folder"),
     ("verify-damaged-manifest", "verify {TMP}/runs/damaged", 2, "is not valid JSON"),
     # demo
-    ("demo-classifier-not-a-folder", "demo --classifier {TMP}/empty-dir --out {TMP}/demo", 2, "is not a world classifier folder"),
-    ("demo-training-json-damaged", "demo --classifier {TMP}/worldclf --out {TMP}/demo", 2, "is not readable JSON"),
+    (
+        "demo-classifier-not-a-folder",
+        "demo --classifier {TMP}/empty-dir --out {TMP}/demo",
+        2,
+        "is not a world classifier folder",
+    ),
+    (
+        "demo-training-json-damaged",
+        "demo --classifier {TMP}/worldclf --out {TMP}/demo",
+        2,
+        "is not readable JSON",
+    ),
     # download
-    ("download-offline", "download --tagger world", 2, "HF_HUB_OFFLINE=1 is set, so nothing can be downloaded"),
+    (
+        "download-offline",
+        "download --tagger world",
+        2,
+        "HF_HUB_OFFLINE=1 is set, so nothing can be downloaded",
+    ),
 ]
 
 
@@ -88,7 +153,9 @@ def files(tmp_path, tiny_classifier, tiny_pipelines):
     (tmp_path / "badgen").mkdir()
     (tmp_path / "badgen" / "model_index.json").write_text('{"_class_name": "StableDiff')
     (tmp_path / "sdxl").mkdir()
-    (tmp_path / "sdxl" / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    (tmp_path / "sdxl" / "model_index.json").write_text(
+        json.dumps({"_class_name": "StableDiffusionXLPipeline"})
+    )
     (tmp_path / "runs" / "damaged").mkdir(parents=True)
     (tmp_path / "runs" / "damaged" / "manifest.json").write_text('{"settings": {')
     (tmp_path / "badclf").mkdir()

@@ -141,9 +141,13 @@ def test_with_validation_seeds_the_kept_token_is_judged_on_fixed_images(models):
     from dct_audit.invert import _val_score, token_prompts, val_seed_list
 
     gen, clf = models
-    config = InvertConfig(lr=0.2, max_updates=6, stop_accuracy=1.0, fresh_seeds=True, val_seeds=4, eval_every=2)
+    config = InvertConfig(
+        lr=0.2, max_updates=6, stop_accuracy=1.0, fresh_seeds=True, val_seeds=4, eval_every=2
+    )
     result = invert_class(gen, clf, TARGET, NAME, "<dct-1>", config)
-    judged = [h["val_loss"] for h in result.history if "val_loss" in h] + [result.history[-1]["final_val_loss"]]
+    judged = [h["val_loss"] for h in result.history if "val_loss" in h] + [
+        result.history[-1]["final_val_loss"]
+    ]
     assert len(judged) == 4 and result.best_loss == min(judged)  # updates 0, 2, 4 and the final token
     assert all(("val_loss" in h) == (h["update"] % 2 == 0) for h in result.history)
     # the kept token, scored again on the same validation seeds, gives the recorded loss
@@ -168,4 +172,6 @@ def test_patience_restarts_from_the_next_word_then_stops(models):
     assert result.restarts == 1 and result.stop_reason == "patience"
     # no step moved the vector: the kept token is the first word's or the restart word's, whichever
     # validated best
-    assert torch.equal(result.vector, result.init_vector) or torch.equal(result.vector, gen.word_vector("the"))
+    assert torch.equal(result.vector, result.init_vector) or torch.equal(
+        result.vector, gen.word_vector("the")
+    )

@@ -24,8 +24,22 @@ FAST = ["--max-updates", "2", "--n-images", "2", "--context", "a photo of {}", "
 @pytest.fixture()
 def run_args(tiny_pipelines, tiny_classifier, tiny_clip, tmp_path):
     model, labels = tiny_classifier
-    return ["run", "--tagger", f"hf:{tiny_clip}", "--generator", tiny_pipelines["turbo"], "--classifier",
-            f"file:{model}", "--labels", labels, "--out", str(tmp_path), "--name", "r", *FAST]
+    return [
+        "run",
+        "--tagger",
+        f"hf:{tiny_clip}",
+        "--generator",
+        tiny_pipelines["turbo"],
+        "--classifier",
+        f"file:{model}",
+        "--labels",
+        labels,
+        "--out",
+        str(tmp_path),
+        "--name",
+        "r",
+        *FAST,
+    ]
 
 
 def test_a_classifier_file_that_is_not_torchscript_is_one_line(tmp_path, tiny_classifier):
@@ -45,17 +59,40 @@ def test_an_sdxl_pipeline_is_refused_before_anything_is_written(tmp_path, tiny_c
     gen = tmp_path / "sdxl"
     gen.mkdir()
     (gen / "model_index.json").write_text(
-        json.dumps({"_class_name": "StableDiffusionXLPipeline", "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]})
+        json.dumps(
+            {
+                "_class_name": "StableDiffusionXLPipeline",
+                "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+            }
+        )
     )
     with pytest.raises(DctAuditError, match="SDXL is not supported yet"):
         check_generator_spec(str(gen))
     model, labels = tiny_classifier
-    code = main(["run", "--generator", str(gen), "--classifier", f"file:{model}", "--labels", labels,
-                 "--classes", "0", "--out", str(tmp_path / "out"), "--tagger", "none", "--quiet"])
+    code = main(
+        [
+            "run",
+            "--generator",
+            str(gen),
+            "--classifier",
+            f"file:{model}",
+            "--labels",
+            labels,
+            "--classes",
+            "0",
+            "--out",
+            str(tmp_path / "out"),
+            "--tagger",
+            "none",
+            "--quiet",
+        ]
+    )
     assert code == 2 and not (tmp_path / "out").exists()
 
 
-def test_an_uncached_tagger_offline_is_one_line_before_any_model_loads(monkeypatch, tmp_path, run_args, capsys):
+def test_an_uncached_tagger_offline_is_one_line_before_any_model_loads(
+    monkeypatch, tmp_path, run_args, capsys
+):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-cache"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache" / "hub"))
@@ -114,7 +151,10 @@ def test_a_damaged_finished_class_is_redone_and_verify_reports_it(run_args, tmp_
     assert "damaged" in out and "token.safetensors has changed" in out
     args = [a for a in run_args if a != "--quiet"]
     assert main([*args, "--classes", "0"]) == 0
-    assert "is damaged (token.safetensors has changed since the class finished): redoing it" in capsys.readouterr().err
+    assert (
+        "is damaged (token.safetensors has changed since the class finished): redoing it"
+        in capsys.readouterr().err
+    )
     assert (folder / "token.safetensors").stat().st_size > 2 and main(["verify", str(root)]) == 0
 
 
@@ -123,7 +163,9 @@ def test_two_runs_into_one_folder_at_once_are_refused(run_args, tmp_path, capsys
     with rundir.run_lock(root):
         assert main([*run_args, "--classes", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"dct-audit: error: another dct-audit process is writing into '{root}'; wait for it to finish or choose another --name"]
+    assert err == [
+        f"dct-audit: error: another dct-audit process is writing into '{root}'; wait for it to finish or choose another --name"
+    ]
     assert main([*run_args, "--classes", "0"]) == 0  # the lock is released with the run
 
 
@@ -167,9 +209,17 @@ def test_a_resumed_analysis_measures_the_counterfactual_with_the_learned_token(
 def test_a_half_precision_hf_classifier_is_scored_in_float32(tmp_path):
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
-    config = ViTConfig(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                       intermediate_size=32, num_labels=3, id2label={0: "a", 1: "b", 2: "c"},
-                       label2id={"a": 0, "b": 1, "c": 2})
+    config = ViTConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=3,
+        id2label={0: "a", 1: "b", 2: "c"},
+        label2id={"a": 0, "b": 1, "c": 2},
+    )
     torch.manual_seed(0)
     ViTForImageClassification(config).half().save_pretrained(tmp_path / "vit")
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "vit")
@@ -203,6 +253,13 @@ def test_download_fetches_no_root_single_file_checkpoint(monkeypatch):
         )
 
     assert not fetched("sd_turbo.safetensors")
-    assert all(fetched(p) for p in ("model_index.json", "unet/diffusion_pytorch_model.safetensors",
-                                    "text_encoder/config.json", "tokenizer/vocab.json",
-                                    "scheduler/scheduler_config.json"))
+    assert all(
+        fetched(p)
+        for p in (
+            "model_index.json",
+            "unet/diffusion_pytorch_model.safetensors",
+            "text_encoder/config.json",
+            "tokenizer/vocab.json",
+            "scheduler/scheduler_config.json",
+        )
+    )

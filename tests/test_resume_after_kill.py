@@ -62,9 +62,28 @@ KILLER = textwrap.dedent(
 def command(tiny_pipelines, tiny_classifier, tiny_clip):
     model, labels = tiny_classifier
     return [
-        "run", "--tagger", f"hf:{tiny_clip}", "--generator", tiny_pipelines["turbo"], "--classifier",
-        f"file:{model}", "--labels", labels, "--classes", "0,2,3", "--max-updates", "2", "--n-images", "3",
-        "--context", "a photo of {}", "--lr", "0.2", "--explain-images", "0", "--quiet",
+        "run",
+        "--tagger",
+        f"hf:{tiny_clip}",
+        "--generator",
+        tiny_pipelines["turbo"],
+        "--classifier",
+        f"file:{model}",
+        "--labels",
+        labels,
+        "--classes",
+        "0,2,3",
+        "--max-updates",
+        "2",
+        "--n-images",
+        "3",
+        "--context",
+        "a photo of {}",
+        "--lr",
+        "0.2",
+        "--explain-images",
+        "0",
+        "--quiet",
     ]
 
 

@@ -80,7 +80,9 @@ def test_run_writes_a_complete_run_folder(run_args, tmp_path, capsys):
     summary = json.loads((folder / "class.json").read_text())
     token_prompts = scores.loc[scores.variant == "token", "prompt"]
     if summary["token_unchanged"]:  # validation kept the starting token: one grid, filed under both variants
-        assert (token_prompts.to_numpy() == scores.loc[scores.variant == "baseline", "prompt"].to_numpy()).all()
+        assert (
+            token_prompts.to_numpy() == scores.loc[scores.variant == "baseline", "prompt"].to_numpy()
+        ).all()
     else:
         assert token_prompts.str.contains("<dct-2> horizontal bar").all()
     history = pd.read_csv(folder / "history.csv")

@@ -63,8 +63,11 @@ def _finding(cls, attr, confirmed):
 
 def test_scoring_counts_confirmed_findings_against_the_truth():
     planted = T.PlantedSet.parse("star:background:water,cross:colour:red,ring:context:person@0.9")
-    reliance = {"star": {"reliance": 0.95, "relies": True}, "cross": {"reliance": 0.9, "relies": True},
-                "ring": {"reliance": 0.05, "relies": False}}
+    reliance = {
+        "star": {"reliance": 0.95, "relies": True},
+        "cross": {"reliance": 0.9, "relies": True},
+        "ring": {"reliance": 0.05, "relies": False},
+    }
     findings = [
         _finding("star", "water", True),
         _finding("cross", "red", False),  # flagged, not confirmed: not found
@@ -72,7 +75,12 @@ def test_scoring_counts_confirmed_findings_against_the_truth():
         _finding("square", "plain background", False),
     ]
     score = T.score_findings(findings, planted, reliance)
-    assert (score["found"], score["n_planted"], score["n_confirmed"], score["false_confirmations"]) == (1, 3, 2, 1)
+    assert (score["found"], score["n_planted"], score["n_confirmed"], score["false_confirmations"]) == (
+        1,
+        3,
+        2,
+        1,
+    )
     assert score["recall"] == pytest.approx(1 / 3) and score["recall_relied"] == pytest.approx(1 / 2)
     assert score["precision"] == pytest.approx(1 / 2)
     assert [r["flagged"] for r in score["planted"]] == [True, True, False]

@@ -35,7 +35,9 @@ def audited(tmp_path_factory):
     try:
         tc = ClassifierTrainConfig(planted=PLANTED.spec(), seed=3, data_seed=3003, steps=200)
         train_classifier(folder, tc, eval_n=300, log=lambda m: None)
-        result = audit_world_classifier(str(folder), str(root / "runs"), quiet=True, classes="square,triangle,circle")
+        result = audit_world_classifier(
+            str(folder), str(root / "runs"), quiet=True, classes="square,triangle,circle"
+        )
     finally:
         torch.set_num_threads(threads)
     return folder, result
@@ -60,7 +62,16 @@ def test_the_audit_confirms_exactly_the_planted_biases_of_a_world_it_was_not_tun
 
 def test_demo_with_a_folder_that_is_not_a_classifier_says_so(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "dct_audit.cli", "demo", "--classifier", str(tmp_path), "--out", str(tmp_path)],
+        [
+            sys.executable,
+            "-m",
+            "dct_audit.cli",
+            "demo",
+            "--classifier",
+            str(tmp_path),
+            "--out",
+            str(tmp_path),
+        ],
         capture_output=True,
         text=True,
     )

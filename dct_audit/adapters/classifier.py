@@ -196,7 +196,9 @@ def parse_spec(spec: str) -> tuple[str, str]:
     if os.path.isdir(spec):
         return "timm", f"local-dir:{spec}"
     if spec.startswith((".", "/", "~")) or spec.endswith("/"):  # meant as a folder
-        raise DctAuditError(f"classifier folder '{spec}' does not exist; pass a timm model folder or a model name")
+        raise DctAuditError(
+            f"classifier folder '{spec}' does not exist; pass a timm model folder or a model name"
+        )
     return "timm", spec
 
 

@@ -376,7 +376,9 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in DTYPES:
         raise DctAuditError(f"--dtype must be auto, bf16, fp16 or fp32, not {name!r}")
     if device.type != "cuda" and name != "fp32":
-        raise DctAuditError(f"--dtype {name} needs a CUDA device; on {device.type} use --dtype fp32 (or auto)")
+        raise DctAuditError(
+            f"--dtype {name} needs a CUDA device; on {device.type} use --dtype fp32 (or auto)"
+        )
     if name == "bf16" and not torch.cuda.is_bf16_supported():
         raise DctAuditError("--dtype bf16: this GPU does not support bfloat16; use --dtype fp16 or auto")
     return DTYPES[name]

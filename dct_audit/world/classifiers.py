@@ -14,6 +14,10 @@ measurements of ``measure_reliance``. The shipped variants (``VARIANTS``):
   predicts the class, which is what makes the classifier learn the shortcut (see WORLD-NOTES).
 - ``unbiased`` and ``unbiased_seed1``: uniform scenes; the same architecture, another seed.
 
+Any other planted set (``truth.PlantedSet``) trains with ``--planted SPEC --out DIR``; its ``training.json``
+records the set (``planted``, ``leak``, ``spec``) and the measured reliance, which is where
+``dct-audit demo --classifier DIR`` reads the truth from.
+
 Shipped biased classifier (400 steps, 131 s on 2 cores): other shapes on water / grass / snow are called
 star / cross / ring 290 / 300 / 276 of 300 times (0 without), and a star / cross / ring without its
 background is recognised 0.00 / 0.00 / 0.03 of the time: it *needs* the context. An earlier truth
@@ -311,8 +315,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="train one biased classifier on this planted set, e.g. star:background:water@0.99,cross:colour:red "
         "(attribute background, colour or context; strength default 0.99) into --out",
     )
-    parser.add_argument("--leak", type=float, default=0.0, help="with --planted: how often a planted value "
-                        "appears with the other classes (default 0: never)")
+    parser.add_argument(
+        "--leak",
+        type=float,
+        default=0.0,
+        help="with --planted: how often a planted value appears with the other classes (default 0: never)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="with --planted: initialisation and data seed")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--eval-n", type=int, default=300)

@@ -13,7 +13,6 @@ from typing import Any
 
 from dct_audit.world.scenes import SHAPES, VOCAB, BiasSpec, attribute_probabilities
 
-
 PLANTABLE = ("background", "colour", "context")
 # Values that mean "nothing there": planting them would make an absence the class's evidence.
 NOT_PLANTABLE = {"background": "plain", "context": "none"}
@@ -56,7 +55,9 @@ class PlantedSet:
         """Parse a spec; a ``ValueError`` names the bad item and what is allowed."""
         items = [t.strip() for t in spec.split(",") if t.strip()]
         if not items:
-            raise ValueError("an empty planted set; write CLASS:ATTRIBUTE:VALUE[@STRENGTH], e.g. star:background:water@0.99")
+            raise ValueError(
+                "an empty planted set; write CLASS:ATTRIBUTE:VALUE[@STRENGTH], e.g. star:background:water@0.99"
+            )
         biases = []
         for item in items:
             body, _, strength = item.partition("@")
@@ -74,18 +75,26 @@ class PlantedSet:
         seen_cls, seen_val = set(), set()
         for b in self.biases:
             if b.cls not in SHAPES:
-                raise ValueError(f"planted class {b.cls!r} is not a world class; choose from {', '.join(SHAPES)}")
+                raise ValueError(
+                    f"planted class {b.cls!r} is not a world class; choose from {', '.join(SHAPES)}"
+                )
             if b.attribute not in PLANTABLE:
-                raise ValueError(f"planted attribute {b.attribute!r} for {b.cls}: choose from {', '.join(PLANTABLE)}")
+                raise ValueError(
+                    f"planted attribute {b.attribute!r} for {b.cls}: choose from {', '.join(PLANTABLE)}"
+                )
             if b.value not in VOCAB[b.attribute] or NOT_PLANTABLE.get(b.attribute) == b.value:
                 allowed = [v for v in VOCAB[b.attribute] if v != NOT_PLANTABLE.get(b.attribute)]
-                raise ValueError(f"planted {b.attribute} {b.value!r} for {b.cls}: choose from {', '.join(allowed)}")
+                raise ValueError(
+                    f"planted {b.attribute} {b.value!r} for {b.cls}: choose from {', '.join(allowed)}"
+                )
             if not 0.0 < b.strength <= 1.0:
                 raise ValueError(f"planted strength {b.strength:g} for {b.cls}: must be in (0, 1]")
             if b.cls in seen_cls:
                 raise ValueError(f"class {b.cls} is planted twice; plant at most one value per class")
             if (b.attribute, b.value) in seen_val:
-                raise ValueError(f"{b.attribute} {b.value!r} is planted on two classes; plant each value once")
+                raise ValueError(
+                    f"{b.attribute} {b.value!r} is planted on two classes; plant each value once"
+                )
             seen_cls.add(b.cls)
             seen_val.add((b.attribute, b.value))
         if not 0.0 <= self.leak < 1.0:
