@@ -486,10 +486,10 @@ def _counterfactual(
     probs: dict[str, list[float]] = {name: [] for name, _ in variants}
     shown: dict[str, list[bool]] = {name: [] for name, _ in variants}  # does the image show the attribute
     bank = models.bank
+    column = bank.vocabulary.names.index(attribute.name) if bank is not None else None
     for chunk, images in generate(models.generator, jobs, max(batch, 4), opts.steps, opts.guidance):
         present = None
         if bank is not None:
-            column = bank.vocabulary.names.index(attribute.name)
             tag = bank.scores(bank.tagger.image_features(images))[:, column]  # (b,)
             present = (tag >= (attribute.threshold if attribute.threshold is not None else 0.5)).tolist()
         for k, (job, score) in enumerate(

@@ -57,3 +57,20 @@ def tiny_run_options(tiny_pipelines, tiny_classifier, tiny_clip):
         quiet=True,
         lr=0.2,
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_run_command(tiny_pipelines, tiny_classifier, tiny_clip):
+    """The start of a ``dct-audit run`` command line on the tiny models (add classes, out, settings)."""
+    model, labels = tiny_classifier
+    return [
+        "run",
+        "--tagger",
+        f"hf:{tiny_clip}",
+        "--generator",
+        tiny_pipelines["turbo"],
+        "--classifier",
+        f"file:{model}",
+        "--labels",
+        labels,
+    ]

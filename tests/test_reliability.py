@@ -22,24 +22,8 @@ FAST = ["--max-updates", "2", "--n-images", "2", "--context", "a photo of {}", "
 
 
 @pytest.fixture()
-def run_args(tiny_pipelines, tiny_classifier, tiny_clip, tmp_path):
-    model, labels = tiny_classifier
-    return [
-        "run",
-        "--tagger",
-        f"hf:{tiny_clip}",
-        "--generator",
-        tiny_pipelines["turbo"],
-        "--classifier",
-        f"file:{model}",
-        "--labels",
-        labels,
-        "--out",
-        str(tmp_path),
-        "--name",
-        "r",
-        *FAST,
-    ]
+def run_args(tiny_run_command, tmp_path):
+    return [*tiny_run_command, "--out", str(tmp_path), "--name", "r", *FAST]
 
 
 def test_a_classifier_file_that_is_not_torchscript_is_one_line(tmp_path, tiny_classifier):

@@ -59,18 +59,9 @@ KILLER = textwrap.dedent(
 
 
 @pytest.fixture(scope="module")
-def command(tiny_pipelines, tiny_classifier, tiny_clip):
-    model, labels = tiny_classifier
+def command(tiny_run_command):
     return [
-        "run",
-        "--tagger",
-        f"hf:{tiny_clip}",
-        "--generator",
-        tiny_pipelines["turbo"],
-        "--classifier",
-        f"file:{model}",
-        "--labels",
-        labels,
+        *tiny_run_command,
         "--classes",
         "0,2,3",
         "--max-updates",

@@ -28,24 +28,8 @@ FAST = [
 
 
 @pytest.fixture()
-def run_args(tiny_pipelines, tiny_classifier, tiny_clip, tmp_path):
-    model, labels = tiny_classifier
-    return [
-        "run",
-        "--tagger",
-        f"hf:{tiny_clip}",
-        "--generator",
-        tiny_pipelines["turbo"],
-        "--classifier",
-        f"file:{model}",
-        "--labels",
-        labels,
-        "--out",
-        str(tmp_path),
-        "--name",
-        "r1",
-        *FAST,
-    ]
+def run_args(tiny_run_command, tmp_path):
+    return [*tiny_run_command, "--out", str(tmp_path), "--name", "r1", *FAST]
 
 
 def test_run_writes_a_complete_run_folder(run_args, tmp_path, capsys):
