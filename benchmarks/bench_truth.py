@@ -86,11 +86,16 @@ def summarise(rows: pd.DataFrame, controls: pd.DataFrame) -> str:
 
     conf = int(planted.groupby("world")["n_confirmed"].first().sum())
     false = int(planted.groupby("world")["false_confirmations"].first().sum())
+    conf_t = int(planted.groupby("world")["n_confirmed_token"].first().sum())
+    false_t = int(planted.groupby("world")["false_confirmations_token"].first().sum())
     lines += [
         f"| recall, planted biases the classifier relies on | {frac(int(relied['found'].sum()), len(relied))} |",
+        "| recall, relied on, confirmed *and brought in by the token* (what `--confirm flagged` finds) | "
+        f"{frac(int(relied['found_by_token'].sum()), len(relied))} |",
+        f"| precision of those (`--confirm flagged`) | {frac(conf_t - false_t, conf_t)} |",
         f"| recall, all planted biases | {frac(int(planted['found'].sum()), len(planted))} |",
         f"| precision of confirmed findings (biased classifiers) | {frac(conf - false, conf)} |",
-        f"| confirmed findings on unbiased controls | {int(controls['n_confirmed'].sum())} of {len(controls)} controls |",
+        f"| confirmed findings on unbiased controls | {int(controls['n_confirmed'].sum())} in {len(controls)} controls |",
     ]
     lines += [
         "",
@@ -122,7 +127,7 @@ def summarise(rows: pd.DataFrame, controls: pd.DataFrame) -> str:
         lines.append(
             f"| {r['world']} | {r['planted']} | {r['reliance']:.2f} | {r['token_accuracy']:.2f} | "
             f"{r['drawn_token']:.2f} vs {r['drawn_baseline']:.2f} | {'yes' if r['flagged'] else 'no'} | "
-            f"{'**yes**' if r['found'] else 'no'} |"
+            f"{('**yes**' if r['found_by_token'] else '**yes** (check only)') if r['found'] else 'no'} |"
         )
     lines += ["", "| world | confirmed findings (false) | audit s |", "|---|---|---|"]
     for w, g in planted.groupby("world", sort=True):
@@ -191,6 +196,7 @@ def main(argv=None) -> int:
                             "relies",
                             "flagged",
                             "found",
+                            "found_by_token",
                         )
                     },
                     "drawn_token": token_rate,
@@ -198,6 +204,8 @@ def main(argv=None) -> int:
                     "token_accuracy": token_acc,
                     "n_confirmed": score["n_confirmed"],
                     "false_confirmations": score["false_confirmations"],
+                    "n_confirmed_token": score["n_confirmed_token"],
+                    "false_confirmations_token": score["false_confirmations_token"],
                     "audit_s": audit_s,
                     "train_s": train_s,
                 }

@@ -34,6 +34,16 @@ _positive_int = _int_at_least(1)
 _nonneg_int = _int_at_least(0)
 
 
+def _prob_or_off(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1) (0: off), not {value}")
+    return value
+
+
 def _fraction(text: str) -> float:
     try:
         value = float(text)
@@ -116,6 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--stop-accuracy", type=_fraction, default=0.7, help="stop at this batch accuracy (default 0.7)"
+    )
+    p.add_argument(
+        "--stop-prob",
+        type=_prob_or_off,
+        default=0.0,
+        help="with validation seeds, also require their mean target probability to reach this before "
+        "stopping (default 0: off; the demo uses 0.9)",
     )
     p.add_argument(
         "--patience",
@@ -204,6 +221,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="smallest token-minus-baseline attribute rate to flag",
     )
     p.add_argument(
+        "--confirm",
+        choices=("all", "flagged"),
+        default="all",
+        help="counterfactual check of every vocabulary attribute of each class (all: also finds biases the "
+        "token did not bring in) or only of the token's flagged ones (cheaper); default all",
+    )
+    p.add_argument(
+        "--confirm-seeds",
+        type=int,
+        default=8,
+        help="seeds per counterfactual prompt, paired across prompts (default 8)",
+    )
+    p.add_argument(
+        "--shard",
+        metavar="K/N",
+        help="audit only the K-th of N disjoint class subsets into the run folder (job arrays); "
+        "then `dct-audit finish RUN_DIR` analyses all classes",
+    )
+    p.add_argument(
         "--explain-images",
         type=int,
         default=4,
@@ -232,6 +268,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-cross-score", action="store_true", help="skip scoring each run's images by the other classifier"
     )
+
+    # finish ------------------------------------------------------------------------------------
+    p = sub.add_parser(
+        "finish",
+        help="analyse and report a run whose classes were audited by `run --shard K/N` jobs",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    p.add_argument("--alpha", type=_fraction, default=None, help="as for run (default: the run's)")
+    p.add_argument("--min-effect", type=_fraction, default=None, help="as for run (default: the run's)")
+    p.add_argument(
+        "--confirm", choices=("all", "flagged"), default=None, help="as for run (default: the run's)"
+    )
+    p.add_argument("--confirm-seeds", type=int, default=None, help="as for run (default: the run's)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     # verify ------------------------------------------------------------------------------------
     p = sub.add_parser(
@@ -290,6 +341,7 @@ def _cmd_run(args) -> int:
             "lr",
             "max_updates",
             "stop_accuracy",
+            "stop_prob",
             "patience",
             "fresh_seeds",
             "val_seeds",
@@ -306,7 +358,10 @@ def _cmd_run(args) -> int:
             "alpha",
             "min_effect",
             "explain_images",
+            "confirm",
+            "confirm_seeds",
             "holdout_classifier",
+            "shard",
         )
     }
     kwargs["generator"] = args.generator or DEFAULT_GENERATOR
@@ -325,6 +380,24 @@ def _cmd_run(args) -> int:
         )
     _print_findings(result.findings)
     print(f"run folder: {result.run_dir}")
+    if args.shard:
+        print(f"shard {args.shard} finished; when every shard is done: dct-audit finish {result.run_dir}")
+    if result.report:
+        print(f"report: {result.report}")
+    return 0
+
+
+def _cmd_finish(args) -> int:
+    from .pipeline import finish_run
+
+    overrides = {
+        k: getattr(args, k)
+        for k in ("alpha", "min_effect", "confirm", "confirm_seeds")
+        if getattr(args, k) is not None
+    }
+    result = finish_run(args.run_dir, device=args.device, quiet=args.quiet, **overrides)
+    _print_findings(result.findings)
+    print(f"{len(result.classes)} classes analysed: {result.run_dir}")
     if result.report:
         print(f"report: {result.report}")
     return 0
@@ -388,7 +461,10 @@ def _print_findings(findings: list[dict]) -> None:
     for f in findings:
         cf = f.get("counterfactual") or {}
         if f.get("confirmed"):
-            verdict = f"confirmed: the classifier depends on it (smallest change {cf.get('diff', 0):.2f})"
+            verdict = (
+                f"confirmed: the classifier depends on it (smallest change {cf.get('diff', 0):.2f}, "
+                f"interval from {cf.get('ci_low', 0):.2f})"
+            )
         elif f.get("absence"):
             verdict = "an absence: the token removes other contexts, not a bias of this class"
         elif cf:
@@ -398,10 +474,14 @@ def _print_findings(findings: list[dict]) -> None:
             )
         else:
             verdict = "not checked by a counterfactual"
-        print(
-            f"  finding: {f['class_name']}: '{f['attribute']}' in {f['token_rate']:.0%} of token images vs "
-            f"{f['baseline_rate']:.0%} at baseline (q={f['q']:.2g}); {verdict}"
-        )
+        if f.get("source") == "sweep":
+            seen = f"the token did not bring it in ({f['token_rate']:.0%} vs {f['baseline_rate']:.0%} at baseline)"
+        else:
+            seen = (
+                f"in {f['token_rate']:.0%} of token images vs {f['baseline_rate']:.0%} at baseline "
+                f"(q={f['q']:.2g})"
+            )
+        print(f"  finding: {f['class_name']}: '{f['attribute']}' {seen}; {verdict}")
 
 
 def _cmd_demo(args) -> int:
@@ -491,6 +571,7 @@ def main(argv: list[str] | None = None) -> int:
         "demo": _cmd_demo,
         "download": _cmd_download,
         "verify": _cmd_verify,
+        "finish": _cmd_finish,
     }
     try:
         return handlers[args.command](args)

@@ -8,6 +8,8 @@ for every class two sets of token images that pair up by (context, seed). Per cl
   brings and the other's does not. A difference is *significant* when q < alpha and |difference| >=
   min_effect, and *flagged* when it is also explained: the run whose token brings the attribute more often
   has it as a finding that its counterfactual check confirmed (the classifier's confidence depends on it).
+  A dependence that only one run's check confirmed is flagged too (``confirmed_in`` "a" or "b"), even when
+  the two tokens do not differ on it: one classifier depends on the attribute, the other does not.
   Significant but unexplained differences (a token that moved and changed the images' style, with neither
   classifier depending on it) stay in ``attributes.csv`` with ``explained_by`` empty. Runs analysed without
   counterfactuals fall back to flagging every significant difference;
@@ -96,6 +98,13 @@ def _explained_by(row, confirmed_a: set | None, confirmed_b: set | None) -> str:
     higher = confirmed_a if row.diff > 0 else confirmed_b
     key = (int(row.class_index), row.attribute)
     return ("a" if row.diff > 0 else "b") if higher is not None and key in higher else ""
+
+
+def _confirmed_in(row, confirmed_a: set | None, confirmed_b: set | None) -> str:
+    """Which run's counterfactual check confirmed the attribute for the class: "a", "b", "both" or ""."""
+    key = (int(row.class_index), row.attribute)
+    a, b = key in (confirmed_a or ()), key in (confirmed_b or ())
+    return "both" if a and b else "a" if a else "b" if b else ""
 
 
 def _class_folder(run_dir: rundir.RunDir, c: dict) -> Path:
@@ -237,9 +246,19 @@ def compare(
             _explained_by(row, confirmed_a, confirmed_b) if row.significant else ""
             for row in attributes.itertuples()
         ]
+        attributes["confirmed_in"] = [
+            _confirmed_in(row, confirmed_a, confirmed_b) for row in attributes.itertuples()
+        ]
         if confirmed_a is None and confirmed_b is None:  # neither run has counterfactual evidence
             attributes["flagged"] = attributes["significant"]
         else:
+            # a difference of the tokens explained by a confirmed finding, or a dependence only one of the
+            # two classifiers has (its counterfactual check confirms it, the other's does not), whether or not
+            # the tokens happened to differ on it
+            only = attributes["confirmed_in"].isin(["a", "b"])
+            attributes.loc[only & (attributes["explained_by"] == ""), "explained_by"] = attributes[
+                "confirmed_in"
+            ]
             attributes["flagged"] = attributes["explained_by"] != ""
         flagged = attributes[attributes["flagged"]].to_dict("records")
     table = pd.DataFrame(class_rows)

@@ -38,10 +38,11 @@ DEMO_SETTINGS = dict(
     templates=("a photo of a {}", "a {}", "a picture of a {}"),
     contexts=("a photo of a {}", "a picture of a {}"),
     n_images=16,
-    steps=10,
-    grad_steps=10,
+    steps=6,
+    grad_steps=6,
     max_updates=60,
     stop_accuracy=1.0,
+    stop_prob=0.9,
     patience=20,
     fresh_seeds=True,
     val_seeds=16,
@@ -51,6 +52,8 @@ DEMO_SETTINGS = dict(
     max_norm=2.0,
     batch=8,
     explain_images=2,
+    confirm="all",
+    confirm_seeds=8,
 )
 
 

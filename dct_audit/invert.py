@@ -48,6 +48,10 @@ class InvertConfig:
     lr: float = 1e-3
     max_updates: int = 50
     stop_accuracy: float = 0.7
+    # With validation seeds, stopping also needs the mean target probability on them to reach this (0: off).
+    # Accuracy saturates once the class wins the argmax; the probability keeps rewarding a token that brings
+    # in every cue the classifier uses, not only the first sufficient one.
+    stop_prob: float = 0.0
     patience: int = 0  # stop when the best loss has not improved for this many updates (0: never)
     fresh_seeds: bool = (
         False  # new seeds at every update (the expected loss over noise) instead of fixed ones
@@ -78,6 +82,8 @@ class InvertConfig:
             raise ValueError(f"patience must be >= 0, not {self.patience}")
         if not 0.0 < self.stop_accuracy <= 1.0:
             raise ValueError(f"stop_accuracy must be in (0, 1], not {self.stop_accuracy}")
+        if not 0.0 <= self.stop_prob < 1.0:
+            raise ValueError(f"stop_prob must be in [0, 1), not {self.stop_prob}")
         if self.val_seeds < 0 or self.val_seeds >= SEED_STREAM:
             raise ValueError(f"val_seeds must be in [0, {SEED_STREAM}), not {self.val_seeds}")
         if not self.max_norm >= 0:
@@ -121,9 +127,10 @@ def _autocast(device: torch.device, dtype: torch.dtype = torch.float32):
 
 def _val_score(
     generator, classifier, vector_prompts, seeds, target, config, guidance, uncond
-) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of the current token on the fixed validation seeds (no autograd)."""
-    losses, hits = [], []
+) -> tuple[float, float, float]:
+    """Mean cross-entropy, accuracy and mean target probability of the current token on the fixed
+    validation seeds (no autograd)."""
+    losses, hits, probs = [], [], []
     device = generator.device
     with torch.no_grad():
         for i in range(0, len(seeds), config.batch):
@@ -136,7 +143,8 @@ def _val_score(
             t = torch.full((len(logits),), target, device=logits.device, dtype=torch.long)
             losses += F.cross_entropy(logits, t, reduction="none").tolist()
             hits += (logits.argmax(-1) == target).tolist()
-    return sum(losses) / len(losses), sum(hits) / len(hits)
+            probs += logits.softmax(-1)[:, target].tolist()
+    return sum(losses) / len(losses), sum(hits) / len(hits), sum(probs) / len(probs)
 
 
 def invert_class(
@@ -198,10 +206,10 @@ def invert_class(
         # 4a. Validation of the current token (the one the step below would change), on fixed seeds
         validated = bool(val_seeds) and (update % config.eval_every == 0)
         if validated:
-            val_loss, val_acc = _val_score(
+            val_loss, val_acc, val_prob = _val_score(
                 generator, classifier, val_prompts, val_seeds, target, config, guidance, uncond
             )
-            row.update(val_loss=val_loss, val_accuracy=val_acc)
+            row.update(val_loss=val_loss, val_accuracy=val_acc, val_prob=val_prob)
 
         # 4b. Training batch: loss and gradient
         optimizer.zero_grad(set_to_none=True)
@@ -253,7 +261,10 @@ def invert_class(
                 best_loss, best_update, last_improved = judged_loss, update, update
                 best_vector = vector.detach().float().cpu().clone()
                 best_val_accuracy = judged_acc if validated else None
-            if decide and judged_acc >= config.stop_accuracy:
+            reached = judged_acc >= config.stop_accuracy and (
+                not validated or row["val_prob"] >= config.stop_prob
+            )
+            if decide and reached:
                 stop_reason = "accuracy"
                 best_loss, best_update = judged_loss, update  # the accepted token is the one that passed
                 best_vector = vector.detach().float().cpu().clone()
@@ -300,10 +311,10 @@ def invert_class(
 
     # 6. The last step's token has not been judged yet: validate it too
     if stop_reason == "max_updates" and val_seeds and math.isfinite(history[-1]["loss"]):
-        val_loss, val_acc = _val_score(
+        val_loss, val_acc, val_prob = _val_score(
             generator, classifier, val_prompts, val_seeds, target, config, guidance, uncond
         )
-        history[-1].update(final_val_loss=val_loss, final_val_accuracy=val_acc)
+        history[-1].update(final_val_loss=val_loss, final_val_accuracy=val_acc, final_val_prob=val_prob)
         if val_loss < best_loss:
             best_loss, best_update = val_loss, config.max_updates
             best_vector = vector.detach().float().cpu().clone()

@@ -11,6 +11,7 @@ import platform
 import resource
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,13 +22,43 @@ import torch
 from . import __version__, rundir
 from .adapters.classifier import Classifier, describe_classifier, load_classifier
 from .adapters.generator import DEFAULT_GENERATOR, Generator, check_generator_spec, load_generator
-from .analyse import ALPHA, MIN_EFFECT, class_enrichment, confirmed, counterfactual_effect, flag_findings
+from .analyse import (
+    ALPHA,
+    CONFIRM_MIN_CHANGE,
+    MIN_EFFECT,
+    class_enrichment,
+    confirmed,
+    counterfactual_effect,
+    flag_findings,
+)
 from .errors import DctAuditError
 from .generate import DEFAULT_CONTEXTS, eval_seeds, generate, plan_jobs, twin
 from .invert import PAPER_TEMPLATES, InvertConfig, invert_class, save_token
 from .resolve import ResolvedClass, resolve_classes
 from .score import score_images
 from .tag import DEFAULT_TAGGER, AttributeBank, Vocabulary, load_tagger, load_vocabulary
+
+CONFIRM_MODES = ("all", "flagged")
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"K/N"`` -> (K, N) with 1 <= K <= N; one line saying how to write it otherwise."""
+    try:
+        k, n = (int(x) for x in str(text).split("/"))
+    except ValueError:
+        raise DctAuditError(f"--shard must look like K/N (e.g. 2/8), not {text!r}") from None
+    if not 1 <= k <= n:
+        raise DctAuditError(f"--shard {text}: K must be between 1 and N")
+    return k, n
+
+
+def shard_classes(targets: list, shard: str | None) -> list:
+    """The K-th of N disjoint subsets of ``targets`` (by label index, round robin); all without a shard."""
+    if not shard:
+        return list(targets)
+    k, n = parse_shard(shard)
+    ordered = sorted(targets, key=lambda c: c.index)
+    return ordered[k - 1 :: n]
 
 
 @dataclass
@@ -57,6 +88,8 @@ class RunOptions:
     lr: float = 1e-3
     max_updates: int = 50
     stop_accuracy: float = 0.7
+    # with validation seeds, the stop also needs their mean target probability to reach this (0: off)
+    stop_prob: float = 0.0
     # Decisions on like-for-like numbers (measured on random planted worlds, README "Truth benchmark"):
     # fresh seeds every update, a fixed validation set decides the kept token, the stop and patience.
     patience: int = 20  # restart / stop when the best validation loss has not improved for this many updates
@@ -77,6 +110,13 @@ class RunOptions:
     alpha: float = ALPHA  # false discovery rate of flagged findings
     min_effect: float = MIN_EFFECT  # smallest token-minus-baseline rate that is flagged
     explain_images: int = 4  # token images per class with captum attributions
+    # Counterfactual check: "all" tests every (non-absence) vocabulary attribute of every class with the plain
+    # class prompt, so a bias the token did not bring in is still found; "flagged" only the token's flagged
+    # attributes (cheaper: the README's truth benchmark measures what it misses).
+    confirm: str = "all"
+    confirm_seeds: int = 8  # seeds per counterfactual prompt (paired across prompts)
+    # "K/N": audit only the K-th of N disjoint class subsets (job arrays); the analysis waits for `finish`
+    shard: str | None = None
     overwrite: bool = False
     quiet: bool = False
     report: bool = True  # render the HTML report at the end
@@ -102,6 +142,19 @@ class RunOptions:
             raise DctAuditError(f"--min-effect must be in (0, 1], not {self.min_effect}")
         if self.n_images < 1:
             raise DctAuditError(f"--n-images must be at least 1, not {self.n_images}")
+        if self.confirm not in CONFIRM_MODES:
+            raise DctAuditError(f"--confirm must be one of {', '.join(CONFIRM_MODES)}, not {self.confirm!r}")
+        if self.shard is not None:
+            parse_shard(self.shard)
+            if self.overwrite:
+                raise DctAuditError(
+                    "--overwrite cannot be combined with --shard (one shard would delete the others' classes); "
+                    "clear the run folder first, then start the shards"
+                )
+        if self.confirm_seeds < 2:
+            raise DctAuditError(
+                f"--confirm-seeds must be at least 2 (a paired interval needs two), not {self.confirm_seeds}"
+            )
         if self.steps is not None and self.steps < 1:
             raise DctAuditError(f"--steps must be at least 1, not {self.steps}")
         if self.grad_steps < 1:
@@ -142,6 +195,7 @@ class RunOptions:
             lr=self.lr,
             max_updates=self.max_updates,
             stop_accuracy=self.stop_accuracy,
+            stop_prob=self.stop_prob,
             patience=self.patience,
             fresh_seeds=self.fresh_seeds,
             val_seeds=self.val_seeds,
@@ -170,6 +224,7 @@ class RunOptions:
             "lr",
             "max_updates",
             "stop_accuracy",
+            "stop_prob",
             "patience",
             "fresh_seeds",
             "val_seeds",
@@ -289,16 +344,18 @@ def run_with_options(opts: RunOptions) -> RunResult:
     run_dir, previous = rundir.open_run_dir(root, settings, opts.overwrite)
     check_generator_spec(opts.generator)  # a local folder or hub index that cannot work: before anything
     rundir.check_free_space(root, _estimated_bytes(opts, len(targets)))
-    with rundir.run_lock(root):
+    lock = ".lock" if not opts.shard else ".lock-shard-{}-of-{}".format(*parse_shard(opts.shard))
+    with rundir.run_lock(root, lock):
         return _run_locked(opts, device, batch, clf_record, targets, say, root, settings, run_dir, previous)
 
 
 def _run_locked(
     opts, device, batch, clf_record, targets, say, root, settings, run_dir, previous
 ) -> RunResult:
-    states = {c.index: run_dir.verify_class(c.index, c.name) for c in targets}
-    todo = [c for c in targets if opts.overwrite or states[c.index][0] != "done"]
-    skipped = [c.index for c in targets if c not in todo]
+    mine = shard_classes(targets, opts.shard)  # every class, or this shard's share
+    states = {c.index: run_dir.verify_class(c.index, c.name) for c in mine}
+    todo = [c for c in mine if opts.overwrite or states[c.index][0] != "done"]
+    skipped = [c.index for c in mine if c not in todo]
     if skipped:
         say(f"resuming {root}: {len(skipped)} class(es) already finished")
     for c in todo:
@@ -317,16 +374,20 @@ def _run_locked(
         check_generator_spec(opts.generator)
         _load_models(models, opts, device, vocabulary)
     rundir.create_run_dir(run_dir, opts.overwrite)
+    # the manifest lists every class of the run (a shard's too); class records are merged, never replaced
     manifest = _manifest(previous or {}, opts, settings, device, clf_record, models.generator, targets)
     if vocabulary is not None:
         manifest["tagging"] = {
             "tagger": opts.tagger,
             "vocabulary": vocabulary.source,
+            "attributes_file": opts.attributes,  # the --attributes given (None: the shipped vocabulary)
             "attributes": len(vocabulary),
             "thresholds": _thresholds(vocabulary),
             "thresholds_source": "vocabulary file (0.5 where it sets none)",
         }
-    run_dir.write_manifest(manifest)
+    if opts.overwrite:
+        run_dir.write_manifest(manifest)
+    manifest = run_dir.update_manifest(manifest)
 
     # 4. One class at a time
     from tqdm.auto import tqdm
@@ -335,15 +396,21 @@ def _run_locked(
     for cls in bar:
         bar.set_postfix_str(cls.name[:30])
         summary = audit_class(run_dir, cls, models, opts, batch, device)
-        manifest["class_runs"][str(cls.index)] = {
+        record = {
             "name": cls.name,
             "folder": run_dir.class_dir(cls.index, cls.name).name,
             "seconds": summary["timings"],
             "memory": summary["memory"],
             "finished": _dt.datetime.now().isoformat(timespec="seconds"),
         }
-        run_dir.write_manifest(manifest)
+        if opts.shard:
+            record["shard"] = opts.shard
+        manifest = run_dir.update_manifest({}, {str(cls.index): record})
     bar.close()
+
+    if opts.shard:  # the analysis needs every class: `dct-audit finish` runs it once all shards are done
+        results = [rundir.read_json(run_dir.class_dir(c.index, c.name) / "class.json") for c in mine]
+        return RunResult(run_dir=root, classes=results, skipped=skipped, findings=[], report=None)
 
     # 5. Across classes: q-values, flags, counterfactual checks of the flagged attributes
     findings = []
@@ -352,10 +419,13 @@ def _run_locked(
         manifest["analysis"] = {
             "alpha": opts.alpha,
             "min_effect": opts.min_effect,
+            "confirm": opts.confirm,
+            "confirm_seeds": opts.confirm_seeds,
+            "confirm_min_change": CONFIRM_MIN_CHANGE,
             "findings": len(findings),
             "finished": _dt.datetime.now().isoformat(timespec="seconds"),
         }
-        run_dir.write_manifest(manifest)
+        manifest = run_dir.update_manifest({"analysis": manifest["analysis"]})
     results = [rundir.read_json(run_dir.class_dir(c.index, c.name) / "class.json") for c in targets]
 
     # 6. The HTML report (reads the run folder only)
@@ -365,6 +435,51 @@ def _run_locked(
 
         report = render_report(root)
     return RunResult(run_dir=root, classes=results, skipped=skipped, findings=findings, report=report)
+
+
+def finish_run(run_dir: str | Path, **overrides) -> RunResult:
+    """Analyse and report a run whose classes were audited elsewhere (``--shard K/N`` job arrays): the same
+    settings as the run, read from its manifest; ``overrides`` may set the device, ``quiet``, ``report``
+    and the analysis options (alpha, min_effect, confirm, confirm_seeds). Refuses while classes of the run
+    are unfinished, naming them."""
+    root = Path(run_dir)
+    manifest = rundir.RunDir(root).read_manifest() if root.is_dir() else None
+    if manifest is None or "settings" not in manifest:
+        raise DctAuditError(
+            f"'{root}' is not a dct-audit run folder (no manifest.json); give the folder of the run"
+        )
+    allowed = {"device", "quiet", "report", "alpha", "min_effect", "confirm", "confirm_seeds"}
+    unknown = sorted(set(overrides) - allowed)
+    if unknown:
+        raise DctAuditError(f"finish cannot change {', '.join(unknown)}: those are the run's own settings")
+    run = rundir.RunDir(root)
+    classes = manifest.get("classes") or []
+    missing = [c for c in classes if run.verify_class(c["index"], c["name"])[0] != "done"]
+    if missing:
+        names = ", ".join(f"{c['name']} ({c['index']})" for c in missing[:5])
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise DctAuditError(
+            f"{len(missing)} class(es) of '{root}' are not finished: {names}{more}; run their shards again "
+            "(or `dct-audit run` with the same settings), then finish"
+        )
+    fields = set(RunOptions.__dataclass_fields__)
+    settings = {k: v for k, v in manifest["settings"].items() if k in fields}
+    for key in ("templates", "contexts", "restart_words"):
+        if key in settings:
+            settings[key] = tuple(settings[key])
+    tagging = manifest.get("tagging") or {}
+    analysis = manifest.get("analysis") or {}
+    kwargs = {
+        "tagger": tagging.get("tagger"),
+        "attributes": tagging.get("attributes_file"),
+        **{k: analysis[k] for k in ("alpha", "min_effect", "confirm", "confirm_seeds") if k in analysis},
+        **settings,
+        **overrides,
+    }
+    opts = RunOptions(
+        classes=[str(c["index"]) for c in classes], out=str(root.parent), name=root.name, **kwargs
+    )
+    return run_with_options(opts)
 
 
 def _load_models(
@@ -404,10 +519,15 @@ def analyse_run(
     batch: int,
     device: torch.device,
 ) -> list[dict]:
-    """Enrichment of every class x attribute, BH over all of them, then counterfactuals of the flagged ones.
+    """Enrichment of every class x attribute, BH over all of them, then the counterfactual check.
 
-    Writes ``enrichment.csv`` and ``findings.json`` at the run's root. Counterfactual results are cached per
-    class (``counterfactual/<attribute>.json``), so a resumed run only generates what is missing.
+    The check compares the plain class prompt with an attribute against the same prompt with each of its
+    replacements, on the same seeds (``counterfactual_sweep``). With ``opts.confirm == "all"`` every
+    non-absence attribute of the vocabulary is checked, so a bias the token did not bring in is still
+    confirmed (such findings carry ``source: "sweep"``); with ``"flagged"`` only the token's flagged ones.
+    A finding is every flagged attribute plus every confirmed one. Writes ``enrichment.csv`` and
+    ``findings.json`` at the run's root. The prompts' scores are cached per class
+    (``counterfactual/sweep.json``), so a resumed run only generates what is missing.
     """
     thresholds = _thresholds(vocabulary)
     attrs = [(a.name, a.group) for a in vocabulary.attributes]
@@ -418,101 +538,136 @@ def analyse_run(
     enrichment = flag_findings(pd.concat(tables, ignore_index=True), opts.alpha, opts.min_effect)
     rundir.write_csv(run_dir.root / "enrichment.csv", enrichment)
 
-    by_name = {a.name: a for a in vocabulary.attributes}
-    seeds = eval_seeds(opts.seed, opts.n_images)
+    seeds = eval_seeds(opts.seed, opts.confirm_seeds)
     findings = []
-    for row in enrichment[enrichment["flagged"]].itertuples():
-        cls = next(c for c in targets if c.index == row.class_index)
+    for cls in targets:
+        rows = enrichment[enrichment["class_index"] == cls.index]
+        flagged = set(rows.loc[rows["flagged"], "attribute"])
+        checked = [
+            a for a in vocabulary.attributes if not a.absence and (opts.confirm == "all" or a.name in flagged)
+        ]
         folder = run_dir.class_dir(cls.index, cls.name)
-        cache = folder / "counterfactual" / f"{rundir.slugify(row.attribute)}.json"
-        attribute = by_name[row.attribute]
-        cf = rundir.read_json(cache) if cache.is_file() else None
-        if cf is None or "replacements" not in cf:  # older caches compared against one replacement
-            _load_models(models, opts, device, vocabulary)
-            replacements = vocabulary.replacements(attribute)
-            cf = _counterfactual(
-                models, cls, attribute, replacements, seeds, opts, batch, folder / "token.safetensors"
-            )
-            rundir.write_json(cache, cf)
+        prompts = {}  # template -> name, for the attribute and every replacement
+        for a in checked:
+            prompts.setdefault(a.with_context, a.name)
+            for name, template in vocabulary.replacements(a):
+                prompts.setdefault(template, name)
+        sweep = counterfactual_sweep(
+            lambda: _load_models(models, opts, device, vocabulary),
+            folder / "counterfactual" / "sweep.json",
+            cls,
+            prompts,
+            seeds,
+            opts,
+            batch,
+        )
+        cfs = {a.name: _effect(a, vocabulary, sweep, cls.name) for a in checked}
         attribution = (
             rundir.read_json(folder / "attribution.json") if (folder / "attribution.json").is_file() else {}
         )
-        findings.append(
-            {
-                "class_index": cls.index,
-                "class_name": cls.name,
-                "attribute": row.attribute,
-                "group": row.group,
-                "token_rate": row.token_rate,
-                "baseline_rate": row.baseline_rate,
-                "effect": row.diff,
-                "ci": [row.ci_low, row.ci_high],
-                "p": row.p_value,
-                "q": row.q_value,
-                "counterfactual": cf,
-                # an absence attribute ("plain background") says the token removes other contexts
-                "absence": attribute.absence,
-                # the classifier's confidence depends on the attribute against every replacement (intervals
-                # above 0, worst change >= CONFIRM_MIN_CHANGE): a bias of the classifier, not a side effect
-                "confirmed": confirmed(cf, attribute.absence),
-                "attribution_outside_object": attribution.get("outside_object"),
-                "overlays": [f"classes/{folder.name}/{p}" for p in attribution.get("overlays", [])],
-            }
-        )
+        for row in rows.itertuples():
+            attribute = vocabulary.attributes[vocabulary.names.index(row.attribute)]
+            cf = cfs.get(row.attribute)
+            is_confirmed = confirmed(cf, attribute.absence)
+            if not (row.flagged or is_confirmed):
+                continue
+            findings.append(
+                {
+                    "class_index": cls.index,
+                    "class_name": cls.name,
+                    "attribute": row.attribute,
+                    "group": row.group,
+                    # "token": the token brings it in (flagged); "sweep": not flagged, but the counterfactual
+                    # check of every attribute found that the classifier depends on it
+                    "source": "token" if row.flagged else "sweep",
+                    "flagged": bool(row.flagged),
+                    "token_rate": row.token_rate,
+                    "baseline_rate": row.baseline_rate,
+                    "effect": row.diff,
+                    "ci": [row.ci_low, row.ci_high],
+                    "p": row.p_value,
+                    "q": row.q_value,
+                    "counterfactual": cf,
+                    # an absence attribute ("plain background") says the token removes other contexts
+                    "absence": attribute.absence,
+                    # the classifier's confidence depends on the attribute against every replacement, with the
+                    # interval of the smallest change at or above CONFIRM_MIN_CHANGE
+                    "confirmed": is_confirmed,
+                    "attribution_outside_object": attribution.get("outside_object"),
+                    "overlays": [f"classes/{folder.name}/{p}" for p in attribution.get("overlays", [])],
+                }
+            )
     rundir.write_json(run_dir.root / "findings.json", findings)
     return findings
 
 
-def _counterfactual(
-    models: Models,
+def _effect(attribute, vocabulary: Vocabulary, sweep: dict, class_name: str) -> dict:
+    """The counterfactual check of one attribute from the class's scored prompts."""
+    column = attribute.name
+
+    def rate(entry):
+        r = (entry.get("rates") or {}).get(column)
+        return None if r is None else float(r)
+
+    with_entry = sweep[attribute.with_context]
+    replacements = {
+        name: {
+            "prompt": template.format(class_name),
+            "probs": sweep[template]["probs"],
+            "attribute_rate": rate(sweep[template]),
+        }
+        for name, template in vocabulary.replacements(attribute)
+    }
+    out = counterfactual_effect(with_entry["probs"], replacements, with_rate=rate(with_entry))
+    worst = next(r for r in out["replacements"] if r["name"] == out["worst_replacement"])
+    out.update(with_prompt=attribute.with_context.format(class_name), without_prompt=worst["prompt"])
+    return out
+
+
+def counterfactual_sweep(
+    ensure_models: Callable[[], Models],
+    cache: Path,
     cls: ResolvedClass,
-    attribute,
-    replacements: list[tuple[str, str]],
+    prompts: dict[str, str],
     seeds: list[int],
     opts: RunOptions,
     batch: int,
-    token_file: Path,
-) -> dict:
-    """Target probability of token images with the attribute vs with each replacement, same seeds."""
+) -> dict[str, dict]:
+    """Score the plain class prompt in every template of ``prompts`` (template -> name) on ``seeds``.
+
+    Returns ``{template: {"name", "prompt", "probs": [per seed], "rates": {attribute: share of images
+    tagged with it}}}``. Entries already in ``cache`` (same seeds) are reused; new ones are added to it.
+    The class's token is not in these prompts: the check asks whether the classifier depends on the
+    attribute itself, whatever the token learned.
+    """
     from .generate import Job
-    from .invert import load_token
 
-    # the class's own token, also when it was learned in an earlier process (a resumed run)
-    placeholder, vector = load_token(token_file)
-    models.generator.set_token(placeholder, vector.to(models.generator.device))
-    subject = f"{placeholder} {cls.name}"
-    variants = [("with", attribute.with_context)] + replacements
-    jobs = [Job(name, 0, prompt, s, prompt.format(subject)) for name, prompt in variants for s in seeds]
-    probs: dict[str, list[float]] = {name: [] for name, _ in variants}
-    shown: dict[str, list[bool]] = {name: [] for name, _ in variants}  # does the image show the attribute
-    bank = models.bank
-    column = bank.vocabulary.names.index(attribute.name) if bank is not None else None
-    for chunk, images in generate(models.generator, jobs, max(batch, 4), opts.steps, opts.guidance):
-        present = None
-        if bank is not None:
-            tag = bank.scores(bank.tagger.image_features(images))[:, column]  # (b,)
-            present = (tag >= (attribute.threshold if attribute.threshold is not None else 0.5)).tolist()
-        for k, (job, score) in enumerate(
-            zip(chunk, score_images(models.classifier, images, cls.index), strict=True)
-        ):
-            probs[job.variant].append(score["target_prob"])
-            if present is not None:
-                shown[job.variant].append(bool(present[k]))
-
-    def rate(name):
-        return float(np.mean(shown[name])) if shown[name] else None
-
-    out = counterfactual_effect(
-        probs["with"],
-        {
-            name: {"prompt": p.format(subject), "probs": probs[name], "attribute_rate": rate(name)}
-            for name, p in replacements
-        },
-        with_rate=rate("with"),
-    )
-    worst = next(r for r in out["replacements"] if r["name"] == out["worst_replacement"])
-    out.update(with_prompt=attribute.with_context.format(subject), without_prompt=worst["prompt"])
-    return out
+    old = rundir.read_json(cache) if cache.is_file() else None
+    entries = old.get("prompts", {}) if isinstance(old, dict) and old.get("seeds") == seeds else {}
+    missing = [t for t in prompts if t not in entries]
+    if missing:
+        models = ensure_models()
+        bank = models.bank
+        jobs = [Job(t, 0, t, s, t.format(cls.name)) for t in missing for s in seeds]
+        probs: dict[str, list[float]] = {t: [] for t in missing}
+        tags: dict[str, list[np.ndarray]] = {t: [] for t in missing}
+        for chunk, images in generate(models.generator, jobs, max(batch, 4), opts.steps, opts.guidance):
+            scores = bank.scores(bank.tagger.image_features(images)) if bank is not None else None
+            for k, (job, score) in enumerate(
+                zip(chunk, score_images(models.classifier, images, cls.index), strict=True)
+            ):
+                probs[job.variant].append(score["target_prob"])
+                if scores is not None:
+                    tags[job.variant].append(scores[k])
+        thresholds = bank.thresholds(_thresholds(bank.vocabulary)) if bank is not None else None
+        for t in missing:
+            rates = {}
+            if tags[t]:
+                shown = np.stack(tags[t]) >= thresholds
+                rates = {n: float(v) for n, v in zip(bank.vocabulary.names, shown.mean(0), strict=True)}
+            entries[t] = {"name": prompts[t], "prompt": t.format(cls.name), "probs": probs[t], "rates": rates}
+        rundir.write_json(cache, {"class": cls.name, "seeds": seeds, "prompts": entries})
+    return entries
 
 
 def _manifest(

@@ -27,9 +27,12 @@ Optional analysis files (each section of a class page appears only when its file
     the attribute, 0-1), diff (token_rate - baseline_rate, paired by context and seed), ci_low,
     ci_high (interval of diff), p_value, q_value (Benjamini-Hochberg over the run), flagged (bool)
 
-``findings.json`` (run folder root), a list of flagged findings; extra keys are ignored::
+``findings.json`` (run folder root), a list of findings (flagged by the token, or confirmed by the
+counterfactual check of every attribute); extra keys are ignored::
 
     [{"class_index": 122, "attribute": "plate", "effect": 0.62, "ci": [0.41, 0.80], "q": 0.001,
+      "source": "token",                 # or "sweep": not flagged, confirmed by the check (optional)
+      "confirmed": true,                 # optional
       "token_rate": 0.83, "baseline_rate": 0.21,            # optional
       "counterfactual": {"with_prob": 0.81, "without_prob": 0.42, "diff": 0.39,   # or null
                          "ci_low": 0.30, "ci_high": 0.48,
@@ -215,7 +218,35 @@ def read_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, self_contai
         "run_dir": _rel(run_dir, out_dir),
         "run": run,
         "classes": rows,
+        "findings": _finding_rows(read_findings(run_dir), rows),
     }
+
+
+def _finding_rows(findings: list | None, rows: list[dict]) -> dict | None:
+    """What the index says first: confirmed findings, then flags the check did not confirm."""
+    if findings is None:
+        return None
+    pages = {r["index"]: r.get("page") for r in rows}
+    confirmed, unconfirmed = [], []
+    for f in findings:
+        if not isinstance(f, dict):
+            continue
+        cf = f.get("counterfactual") or {}
+        item = {
+            "class_name": str(f.get("class_name", "")),
+            "page": pages.get(f.get("class_index")),
+            "attribute": str(f.get("attribute", "")),
+            "source": "sweep" if f.get("source") == "sweep" else "token",
+            "token_rate": _number(f.get("token_rate")),
+            "baseline_rate": _number(f.get("baseline_rate")),
+            "with_prob": _number(cf.get("with_prob")),
+            "diff": _number(cf.get("diff")),
+            "ci_low": _number(cf.get("ci_low")),
+            "worst": cf.get("worst_replacement"),
+            "absence": bool(f.get("absence")),
+        }
+        (confirmed if f.get("confirmed") else unconfirmed).append(item)
+    return {"confirmed": confirmed, "unconfirmed": unconfirmed}
 
 
 _SUMMARY_KEYS = ("token_accuracy", "baseline_accuracy", "token_target_prob", "baseline_target_prob")
@@ -442,6 +473,8 @@ def _finding(f: dict, run_dir: Path, out_dir: Path) -> dict:
         "token_rate": _number(f.get("token_rate")),
         "baseline_rate": _number(f.get("baseline_rate")),
         "counterfactual": cf,
+        "source": "sweep" if f.get("source") == "sweep" else "token",
+        "confirmed": bool(f.get("confirmed")),
         "absence": bool(f.get("absence")),
         "attribution_outside_object": _number(f.get("attribution_outside_object")),
         "overlays": overlays,

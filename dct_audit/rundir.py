@@ -205,6 +205,32 @@ class RunDir:
     def write_manifest(self, manifest: dict) -> None:
         write_json(self.manifest_path, manifest)
 
+    def update_manifest(self, base: dict, class_runs: dict | None = None) -> dict:
+        """Merge into the manifest on disk under a short file lock, and return what was written.
+
+        ``base``'s keys replace the disk's, except ``class_runs``, which is the union (``base``'s, then the
+        disk's, then ``class_runs``, later ones winning): shards of one run finish classes concurrently, and none may
+        drop another's records.
+        """
+        import fcntl
+
+        with open(self.root / ".manifest.lock", "a+") as handle:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            try:
+                disk = self.read_manifest() or {}
+                merged = {**disk, **base}
+                merged["class_runs"] = {
+                    **(base.get("class_runs") or {}),
+                    **(disk.get("class_runs") or {}),
+                    **(class_runs or {}),
+                }
+                if disk.get("created"):
+                    merged["created"] = disk["created"]
+                self.write_manifest(merged)
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+        return merged
+
 
 def check_writable(root: Path) -> None:
     """Fail early, before any model loads, if ``root`` cannot be created or written."""
@@ -222,11 +248,14 @@ def check_writable(root: Path) -> None:
 
 
 @contextlib.contextmanager
-def run_lock(root: Path) -> Iterator[None]:
-    """Hold an exclusive lock on the run folder (``.lock`` inside it) while a run writes there.
+def run_lock(root: Path, name: str = ".lock") -> Iterator[None]:
+    """Hold an exclusive lock on the run folder (``name`` inside it, ``.lock`` by default) while a run
+    writes there.
 
     A second process that targets the same folder is refused with one line. The lock is an OS file lock
-    (``flock``), so a run that was killed leaves no stale lock behind.
+    (``flock``), so a run that was killed leaves no stale lock behind. Shards of one run (``--shard K/N``)
+    each lock their own ``.lock-shard-K-of-N``: they write disjoint class folders and merge the manifest
+    under :func:`RunDir.update_manifest`.
     """
     import fcntl
 
@@ -237,7 +266,7 @@ def run_lock(root: Path) -> Iterator[None]:
         probe = probe.parent
     try:
         root.mkdir(parents=True, exist_ok=True)
-        handle = open(root / ".lock", "a+")  # noqa: SIM115 - held for the whole run
+        handle = open(root / name, "a+")  # noqa: SIM115 - held for the whole run
     except OSError as e:
         raise DctAuditError(
             f"cannot write to output folder '{root}' ({e.strerror or e}); choose another --out"
@@ -254,8 +283,8 @@ def run_lock(root: Path) -> Iterator[None]:
     finally:
         fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
         handle.close()
-        if created and [p.name for p in root.iterdir()] == [".lock"]:  # failed before writing anything
-            (root / ".lock").unlink(missing_ok=True)
+        if created and [p.name for p in root.iterdir()] == [name]:  # failed before writing anything
+            (root / name).unlink(missing_ok=True)
             for folder in reversed(created):
                 with contextlib.suppress(OSError):
                     folder.rmdir()

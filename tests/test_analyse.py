@@ -74,8 +74,9 @@ def test_a_replacement_that_did_not_remove_the_attribute_is_not_counted():
 def test_a_finding_is_confirmed_by_a_dependence_that_matters():
     from dct_audit.analyse import CONFIRM_MIN_CHANGE, confirmed
 
-    assert confirmed({"depends": True, "diff": 0.9})
-    assert not confirmed({"depends": True, "diff": CONFIRM_MIN_CHANGE / 3})  # real but tiny
-    assert not confirmed({"depends": False, "diff": 0.5})  # the interval includes 0
+    assert confirmed({"depends": True, "diff": 0.9, "ci_low": 0.8})
+    assert not confirmed({"depends": True, "diff": 0.2, "ci_low": CONFIRM_MIN_CHANGE / 3})  # may be tiny
+    assert not confirmed({"depends": True, "diff": CONFIRM_MIN_CHANGE / 3, "ci_low": 0.01})  # real but tiny
+    assert not confirmed({"depends": False, "diff": 0.5, "ci_low": -0.1})  # the interval includes 0
     assert not confirmed(None) and not confirmed({})
-    assert not confirmed({"depends": True, "diff": 0.9}, absence=True)  # "plain background": an absence
+    assert not confirmed({"depends": True, "diff": 0.9, "ci_low": 0.8}, absence=True)  # an absence

@@ -30,7 +30,7 @@ def test_a_run_compared_with_itself_differs_nowhere(two_runs, tmp_path):
     assert row["token_cosine"] == pytest.approx(1.0) and row["concept_distance"] == pytest.approx(
         0.0, abs=1e-6
     )
-    assert row["reference_distance"] >= 0
+    assert row["reference_distance"] > 0  # two halves of the baseline drawn from different seeds differ
     # cross-scoring by the same classifier reproduces its own accuracy (images read back from PNG)
     assert (result.classes["a_images_scored_by_b"] - result.classes["accuracy_a"]).abs().max() < 0.26
     data = json.loads((tmp_path / "cmp" / "compare.json").read_text())

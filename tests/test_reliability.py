@@ -159,35 +159,40 @@ def test_a_run_that_does_not_fit_on_disk_is_refused_before_writing(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_a_resumed_analysis_measures_the_counterfactual_with_the_learned_token(
+def test_the_counterfactual_sweep_uses_the_plain_prompt_and_a_resume_generates_only_what_is_missing(
     tiny_pipelines, tiny_classifier, tmp_path
 ):
-    """The counterfactual of a class finished in an earlier process used to run without its token."""
-    from dct_audit.invert import save_token
-    from dct_audit.tag import load_vocabulary
-
+    """The check asks whether the classifier depends on the attribute itself: no token in its prompts.
+    Scores are cached per class; a resumed analysis reuses them (same seeds) and adds only new prompts."""
     gen = load_generator(tiny_pipelines["turbo"])
-    vector = torch.linspace(-1, 1, gen.embedding_dim)
-    save_token(tmp_path / "token.safetensors", "<dct-0>", vector)
     clf = load_classifier(f"file:{tiny_classifier[0]}", tiny_classifier[1])
     models = pipeline.Models(generator=gen, classifier=clf)
-    seen = []
+    prompts_seen = []
     real = gen.sample
 
     def spy(prompts, seeds, *a, **k):
-        token_id = gen.tokenizer("<dct-0>", add_special_tokens=False).input_ids
-        seen.append(len(token_id) == 1 and torch.equal(gen.embedding.extra[token_id[0]].cpu(), vector))
+        prompts_seen.extend(prompts)
         return real(prompts, seeds, *a, **k)
 
     gen.sample = spy
-    vocab = load_vocabulary()
-    plate = next(a for a in vocab.attributes if a.name == "plate")
     cls = pipeline.ResolvedClass(0, "plate", "plate")
     opts = pipeline.RunOptions(classifier="x", classes="0", steps=1, guidance=0.0)
-    out = pipeline._counterfactual(
-        models, cls, plate, vocab.replacements(plate), [1, 2], opts, 2, tmp_path / "token.safetensors"
-    )
-    assert seen and all(seen) and "<dct-0> plate" in out["with_prompt"]
+    cache = tmp_path / "counterfactual" / "sweep.json"
+    first = {"{} on a plate": "plate", "{} on a bare table": "without plate"}
+    out = pipeline.counterfactual_sweep(lambda: models, cache, cls, first, [1, 2], opts, 2)
+    assert sorted(prompts_seen) == sorted(["plate on a plate"] * 2 + ["plate on a bare table"] * 2)
+    assert set(out) == set(first) and all(len(e["probs"]) == 2 for e in out.values())
+    assert not any("<dct" in p for p in prompts_seen)
+
+    prompts_seen.clear()
+    more = {**first, "{} in the snow": "snow"}
+    again = pipeline.counterfactual_sweep(lambda: models, cache, cls, more, [1, 2], opts, 2)
+    assert prompts_seen == ["plate in the snow"] * 2  # the cached prompts were not generated again
+    assert again["{} on a plate"]["probs"] == out["{} on a plate"]["probs"]
+
+    prompts_seen.clear()
+    pipeline.counterfactual_sweep(lambda: models, cache, cls, first, [1, 2, 3], opts, 2)  # other seeds: redo
+    assert len(prompts_seen) == 6
 
 
 def test_a_half_precision_hf_classifier_is_scored_in_float32(tmp_path):

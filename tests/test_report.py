@@ -462,3 +462,30 @@ def test_user_text_is_escaped_and_injects_nothing(tiny_run, tmp_path_factory, te
         assert [t for t, _ in bad.tags] == [t for t, _ in good.tags]  # no element added or removed
         assert not any(k.startswith("on") for _, a in bad.tags for k in a)
         assert any(text in chunk for chunk in bad.texts)  # shown, as text
+
+
+def test_the_index_opens_with_confirmed_findings_and_lists_unconfirmed_flags_apart(tiny_run, tmp_path):
+    run = with_unfinished(tiny_run, tmp_path / "run")
+    add_analysis(run)
+    findings = rundir.read_json(run / "findings.json")
+    findings[0].update(confirmed=True, class_name="american lobster", source="token")
+    findings.append(
+        {
+            **findings[0],
+            "attribute": "snow",
+            "source": "sweep",
+            "flagged": False,
+            "effect": 0.0,
+            "token_rate": 0.2,
+            "baseline_rate": 0.2,
+            "counterfactual": {**findings[0]["counterfactual"], "worst_replacement": "grass"},
+        }
+    )
+    rundir.write_json(run / "findings.json", findings)
+    index = parse(report.render_report(run))
+    assert index.headings[0] == "Confirmed findings"
+    text = " ".join(index.texts)
+    assert "the token and the check" in text and "the check only (the token did not bring it in)" in text
+    assert "Flagged by the token, not confirmed" in text  # the second class's finding has no confirmation
+    page = " ".join(parse(run / "report" / "classes" / "0000-american-lobster.html").texts)
+    assert "though the token did not bring it in" in page

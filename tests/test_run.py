@@ -6,6 +6,7 @@ import sys
 
 import pandas as pd
 import pytest
+import torch
 
 import dct_audit.pipeline as pipeline
 from dct_audit.cli import main
@@ -150,9 +151,25 @@ def test_python_api_matches_cli(tiny_pipelines, tiny_classifier, tmp_path):
     assert result.run_dir == tmp_path / "api" and [c["index"] for c in result.classes] == [3]
     assert result.findings == [] and not (tmp_path / "api" / "findings.json").exists()
     summary = result.classes[0]
-    assert 0.0 <= summary["token_accuracy"] <= 1.0
+    # the summary's accuracy is the share of token images whose top-1 is the class, as scored on disk
+    scores = pd.read_csv(next((tmp_path / "api" / "classes").iterdir()) / "scores.csv")
+    token = scores[scores["variant"] == "token"]
+    assert summary["token_accuracy"] == pytest.approx(float(token["correct"].mean()))
     # the held-out classifier here is the same model, so it must agree exactly
     assert summary["holdout_token_accuracy"] == summary["token_accuracy"]
+    # the same audit through the CLI: the same token and the same scores
+    argv = ["run", "--classifier", f"file:{model}", "--labels", labels, "--classes", "plate"]
+    argv += ["--generator", tiny_pipelines["turbo"], "--out", str(tmp_path), "--name", "cli"]
+    argv += ["--max-updates", "2", "--n-images", "1", "--context", "a photo of {}", "--tagger", "none"]
+    argv += ["--explain-images", "0", "--holdout-classifier", f"file:{model}", "--quiet"]
+    assert main(argv) == 0
+    from dct_audit.invert import load_token
+
+    api_dir, cli_dir = (next((tmp_path / n / "classes").iterdir()) for n in ("api", "cli"))
+    assert torch.equal(
+        load_token(api_dir / "token.safetensors")[1], load_token(cli_dir / "token.safetensors")[1]
+    )
+    pd.testing.assert_frame_equal(pd.read_csv(api_dir / "scores.csv"), pd.read_csv(cli_dir / "scores.csv"))
 
 
 @pytest.mark.parametrize(

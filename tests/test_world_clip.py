@@ -29,7 +29,7 @@ def test_saved_folder_layout_and_records(trained):
     assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pt"))  # safetensors only
     record = json.loads((out / "config.json").read_text())
     assert record["train"]["steps_done"] == 2 and record["train"]["data_seed"] == 0
-    assert record["wall_time_s"] >= 0 and set(record["zero_shot_accuracy"]) >= set(S.ATTRIBUTES)
+    assert 0 < record["wall_time_s"] < 3600 and set(record["zero_shot_accuracy"]) >= set(S.ATTRIBUTES)
     with safe_open(str(out / "text_encoder" / "model.safetensors"), "pt") as f:
         assert f.get_tensor(f.keys()[0]).dtype == torch.float16  # stored small
 

@@ -218,7 +218,11 @@ def score_findings(findings: list[dict], planted: PlantedSet, reliance: dict | N
     ``classifiers.measure_reliance``); precision is the share of confirmed findings that are planted.
     """
     confirmed = [(f["class_name"], f["attribute"]) for f in findings if f.get("confirmed")]
-    flagged = {(f["class_name"], f["attribute"]) for f in findings}
+    flagged = {(f["class_name"], f["attribute"]) for f in findings if f.get("flagged", True)}
+    # confirmed and brought in by the token: what ``--confirm flagged`` would have found
+    by_token = {
+        (f["class_name"], f["attribute"]) for f in findings if f.get("confirmed") and f.get("flagged", True)
+    }
     rows = []
     for b in planted.biases:
         rel = (reliance or {}).get(b.cls) or {}
@@ -234,6 +238,7 @@ def score_findings(findings: list[dict], planted: PlantedSet, reliance: dict | N
                 "relies": rel.get("relies"),
                 "flagged": key in flagged,
                 "found": key in confirmed,
+                "found_by_token": key in by_token,
             }
         )
     truth = {(b.cls, b.attribute_name) for b in planted.biases}
@@ -248,9 +253,12 @@ def score_findings(findings: list[dict], planted: PlantedSet, reliance: dict | N
         "recall": sum(r["found"] for r in rows) / len(rows) if rows else None,
         "n_relied": len(relied),
         "recall_relied": sum(r["found"] for r in relied) / len(relied) if relied else None,
+        "recall_relied_token": sum(r["found_by_token"] for r in relied) / len(relied) if relied else None,
         "n_confirmed": len(confirmed),
         "false_confirmations": len(confirmed) - len(correct),
         "precision": len(correct) / len(confirmed) if confirmed else None,
+        "n_confirmed_token": len(by_token),
+        "false_confirmations_token": len(by_token - truth),
     }
 
 
