@@ -526,8 +526,9 @@ def analyse_run(
     non-absence attribute of the vocabulary is checked, so a bias the token did not bring in is still
     confirmed (such findings carry ``source: "sweep"``); with ``"flagged"`` only the token's flagged ones.
     A finding is every flagged attribute plus every confirmed one. Writes ``enrichment.csv`` and
-    ``findings.json`` at the run's root. The prompts' scores are cached per class
-    (``counterfactual/sweep.json``), so a resumed run only generates what is missing.
+    ``findings.json`` at the run's root. The prompts' scores are cached per class at the run's root
+    (``counterfactual/<class folder>.json``; a finished class folder is never written again), so a
+    resumed run only generates what is missing.
     """
     thresholds = _thresholds(vocabulary)
     attrs = [(a.name, a.group) for a in vocabulary.attributes]
@@ -554,7 +555,7 @@ def analyse_run(
                 prompts.setdefault(template, name)
         sweep = counterfactual_sweep(
             lambda: _load_models(models, opts, device, vocabulary),
-            folder / "counterfactual" / "sweep.json",
+            run_dir.root / "counterfactual" / f"{folder.name}.json",
             cls,
             prompts,
             seeds,

@@ -331,7 +331,7 @@ def create_run_dir(run: RunDir, overwrite: bool) -> None:
     try:
         run.root.mkdir(parents=True, exist_ok=True)
         if overwrite:
-            for sub in ("classes", "manifest.json"):
+            for sub in ("classes", "manifest.json", "counterfactual", "enrichment.csv", "findings.json"):
                 target = run.root / sub
                 if target.is_dir():
                     shutil.rmtree(target)

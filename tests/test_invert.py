@@ -153,11 +153,12 @@ def test_with_validation_seeds_the_kept_token_is_judged_on_fixed_images(models):
     # the kept token, scored again on the same validation seeds, gives the recorded loss
     gen.set_token("<dct-1>", result.vector)
     seeds = val_seed_list(config.seed, 4)
-    loss, _ = _val_score(
+    loss, _, prob = _val_score(
         gen, clf, token_prompts(config.templates, "<dct-1>", NAME, 4), seeds, TARGET, config, 0.0, None
     )
     assert math.isclose(loss, result.best_loss, rel_tol=1e-4)
-    assert result.best_val_accuracy is not None
+    assert result.best_val_accuracy is not None and 0 < prob < 1
+    assert all("val_prob" in h for h in result.history if "val_loss" in h)
 
 
 def test_patience_restarts_from_the_next_word_then_stops(models):

@@ -278,8 +278,8 @@ def test_unfinished_classes_are_shown_as_unfinished_without_a_page(rendered):
             current = attrs["class"]
             rows[current] = rows.get(current, 0) + 1
     assert rows == {"status-done": 2, "status-unfinished": 2}
-    hrefs = [a["href"] for tag, a in page.tags if tag == "a" and a["href"].startswith("classes/")]
-    assert hrefs == ["classes/0000-american-lobster.html", "classes/0002-horizontal-bar.html"]
+    hrefs = {a["href"] for tag, a in page.tags if tag == "a" and a["href"].startswith("classes/")}
+    assert hrefs == {"classes/0000-american-lobster.html", "classes/0002-horizontal-bar.html"}
     assert not (rendered.parent / "classes" / "0001-spiny-lobster.html").exists()
     notes = [a.get("title") for tag, a in page.tags if tag == "span" and "unfinished" in a.get("class", "")]
     assert notes == ["interrupted: no DONE marker", "not started"]

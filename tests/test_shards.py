@@ -58,5 +58,10 @@ def test_finish_refuses_a_run_with_unfinished_classes(tiny_run_options, tiny_cla
 def test_overwrite_with_a_shard_is_refused(tiny_run_options, tiny_classifier, tmp_path):
     with pytest.raises(DctAuditError, match="--overwrite cannot be combined with --shard"):
         dct_audit.run(
-            f"file:{tiny_classifier[0]}", "0", shard="1/2", overwrite=True, out=str(tmp_path), **tiny_run_options
+            f"file:{tiny_classifier[0]}",
+            "0",
+            shard="1/2",
+            overwrite=True,
+            out=str(tmp_path),
+            **tiny_run_options,
         )
