@@ -48,7 +48,8 @@ def test_classifier_folder_is_a_timm_folder_with_records(classifier_folder):
     assert config["architecture"] == K.ARCHITECTURE and config["label_names"] == list(S.SHAPES)
     assert config["pretrained_cfg"]["input_size"] == [3, 32, 32]
     record = json.loads((out / "training.json").read_text())
-    assert record["train"]["steps"] == 2 and record["planted"] and 0 < record["wall_time_s"] < 3600
+    assert record["train"]["steps"] == 2 and record["planted"]
+    assert isinstance(record["wall_time_s"], float) and 0 <= record["wall_time_s"] < 3600  # 2 steps: ~0.0 s
     assert record["reliance"]["n"] == 6 and "star" in record["reliance"]
 
 
