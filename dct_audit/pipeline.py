@@ -28,6 +28,7 @@ from .analyse import (
     MIN_EFFECT,
     class_enrichment,
     confirmed,
+    confounders,
     counterfactual_effect,
     flag_findings,
 )
@@ -611,11 +612,13 @@ def _effect(attribute, vocabulary: Vocabulary, sweep: dict, class_name: str) -> 
         return None if r is None else float(r)
 
     with_entry = sweep[attribute.with_context]
+    others = [a.name for a in vocabulary.attributes if a.group != attribute.group and not a.absence]
     replacements = {
         name: {
             "prompt": template.format(class_name),
             "probs": sweep[template]["probs"],
             "attribute_rate": rate(sweep[template]),
+            "confounders": confounders(with_entry.get("rates"), sweep[template].get("rates"), others),
         }
         for name, template in vocabulary.replacements(attribute)
     }

@@ -452,11 +452,20 @@ def _finding(f: dict, run_dir: Path, out_dir: Path) -> dict:
                 "name": str(r.get("name", "")),
                 "prompt": r.get("prompt"),
                 **{k: _number(r.get(k)) for k in ("prob", "diff", "ci_low", "ci_high")},
+                "confounders": {
+                    str(k): _number(v) for k, v in (r.get("confounders") or {}).items() if _number(v) is not None
+                }
+                if isinstance(r.get("confounders"), dict)
+                else {},
             }
             for r in cf.get("replacements") or []
             if isinstance(r, dict)
         ]
-        cf = {**numbers, "depends": depends, **{k: cf.get(k) for k in ("with_prompt", "without_prompt", "n")}}
+        cf = {
+            **numbers,
+            "depends": depends,
+            **{k: cf.get(k) for k in ("with_prompt", "without_prompt", "n", "unconfounded_replacements")},
+        }
         cf["confirmed"] = f.get("confirmed")
         cf["replacements"] = replacements
     ci = f.get("ci") if isinstance(f.get("ci"), list) and len(f["ci"]) == 2 else [None, None]

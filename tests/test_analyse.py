@@ -80,3 +80,30 @@ def test_a_finding_is_confirmed_by_a_dependence_that_matters():
     assert not confirmed({"depends": False, "diff": 0.5, "ci_low": -0.1})  # the interval includes 0
     assert not confirmed(None) and not confirmed({})
     assert not confirmed({"depends": True, "diff": 0.9, "ci_low": 0.8}, absence=True)  # an absence
+
+
+def test_replacements_that_all_bring_in_another_context_cannot_confirm():
+    """Measured on a seed-13 world: 'square next to a person' was drawn on snow, 'square on a plate', 'in a
+    frame' and 'alone' on water in 50-88% of images, and water was another class's planted background. Every
+    replacement lowered the square's probability, but the water did it, not the missing person."""
+    from dct_audit.analyse import confounders
+
+    with_rates = {"person": 1.0, "snow": 1.0, "water": 0.0}
+    others = ["snow", "water"]  # the groups other than the person's (context)
+    on_water = {"person": 0.0, "snow": 0.125, "water": 0.875}
+    assert confounders(with_rates, on_water, others) == {"water": 0.875}
+    assert confounders(with_rates, {"person": 0.0, "snow": 0.9, "water": 0.1}, others) == {}
+    assert confounders(None, on_water, others) == {}  # untagged: nothing known, nothing claimed
+
+    with_probs = [0.9, 0.95, 0.85, 0.9]
+    low = [0.1, 0.2, 0.05, 0.15]
+    confounded = {"plate": {**_rep(low, 0.0), "confounders": {"water": 0.875}}}
+    eff = counterfactual_effect(with_probs, confounded, with_rate=1.0)
+    assert not eff["depends"] and eff["unconfounded_replacements"] == 0
+    assert eff["replacements"][0]["depends"]  # the change itself is real; what caused it is not known
+    # one unconfounded replacement that shows the change is enough support ...
+    clean = {**confounded, "frame": _rep(low, 0.0)}
+    assert counterfactual_effect(with_probs, clean, with_rate=1.0)["depends"]
+    # ... and a confounded replacement still refutes: every effective replacement must show the change
+    refuting = {"frame": _rep(low, 0.0), "plate": {**_rep(with_probs, 0.0), "confounders": {"water": 0.6}}}
+    assert not counterfactual_effect(with_probs, refuting, with_rate=1.0)["depends"]
