@@ -10,10 +10,22 @@ token's images than of the baseline's, at a 5% false discovery rate).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pandas as pd
 
+from . import rundir
+from .generate import eval_seeds, generate
+from .score import score_images
 from .stats import benjamini_hochberg, mean_diff_ci, paired_rates
+
+if TYPE_CHECKING:
+    from .pipeline import Models, RunOptions
+    from .resolve import ResolvedClass
+    from .tag import Vocabulary
 
 ALPHA = 0.05
 MIN_EFFECT = 0.25
@@ -29,19 +41,8 @@ CONFIRM_MIN_CHANGE = 0.10
 # planted background, so the classifier's drop looked like a dependence on the person). A confounded
 # replacement can refute a dependence but not support it: confirmation needs one unconfounded replacement.
 CONFOUND_MIN_SHIFT = 0.5
-ENRICHMENT_COLUMNS = [
-    "class_index",
-    "class_name",
-    "attribute",
-    "group",
-    "n_pairs",
-    "token_rate",
-    "baseline_rate",
-    "diff",
-    "ci_low",
-    "ci_high",
-    "p_value",
-]
+# the columns class_enrichment gives; flag_findings adds q_value and flagged (``rundir.ENRICHMENT_COLUMNS``)
+ENRICHMENT_COLUMNS = list(rundir.ENRICHMENT_COLUMNS[: rundir.ENRICHMENT_COLUMNS.index("p_value") + 1])
 
 
 def paired_presence(tags: pd.DataFrame, attribute: str, threshold: float) -> tuple[np.ndarray, np.ndarray]:
@@ -63,7 +64,7 @@ def class_enrichment(
     """One row per attribute: rates with the token and at baseline, paired difference, CI, exact p."""
     rows = []
     for name, group in attributes:
-        a, b = paired_presence(tags, name, thresholds.get(name, 0.5))
+        a, b = paired_presence(tags, name, thresholds.get(name, rundir.PRESENCE_THRESHOLD))
         r = paired_rates(a, b)
         rows.append(
             {
@@ -99,7 +100,10 @@ REPLACED_MAX_RATE = 0.5
 
 
 def confounders(
-    with_rates: dict | None, replacement_rates: dict | None, others: list[str], min_shift: float = CONFOUND_MIN_SHIFT
+    with_rates: dict | None,
+    replacement_rates: dict | None,
+    others: list[str],
+    min_shift: float = CONFOUND_MIN_SHIFT,
 ) -> dict[str, float]:
     """Attributes among ``others`` (those of the other groups) that a replacement's images show in a share
     at least ``min_shift`` larger than the images with the attribute: ``{name: shift}``. Untagged: none."""
@@ -178,3 +182,170 @@ def confirmed(
         return False
     low = counterfactual.get("ci_low")
     return bool(counterfactual.get("depends")) and low is not None and float(low) >= min_change
+
+
+# ----------------------------------------------------------------------------------------------------
+# The run's analysis: enrichment over every class, then the counterfactual check (which generates images)
+# ----------------------------------------------------------------------------------------------------
+
+
+def analyse_run(
+    run_dir: rundir.RunDir,
+    targets: list[ResolvedClass],
+    vocabulary: Vocabulary,
+    ensure_models: Callable[[], Models],
+    opts: RunOptions,
+    batch: int,
+) -> list[dict]:
+    """Enrichment of every class x attribute, BH over all of them, then the counterfactual check.
+
+    The check compares the plain class prompt with an attribute against the same prompt with each of its
+    replacements, on the same seeds (``counterfactual_sweep``). With ``opts.confirm == "all"`` every
+    non-absence attribute of the vocabulary is checked, so a bias the token did not bring in is still
+    confirmed (such findings carry ``source: "sweep"``); with ``"flagged"`` only the token's flagged ones.
+    A finding is every flagged attribute plus every confirmed one. Writes ``enrichment.csv`` and
+    ``findings.json`` at the run's root. The prompts' scores are cached per class at the run's root
+    (``counterfactual/<class folder>.json``; a finished class folder is never written again), so a
+    resumed run only generates what is missing.
+    """
+    thresholds = vocabulary.presence_thresholds()
+    attrs = [(a.name, a.group) for a in vocabulary.attributes]
+    tables = []
+    for c in targets:
+        tags = pd.read_csv(run_dir.class_dir(c.index, c.name) / rundir.TAGS)
+        tables.append(class_enrichment(tags, c.index, c.name, attrs, thresholds))
+    enrichment = flag_findings(pd.concat(tables, ignore_index=True), opts.alpha, opts.min_effect)
+    rundir.write_csv(run_dir.root / rundir.ENRICHMENT, enrichment)
+
+    seeds = eval_seeds(opts.seed, opts.confirm_seeds)
+    findings = []
+    for cls in targets:
+        rows = enrichment[enrichment["class_index"] == cls.index]
+        flagged = set(rows.loc[rows["flagged"], "attribute"])
+        checked = [
+            a for a in vocabulary.attributes if not a.absence and (opts.confirm == "all" or a.name in flagged)
+        ]
+        folder = run_dir.class_dir(cls.index, cls.name)
+        prompts = {}  # template -> name, for the attribute and every replacement
+        for a in checked:
+            prompts.setdefault(a.with_context, a.name)
+            for name, template in vocabulary.replacements(a):
+                prompts.setdefault(template, name)
+        sweep = counterfactual_sweep(
+            ensure_models,
+            run_dir.root / rundir.COUNTERFACTUAL_DIR / f"{folder.name}.json",
+            cls,
+            prompts,
+            seeds,
+            opts,
+            batch,
+        )
+        cfs = {a.name: _effect(a, vocabulary, sweep, cls.name) for a in checked}
+        attribution = (
+            rundir.read_json(folder / rundir.ATTRIBUTION) if (folder / rundir.ATTRIBUTION).is_file() else {}
+        )
+        for row in rows.itertuples():
+            attribute = vocabulary.attributes[vocabulary.names.index(row.attribute)]
+            cf = cfs.get(row.attribute)
+            is_confirmed = confirmed(cf, attribute.absence)
+            if not (row.flagged or is_confirmed):
+                continue
+            findings.append(
+                {
+                    "class_index": cls.index,
+                    "class_name": cls.name,
+                    "attribute": row.attribute,
+                    "group": row.group,
+                    # "token": the token brings it in (flagged); "sweep": not flagged, but the counterfactual
+                    # check of every attribute found that the classifier depends on it
+                    "source": "token" if row.flagged else "sweep",
+                    "flagged": bool(row.flagged),
+                    "token_rate": row.token_rate,
+                    "baseline_rate": row.baseline_rate,
+                    "effect": row.diff,
+                    "ci": [row.ci_low, row.ci_high],
+                    "p": row.p_value,
+                    "q": row.q_value,
+                    "counterfactual": cf,
+                    # an absence attribute ("plain background") says the token removes other contexts
+                    "absence": attribute.absence,
+                    # the classifier's confidence depends on the attribute against every replacement, with the
+                    # interval of the smallest change at or above CONFIRM_MIN_CHANGE
+                    "confirmed": is_confirmed,
+                    "attribution_outside_object": attribution.get("outside_object"),
+                    "overlays": [f"classes/{folder.name}/{p}" for p in attribution.get("overlays", [])],
+                }
+            )
+    rundir.write_json(run_dir.root / rundir.FINDINGS, findings)
+    return findings
+
+
+def _effect(attribute, vocabulary: Vocabulary, sweep: dict, class_name: str) -> dict:
+    """The counterfactual check of one attribute from the class's scored prompts."""
+    column = attribute.name
+
+    def rate(entry):
+        r = (entry.get("rates") or {}).get(column)
+        return None if r is None else float(r)
+
+    with_entry = sweep[attribute.with_context]
+    others = [a.name for a in vocabulary.attributes if a.group != attribute.group and not a.absence]
+    replacements = {
+        name: {
+            "prompt": template.format(class_name),
+            "probs": sweep[template]["probs"],
+            "attribute_rate": rate(sweep[template]),
+            "confounders": confounders(with_entry.get("rates"), sweep[template].get("rates"), others),
+        }
+        for name, template in vocabulary.replacements(attribute)
+    }
+    out = counterfactual_effect(with_entry["probs"], replacements, with_rate=rate(with_entry))
+    worst = next(r for r in out["replacements"] if r["name"] == out["worst_replacement"])
+    out.update(with_prompt=attribute.with_context.format(class_name), without_prompt=worst["prompt"])
+    return out
+
+
+def counterfactual_sweep(
+    ensure_models: Callable[[], Models],
+    cache: Path,
+    cls: ResolvedClass,
+    prompts: dict[str, str],
+    seeds: list[int],
+    opts: RunOptions,
+    batch: int,
+) -> dict[str, dict]:
+    """Score the plain class prompt in every template of ``prompts`` (template -> name) on ``seeds``.
+
+    Returns ``{template: {"name", "prompt", "probs": [per seed], "rates": {attribute: share of images
+    tagged with it}}}``. Entries already in ``cache`` (same seeds) are reused; new ones are added to it.
+    The class's token is not in these prompts: the check asks whether the classifier depends on the
+    attribute itself, whatever the token learned.
+    """
+    from .generate import Job
+
+    old = rundir.read_json(cache) if cache.is_file() else None
+    entries = old.get("prompts", {}) if isinstance(old, dict) and old.get("seeds") == seeds else {}
+    missing = [t for t in prompts if t not in entries]
+    if missing:
+        models = ensure_models()
+        bank = models.bank
+        jobs = [Job(t, 0, t, s, t.format(cls.name)) for t in missing for s in seeds]
+        probs: dict[str, list[float]] = {t: [] for t in missing}
+        tags: dict[str, list[np.ndarray]] = {t: [] for t in missing}
+        for chunk, images in generate(models.generator, jobs, max(batch, 4), opts.steps, opts.guidance):
+            scores = bank.scores(bank.tagger.image_features(images)) if bank is not None else None
+            for k, (job, score) in enumerate(
+                zip(chunk, score_images(models.classifier, images, cls.index), strict=True)
+            ):
+                probs[job.variant].append(score["target_prob"])
+                if scores is not None:
+                    tags[job.variant].append(scores[k])
+        thresholds = bank.thresholds(bank.vocabulary.presence_thresholds()) if bank is not None else None
+        for t in missing:
+            rates = {}
+            if tags[t]:
+                shown = np.stack(tags[t]) >= thresholds
+                rates = {n: float(v) for n, v in zip(bank.vocabulary.names, shown.mean(0), strict=True)}
+            entries[t] = {"name": prompts[t], "prompt": t.format(cls.name), "probs": probs[t], "rates": rates}
+        rundir.write_json(cache, {"class": cls.name, "seeds": seeds, "prompts": entries})
+    return entries

@@ -534,7 +534,7 @@ def _cmd_verify(args) -> int:
         state, detail = run.verify_class(int(c["index"]), str(c["name"]))
         bad += state != "done"
         print(f"{state:10s} {int(c['index']):5d} {c['name']}: {detail}")
-    for name in ("enrichment.csv", "findings.json"):
+    for name in (rundir.ENRICHMENT, rundir.FINDINGS):
         print(f"{'present' if (root / name).is_file() else 'missing':10s} {name}")
     print(
         f"{len(classes) - bad}/{len(classes)} classes finished and intact"

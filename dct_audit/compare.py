@@ -82,7 +82,7 @@ def check_comparable(ma: dict, mb: dict, name_a: str, name_b: str) -> list[dict]
 
 def _confirmed_findings(root: Path) -> set[tuple[int, str]] | None:
     """(class, attribute) of a run's findings that its counterfactual check confirmed; None: not analysed."""
-    file = Path(root) / "findings.json"
+    file = Path(root) / rundir.FINDINGS
     if not file.is_file():
         return None
     return {
@@ -132,7 +132,7 @@ def concept_distance(emb_a: np.ndarray, emb_b: np.ndarray) -> float:
 
 
 def _embeddings(folder: Path, scores: pd.DataFrame, variant: str) -> np.ndarray | None:
-    path = folder / "embeddings.npy"
+    path = folder / rundir.EMBEDDINGS
     if not path.is_file():
         return None
     emb = np.load(path).astype(np.float32)
@@ -142,8 +142,8 @@ def _embeddings(folder: Path, scores: pd.DataFrame, variant: str) -> np.ndarray 
 def _token_cosine(fa: Path, fb: Path) -> float:
     from safetensors.numpy import load_file
 
-    va = next(iter(load_file(str(fa / "token.safetensors")).values())).astype(np.float64)
-    vb = next(iter(load_file(str(fb / "token.safetensors")).values())).astype(np.float64)
+    va = next(iter(load_file(str(fa / rundir.TOKEN)).values())).astype(np.float64)
+    vb = next(iter(load_file(str(fb / rundir.TOKEN)).values())).astype(np.float64)
     return float(va @ vb / (np.linalg.norm(va) * np.linalg.norm(vb) + 1e-12))
 
 
@@ -197,12 +197,12 @@ def compare(
     attr_rows, class_rows = [], []
     for c in classes:
         fa, fb = _class_folder(ra, c), _class_folder(rb, c)
-        sa, sb = pd.read_csv(fa / "scores.csv"), pd.read_csv(fb / "scores.csv")
-        ta = pd.read_csv(fa / "tags.csv") if (fa / "tags.csv").is_file() else None
-        tb = pd.read_csv(fb / "tags.csv") if (fb / "tags.csv").is_file() else None
+        sa, sb = pd.read_csv(fa / rundir.SCORES), pd.read_csv(fb / rundir.SCORES)
+        ta = pd.read_csv(fa / rundir.TAGS) if (fa / rundir.TAGS).is_file() else None
+        tb = pd.read_csv(fb / rundir.TAGS) if (fb / rundir.TAGS).is_file() else None
         if ta is not None and tb is not None:
-            for attr in [col for col in ta.columns[4:] if col in tb.columns]:
-                a, b = _paired(ta, tb, attr, thresholds.get(attr, 0.5))
+            for attr in [col for col in rundir.attribute_columns(ta.columns) if col in tb.columns]:
+                a, b = _paired(ta, tb, attr, thresholds.get(attr, rundir.PRESENCE_THRESHOLD))
                 r = paired_rates(a, b)
                 attr_rows.append(
                     {

@@ -16,7 +16,6 @@ Images of the runs are linked (relative paths), not copied.
 
 from __future__ import annotations
 
-import json
 import os
 import posixpath
 import urllib.parse
@@ -130,10 +129,7 @@ def _read_compare(out_dir: Path) -> dict:
         raise DctAuditError(
             f"'{out_dir}' is not a compare folder (no {COMPARE_FILE}); run dct-audit compare first"
         )
-    try:
-        data = rundir.read_json(path)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DctAuditError(f"{path} is not valid JSON ({e})") from None
+    data = rundir.read_json_file(path)
     if not isinstance(data, dict) or not isinstance(data.get("classes", []), list):
         raise DctAuditError(f"{path} is not a dct-audit comparison (no list of classes)")
     return data
@@ -144,7 +140,7 @@ def _run_path(out_dir: Path, recorded) -> Path | None:
     if not recorded:
         return None
     for p in (Path(recorded), out_dir / recorded):
-        if (p / "manifest.json").is_file():
+        if (p / rundir.MANIFEST).is_file():
             return p
     return None
 
@@ -195,13 +191,13 @@ def _grids(out_dir: Path, sides: dict, index: int) -> list[dict]:
     contexts: dict[int, dict] = {}
     for key, side in sides.items():
         folder = side["folders"].get(index)
-        class_dir = side["root"] / "classes" / folder if folder else None
-        if class_dir is None or not (class_dir / "scores.csv").is_file():
+        class_dir = side["root"] / rundir.CLASSES_DIR / folder if folder else None
+        if class_dir is None or not (class_dir / rundir.SCORES).is_file():
             images[key] = {}
             continue
         base = _rel(class_dir, out_dir)
         found = {}
-        for r in _read_csv(class_dir / "scores.csv"):
+        for r in _read_csv(class_dir / rundir.SCORES):
             if r.get("variant") != "token":
                 continue
             ci, seed = _int(r.get("context_index")), _int(r.get("seed"))

@@ -108,7 +108,7 @@ def score_truth(run, classifier_folder) -> dict | None:
     writes ``truth.json`` beside ``findings.json``. None when the classifier records no truth."""
     import json
 
-    from .rundir import write_json
+    from . import rundir
     from .world.truth import PlantedSet, score_findings
 
     try:
@@ -121,7 +121,7 @@ def score_truth(run, classifier_folder) -> dict | None:
     reliance = record.get("reliance") if isinstance(record.get("reliance"), dict) else None
     score = score_findings(run.findings, planted, reliance)
     score["classifier"] = str(classifier_folder)
-    write_json(Path(run.run_dir) / "truth.json", score)
+    rundir.write_json(Path(run.run_dir) / rundir.TRUTH, score)
     return score
 
 

@@ -11,27 +11,16 @@ import platform
 import resource
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 
 from . import __version__, rundir
 from .adapters.classifier import Classifier, describe_classifier, load_classifier
 from .adapters.generator import DEFAULT_GENERATOR, Generator, check_generator_spec, load_generator
-from .analyse import (
-    ALPHA,
-    CONFIRM_MIN_CHANGE,
-    MIN_EFFECT,
-    class_enrichment,
-    confirmed,
-    confounders,
-    counterfactual_effect,
-    flag_findings,
-)
+from .analyse import ALPHA, CONFIRM_MIN_CHANGE, MIN_EFFECT, analyse_run
 from .errors import DctAuditError
 from .generate import DEFAULT_CONTEXTS, eval_seeds, generate, plan_jobs, twin
 from .invert import PAPER_TEMPLATES, InvertConfig, invert_class, save_token
@@ -383,8 +372,8 @@ def _run_locked(
             "vocabulary": vocabulary.source,
             "attributes_file": opts.attributes,  # the --attributes given (None: the shipped vocabulary)
             "attributes": len(vocabulary),
-            "thresholds": _thresholds(vocabulary),
-            "thresholds_source": "vocabulary file (0.5 where it sets none)",
+            "thresholds": vocabulary.presence_thresholds(),
+            "thresholds_source": f"vocabulary file ({rundir.PRESENCE_THRESHOLD} where it sets none)",
         }
     if opts.overwrite:
         run_dir.write_manifest(manifest)
@@ -410,13 +399,15 @@ def _run_locked(
     bar.close()
 
     if opts.shard:  # the analysis needs every class: `dct-audit finish` runs it once all shards are done
-        results = [rundir.read_json(run_dir.class_dir(c.index, c.name) / "class.json") for c in mine]
+        results = [rundir.read_json(run_dir.class_dir(c.index, c.name) / rundir.CLASS_SUMMARY) for c in mine]
         return RunResult(run_dir=root, classes=results, skipped=skipped, findings=[], report=None)
 
     # 5. Across classes: q-values, flags, counterfactual checks of the flagged attributes
     findings = []
     if vocabulary is not None:
-        findings = analyse_run(run_dir, targets, vocabulary, models, opts, batch, device)
+        findings = analyse_run(
+            run_dir, targets, vocabulary, lambda: _load_models(models, opts, device, vocabulary), opts, batch
+        )
         manifest["analysis"] = {
             "alpha": opts.alpha,
             "min_effect": opts.min_effect,
@@ -427,7 +418,7 @@ def _run_locked(
             "finished": _dt.datetime.now().isoformat(timespec="seconds"),
         }
         manifest = run_dir.update_manifest({"analysis": manifest["analysis"]})
-    results = [rundir.read_json(run_dir.class_dir(c.index, c.name) / "class.json") for c in targets]
+    results = [rundir.read_json(run_dir.class_dir(c.index, c.name) / rundir.CLASS_SUMMARY) for c in targets]
 
     # 6. The HTML report (reads the run folder only)
     report = None
@@ -507,173 +498,6 @@ def _load_models(
     return models
 
 
-def _thresholds(vocabulary: Vocabulary) -> dict[str, float]:
-    return {a.name: (a.threshold if a.threshold is not None else 0.5) for a in vocabulary.attributes}
-
-
-def analyse_run(
-    run_dir: rundir.RunDir,
-    targets: list[ResolvedClass],
-    vocabulary: Vocabulary,
-    models: Models,
-    opts: RunOptions,
-    batch: int,
-    device: torch.device,
-) -> list[dict]:
-    """Enrichment of every class x attribute, BH over all of them, then the counterfactual check.
-
-    The check compares the plain class prompt with an attribute against the same prompt with each of its
-    replacements, on the same seeds (``counterfactual_sweep``). With ``opts.confirm == "all"`` every
-    non-absence attribute of the vocabulary is checked, so a bias the token did not bring in is still
-    confirmed (such findings carry ``source: "sweep"``); with ``"flagged"`` only the token's flagged ones.
-    A finding is every flagged attribute plus every confirmed one. Writes ``enrichment.csv`` and
-    ``findings.json`` at the run's root. The prompts' scores are cached per class at the run's root
-    (``counterfactual/<class folder>.json``; a finished class folder is never written again), so a
-    resumed run only generates what is missing.
-    """
-    thresholds = _thresholds(vocabulary)
-    attrs = [(a.name, a.group) for a in vocabulary.attributes]
-    tables = []
-    for c in targets:
-        tags = pd.read_csv(run_dir.class_dir(c.index, c.name) / "tags.csv")
-        tables.append(class_enrichment(tags, c.index, c.name, attrs, thresholds))
-    enrichment = flag_findings(pd.concat(tables, ignore_index=True), opts.alpha, opts.min_effect)
-    rundir.write_csv(run_dir.root / "enrichment.csv", enrichment)
-
-    seeds = eval_seeds(opts.seed, opts.confirm_seeds)
-    findings = []
-    for cls in targets:
-        rows = enrichment[enrichment["class_index"] == cls.index]
-        flagged = set(rows.loc[rows["flagged"], "attribute"])
-        checked = [
-            a for a in vocabulary.attributes if not a.absence and (opts.confirm == "all" or a.name in flagged)
-        ]
-        folder = run_dir.class_dir(cls.index, cls.name)
-        prompts = {}  # template -> name, for the attribute and every replacement
-        for a in checked:
-            prompts.setdefault(a.with_context, a.name)
-            for name, template in vocabulary.replacements(a):
-                prompts.setdefault(template, name)
-        sweep = counterfactual_sweep(
-            lambda: _load_models(models, opts, device, vocabulary),
-            run_dir.root / "counterfactual" / f"{folder.name}.json",
-            cls,
-            prompts,
-            seeds,
-            opts,
-            batch,
-        )
-        cfs = {a.name: _effect(a, vocabulary, sweep, cls.name) for a in checked}
-        attribution = (
-            rundir.read_json(folder / "attribution.json") if (folder / "attribution.json").is_file() else {}
-        )
-        for row in rows.itertuples():
-            attribute = vocabulary.attributes[vocabulary.names.index(row.attribute)]
-            cf = cfs.get(row.attribute)
-            is_confirmed = confirmed(cf, attribute.absence)
-            if not (row.flagged or is_confirmed):
-                continue
-            findings.append(
-                {
-                    "class_index": cls.index,
-                    "class_name": cls.name,
-                    "attribute": row.attribute,
-                    "group": row.group,
-                    # "token": the token brings it in (flagged); "sweep": not flagged, but the counterfactual
-                    # check of every attribute found that the classifier depends on it
-                    "source": "token" if row.flagged else "sweep",
-                    "flagged": bool(row.flagged),
-                    "token_rate": row.token_rate,
-                    "baseline_rate": row.baseline_rate,
-                    "effect": row.diff,
-                    "ci": [row.ci_low, row.ci_high],
-                    "p": row.p_value,
-                    "q": row.q_value,
-                    "counterfactual": cf,
-                    # an absence attribute ("plain background") says the token removes other contexts
-                    "absence": attribute.absence,
-                    # the classifier's confidence depends on the attribute against every replacement, with the
-                    # interval of the smallest change at or above CONFIRM_MIN_CHANGE
-                    "confirmed": is_confirmed,
-                    "attribution_outside_object": attribution.get("outside_object"),
-                    "overlays": [f"classes/{folder.name}/{p}" for p in attribution.get("overlays", [])],
-                }
-            )
-    rundir.write_json(run_dir.root / "findings.json", findings)
-    return findings
-
-
-def _effect(attribute, vocabulary: Vocabulary, sweep: dict, class_name: str) -> dict:
-    """The counterfactual check of one attribute from the class's scored prompts."""
-    column = attribute.name
-
-    def rate(entry):
-        r = (entry.get("rates") or {}).get(column)
-        return None if r is None else float(r)
-
-    with_entry = sweep[attribute.with_context]
-    others = [a.name for a in vocabulary.attributes if a.group != attribute.group and not a.absence]
-    replacements = {
-        name: {
-            "prompt": template.format(class_name),
-            "probs": sweep[template]["probs"],
-            "attribute_rate": rate(sweep[template]),
-            "confounders": confounders(with_entry.get("rates"), sweep[template].get("rates"), others),
-        }
-        for name, template in vocabulary.replacements(attribute)
-    }
-    out = counterfactual_effect(with_entry["probs"], replacements, with_rate=rate(with_entry))
-    worst = next(r for r in out["replacements"] if r["name"] == out["worst_replacement"])
-    out.update(with_prompt=attribute.with_context.format(class_name), without_prompt=worst["prompt"])
-    return out
-
-
-def counterfactual_sweep(
-    ensure_models: Callable[[], Models],
-    cache: Path,
-    cls: ResolvedClass,
-    prompts: dict[str, str],
-    seeds: list[int],
-    opts: RunOptions,
-    batch: int,
-) -> dict[str, dict]:
-    """Score the plain class prompt in every template of ``prompts`` (template -> name) on ``seeds``.
-
-    Returns ``{template: {"name", "prompt", "probs": [per seed], "rates": {attribute: share of images
-    tagged with it}}}``. Entries already in ``cache`` (same seeds) are reused; new ones are added to it.
-    The class's token is not in these prompts: the check asks whether the classifier depends on the
-    attribute itself, whatever the token learned.
-    """
-    from .generate import Job
-
-    old = rundir.read_json(cache) if cache.is_file() else None
-    entries = old.get("prompts", {}) if isinstance(old, dict) and old.get("seeds") == seeds else {}
-    missing = [t for t in prompts if t not in entries]
-    if missing:
-        models = ensure_models()
-        bank = models.bank
-        jobs = [Job(t, 0, t, s, t.format(cls.name)) for t in missing for s in seeds]
-        probs: dict[str, list[float]] = {t: [] for t in missing}
-        tags: dict[str, list[np.ndarray]] = {t: [] for t in missing}
-        for chunk, images in generate(models.generator, jobs, max(batch, 4), opts.steps, opts.guidance):
-            scores = bank.scores(bank.tagger.image_features(images)) if bank is not None else None
-            for k, (job, score) in enumerate(
-                zip(chunk, score_images(models.classifier, images, cls.index), strict=True)
-            ):
-                probs[job.variant].append(score["target_prob"])
-                if scores is not None:
-                    tags[job.variant].append(scores[k])
-        thresholds = bank.thresholds(_thresholds(bank.vocabulary)) if bank is not None else None
-        for t in missing:
-            rates = {}
-            if tags[t]:
-                shown = np.stack(tags[t]) >= thresholds
-                rates = {n: float(v) for n, v in zip(bank.vocabulary.names, shown.mean(0), strict=True)}
-            entries[t] = {"name": prompts[t], "prompt": t.format(cls.name), "probs": probs[t], "rates": rates}
-        rundir.write_json(cache, {"class": cls.name, "seeds": seeds, "prompts": entries})
-    return entries
-
-
 def _manifest(
     old: dict, opts: RunOptions, settings: dict, device, clf_record, generator: Generator | None, targets
 ) -> dict:
@@ -748,8 +572,8 @@ def audit_class(
     t_invert = time.perf_counter() - t_start
 
     # 3. Save the token, its history and the evolution snapshots
-    save_token(folder / "token.safetensors", placeholder, inv.vector)
-    rundir.write_csv(folder / "history.csv", pd.DataFrame(inv.history))
+    save_token(folder / rundir.TOKEN, placeholder, inv.vector)
+    rundir.write_csv(folder / rundir.HISTORY, pd.DataFrame(inv.history))
     for update, seed, image in inv.snapshots:
         rundir.write_png(folder / "evolution" / f"update_{update:04d}_s{seed}.png", image)
 
@@ -789,15 +613,15 @@ def audit_class(
         gen_bar.update(len(chunk))
     gen_bar.close()
     scores = pd.DataFrame(rows)
-    rundir.write_csv(folder / "scores.csv", scores)
+    rundir.write_csv(folder / rundir.SCORES, scores)
 
     # 5. Tags: every image against the attribute vocabulary (scores; presence is decided in analysis)
     if models.bank is not None:
         embeddings = torch.cat(features)  # (N, D), rows aligned with scores.csv
-        rundir.write_npy(folder / "embeddings.npy", embeddings.half().numpy())
+        rundir.write_npy(folder / rundir.EMBEDDINGS, embeddings.half().numpy())
         tag_scores = pd.DataFrame(models.bank.scores(embeddings), columns=models.bank.vocabulary.names)
         keys = scores[["file", "variant", "context_index", "seed"]].reset_index(drop=True)
-        rundir.write_csv(folder / "tags.csv", pd.concat([keys, tag_scores], axis=1))
+        rundir.write_csv(folder / rundir.TAGS, pd.concat([keys, tag_scores], axis=1))
 
     # 6. Where the classifier looks in a few token images (captum)
     if opts.explain_images > 0:
@@ -813,7 +637,7 @@ def audit_class(
         "name": cls.name,
         "query": cls.query,
         "placeholder": placeholder,
-        "token_file": "token.safetensors",
+        "token_file": rundir.TOKEN,
         "init_word": opts.init_word,
         "updates": len(hist),
         "token_unchanged": unchanged,
@@ -841,7 +665,7 @@ def audit_class(
         },
         "memory": _peak_memory_mb(device),
     }
-    rundir.write_json(folder / "class.json", summary)
+    rundir.write_json(folder / rundir.CLASS_SUMMARY, summary)
     run_dir.mark_done(cls.index, cls.name)
     return summary
 
@@ -856,7 +680,7 @@ def _explain(folder: Path, classifier: Classifier, images: torch.Tensor, target:
         rundir.write_png(folder / rel, overlay(image, amap))
         paths.append(rel)
     rundir.write_json(
-        folder / "attribution.json",
+        folder / rundir.ATTRIBUTION,
         {
             "method": "IntegratedGradients (captum), |attr| summed over channels",
             "overlays": paths,

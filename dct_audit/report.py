@@ -78,24 +78,8 @@ from markupsafe import Markup
 from . import __version__, rundir
 from .errors import DctAuditError
 
-ENRICHMENT_FILE = "enrichment.csv"
-FINDINGS_FILE = "findings.json"
-TAGS_FILE = "tags.csv"
-ENRICHMENT_COLUMNS = (
-    "class_index",
-    "attribute",
-    "group",
-    "token_rate",
-    "baseline_rate",
-    "diff",
-    "ci_low",
-    "ci_high",
-    "p_value",
-    "q_value",
-    "flagged",
-)
-TAGS_KEYS = ("file", "variant", "context_index", "seed")
-ATTRIBUTION_FILE = "attribution.json"
+# the columns a report needs of enrichment.csv (class_name and n_pairs may be missing in older runs)
+ENRICHMENT_REQUIRED = tuple(c for c in rundir.ENRICHMENT_COLUMNS if c not in ("class_name", "n_pairs"))
 ASSETS = ("report.css", "report.js")
 TOP_FLAGGED = 3  # flagged attributes shown per class in the index
 PLOT_VERSION = 1  # bump when a plot's look changes: cached plot files are named by a hash of their data
@@ -111,7 +95,7 @@ def render_report(
     """
     # 1. Read the run folder (the index's data) and the optional analysis tables
     run_dir = Path(run_dir)
-    out_dir = Path(out_dir) if out_dir is not None else run_dir / "report"
+    out_dir = Path(out_dir) if out_dir is not None else run_dir / rundir.REPORT_DIR
     report = read_run(run_dir, out_dir, self_contained)
     enrichment, findings = read_enrichment(run_dir), read_findings(run_dir)
 
@@ -137,7 +121,7 @@ def render_report(
             f"cannot write the report to '{out_dir}' ({e.strerror or e}); choose another --out"
         ) from None
     for cls in pages:
-        rundir.write_json(out_dir / "classes" / f"{cls['folder']}.json", cls)
+        rundir.write_json(out_dir / rundir.CLASSES_DIR / f"{cls['folder']}.json", cls)
     if self_contained:
         rundir.write_json(out_dir / "report.json", report)
         path = out_dir / f"{rundir.slugify(report['run']['name'], 80)}.html"
@@ -255,13 +239,10 @@ _SUMMARY_KEYS = ("token_accuracy", "baseline_accuracy", "token_target_prob", "ba
 def _read_manifest(run_dir: Path) -> dict:
     if not run_dir.is_dir():
         raise DctAuditError(f"no run folder at '{run_dir}'; give the folder that `dct-audit run` wrote")
-    path = run_dir / "manifest.json"
+    path = run_dir / rundir.MANIFEST
     if not path.is_file():
         raise DctAuditError(f"'{run_dir}' is not a dct-audit run folder (no manifest.json)")
-    try:
-        manifest = rundir.read_json(path)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DctAuditError(f"{path} is not valid JSON ({e})") from None
+    manifest = rundir.read_json_file(path)
     if not isinstance(manifest, dict) or not isinstance(manifest.get("classes", []), list):
         raise DctAuditError(f"{path} is not a dct-audit manifest (no list of classes)")
     return manifest
@@ -288,7 +269,7 @@ def _listed_classes(run_dir: Path, manifest: dict) -> list[dict]:
 
 def _class_row(run_dir: Path, c: dict, flagged: dict, self_contained: bool) -> dict:
     """One index row: status and summary numbers from ``class.json`` (status only if unfinished)."""
-    folder = run_dir / "classes" / c["folder"]
+    folder = run_dir / rundir.CLASSES_DIR / c["folder"]
     row = {
         "index": c["index"],
         "name": c["name"],
@@ -306,7 +287,7 @@ def _class_row(run_dir: Path, c: dict, flagged: dict, self_contained: bool) -> d
         row["note"] = "interrupted: no DONE marker" if folder.is_dir() else "not started"
         return row
     try:
-        summary = rundir.read_json(folder / "class.json")
+        summary = rundir.read_json(folder / rundir.CLASS_SUMMARY)
         if not isinstance(summary, dict):
             raise ValueError("not a JSON object")
     except (OSError, ValueError) as e:
@@ -327,15 +308,15 @@ def read_class(
     run_dir: Path, out_dir: Path, row: dict, run: dict, enrichment: list | None, findings: list | None
 ) -> dict:
     """A class page's data: paired image grids per context, evolution, history, token, analysis."""
-    folder = run_dir / "classes" / row["folder"]
-    summary = rundir.read_json(folder / "class.json")
+    folder = run_dir / rundir.CLASSES_DIR / row["folder"]
+    summary = rundir.read_json(folder / rundir.CLASS_SUMMARY)
     base = _rel(folder, out_dir)  # the class folder as seen from the report folder
     tags = read_tags(folder, (run.get("tagging") or {}).get("thresholds"))
 
     # paired grids: one block per context, token and baseline in the same seed order
     by_key: dict[tuple, dict] = {}
     contexts: dict[int, dict] = {}
-    for r in _read_csv(folder / "scores.csv"):
+    for r in _read_csv(folder / rundir.SCORES):
         ci, seed = _int(r.get("context_index")), _int(r.get("seed"))
         ctx = contexts.setdefault(
             ci, {"index": ci, "context": r.get("context", ""), "prompts": {}, "seeds": []}
@@ -365,7 +346,7 @@ def read_class(
 
     history = [
         {k: _number(h.get(k)) for k in ("update", "loss", "target_prob", "accuracy")}
-        for h in _read_csv(folder / "history.csv")
+        for h in _read_csv(folder / rundir.HISTORY)
     ]
     evolution = []
     for p in sorted((folder / "evolution").glob("update_*.png")):
@@ -410,7 +391,7 @@ def read_class(
 
 def _token(run_dir: Path, folder: Path, base: str, summary: dict, run: dict, grids: list) -> dict:
     """The token file and three lines that load it into diffusers and reproduce a token image."""
-    name = summary.get("token_file", "token.safetensors")
+    name = summary.get("token_file", rundir.TOKEN)
     placeholder = summary.get("placeholder") or ""
     gen, settings = run["generator"], run["settings"]
     steps = _int(settings.get("steps")) or _int(gen["default_steps"]) or 30
@@ -418,7 +399,7 @@ def _token(run_dir: Path, folder: Path, base: str, summary: dict, run: dict, gri
     guidance = (_number(gen["default_guidance"]) or 0.0) if guidance is None else guidance
     model = gen["model_id"] or settings.get("generator") or "stabilityai/sd-turbo"
     prompt = next((g["prompts"]["token"] for g in grids if g["prompts"]["token"]), placeholder)
-    token_path = run_dir / "classes" / folder.name / name
+    token_path = run_dir / rundir.CLASSES_DIR / folder.name / name
     snippet = "\n".join(
         [
             f"pipe = StableDiffusionPipeline.from_pretrained({_py_str(model)})",
@@ -453,7 +434,9 @@ def _finding(f: dict, run_dir: Path, out_dir: Path) -> dict:
                 "prompt": r.get("prompt"),
                 **{k: _number(r.get(k)) for k in ("prob", "diff", "ci_low", "ci_high")},
                 "confounders": {
-                    str(k): _number(v) for k, v in (r.get("confounders") or {}).items() if _number(v) is not None
+                    str(k): _number(v)
+                    for k, v in (r.get("confounders") or {}).items()
+                    if _number(v) is not None
                 }
                 if isinstance(r.get("confounders"), dict)
                 else {},
@@ -471,7 +454,7 @@ def _finding(f: dict, run_dir: Path, out_dir: Path) -> dict:
     ci = f.get("ci") if isinstance(f.get("ci"), list) and len(f["ci"]) == 2 else [None, None]
     overlays = []
     for o in f.get("overlays") or []:
-        path = next((p for p in (run_dir / o, run_dir / "classes" / o) if p.is_file()), None)
+        path = next((p for p in (run_dir / o, run_dir / rundir.CLASSES_DIR / o) if p.is_file()), None)
         if path is not None:
             overlays.append(_rel(path, out_dir))
     return {
@@ -507,10 +490,10 @@ def _top_flagged(enrichment: list | None) -> dict[int, list]:
 
 def read_enrichment(run_dir: str | os.PathLike) -> list[dict] | None:
     """Rows of ``enrichment.csv`` (see the module docstring), or ``None`` when the run has none."""
-    path = Path(run_dir) / ENRICHMENT_FILE
+    path = Path(run_dir) / rundir.ENRICHMENT
     if not path.is_file():
         return None
-    rows = _read_csv(path, ENRICHMENT_COLUMNS)
+    rows = _read_csv(path, ENRICHMENT_REQUIRED)
     for r in rows:
         r["class_index"] = _int(r["class_index"])
         for k in ("token_rate", "baseline_rate", "diff", "ci_low", "ci_high", "p_value", "q_value"):
@@ -521,13 +504,10 @@ def read_enrichment(run_dir: str | os.PathLike) -> list[dict] | None:
 
 def read_findings(run_dir: str | os.PathLike) -> list[dict] | None:
     """The list in ``findings.json`` (see the module docstring), or ``None`` when the run has none."""
-    path = Path(run_dir) / FINDINGS_FILE
+    path = Path(run_dir) / rundir.FINDINGS
     if not path.is_file():
         return None
-    try:
-        data = rundir.read_json(path)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DctAuditError(f"{path} is not valid JSON ({e})") from None
+    data = rundir.read_json_file(path)
     if not isinstance(data, list) or not all(isinstance(f, dict) and "class_index" in f for f in data):
         raise DctAuditError(f"{path} must be a list of objects with a class_index")
     return data
@@ -535,32 +515,29 @@ def read_findings(run_dir: str | os.PathLike) -> list[dict] | None:
 
 def read_tags(class_dir: str | os.PathLike, thresholds: dict | None = None) -> dict[tuple, list[str]] | None:
     """``{(variant, context_index, seed): [present attributes]}`` from ``tags.csv``, or ``None``."""
-    path = Path(class_dir) / TAGS_FILE
+    path = Path(class_dir) / rundir.TAGS
     if not path.is_file():
         return None
     thresholds = thresholds or {}
     out: dict[tuple, list[str]] = {}
-    for r in _read_csv(path, TAGS_KEYS[1:]):
+    for r in _read_csv(path, rundir.TAGS_KEYS[1:]):
         present = out.setdefault((r["variant"], _int(r["context_index"]), _int(r["seed"])), [])
         for attribute, score in r.items():
-            if attribute in TAGS_KEYS or attribute is None:
+            if attribute in rundir.TAGS_KEYS or attribute is None:
                 continue
             value = _number(score)
             limit = _number(thresholds.get(attribute))
-            if value is not None and value >= (0.5 if limit is None else limit):
+            if value is not None and value >= (rundir.PRESENCE_THRESHOLD if limit is None else limit):
                 present.append(attribute)
     return out
 
 
 def read_attribution(class_dir: str | os.PathLike) -> dict | None:
     """``attribution.json`` of a class (overlay paths relative to the class folder), or ``None``."""
-    path = Path(class_dir) / ATTRIBUTION_FILE
+    path = Path(class_dir) / rundir.ATTRIBUTION
     if not path.is_file():
         return None
-    try:
-        data = rundir.read_json(path)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DctAuditError(f"{path} is not valid JSON ({e})") from None
+    data = rundir.read_json_file(path)
     if not isinstance(data, dict):
         raise DctAuditError(f"{path} must be a JSON object with overlays")
     return data
@@ -717,9 +694,8 @@ def _label(text: str, n: int = 40) -> str:
 
 
 def _templates_dir() -> Path:
-    """Templates ship in the wheel as ``dct_audit/templates``; in a checkout they are the repo's ``templates/``."""
-    packaged = Path(__file__).parent / "templates"
-    return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "templates"
+    """The templates, CSS and JS ship inside the package (``dct_audit/templates``), in a checkout and a wheel."""
+    return Path(__file__).parent / "templates"
 
 
 def _environment() -> jinja2.Environment:

@@ -1,23 +1,33 @@
-"""The run directory: the contract between stages. Atomic writes, completion markers, the manifest.
+"""The run folder: the contract between stages, owned here. Every file name, the column lists other stages
+rely on, the presence threshold default, atomic writes, completion markers, the manifest.
 
-Layout of one run::
+No other module spells a run-folder file name: they use the constants below. Layout of one run::
 
     reports/<name>/
-      manifest.json                 settings, resolved models, versions, device, per-class timings
-      classes/<0122-american-lobster>/
-        token.safetensors           {placeholder: vector}, loadable by diffusers' load_textual_inversion
-        history.csv                 one row per update
-        evolution/update_0000.png   snapshots of the first seed during inversion
-        images/token/c0_s1000.png   paired images (same seeds) with the token ...
+      manifest.json                 MANIFEST: settings, resolved models, versions, device, per-class timings
+      classes/<0122-american-lobster>/   CLASSES_DIR / class_folder(index, name)
+        token.safetensors           TOKEN: {placeholder: vector}, loadable by diffusers' load_textual_inversion
+        history.csv                 HISTORY: one row per update
+        evolution/update_0000.png   EVOLUTION_DIR: snapshots of the first seed during inversion
+        images/token/c0_s1000.png   IMAGES_DIR: paired images (same seeds) with the token ...
         images/baseline/c0_s1000.png  ... and with the baseline prompt (init word for the token)
-        scores.csv                  the classifier on every generated image
-        class.json                  the class summary
-        DONE                        completion marker, written last: JSON listing every file of the
-                                    class with its size and SHA-256
+        scores.csv                  SCORES: the classifier on every generated image
+        tags.csv                    TAGS: TAGS_KEYS, then one column per attribute (tagger score in [0, 1])
+        embeddings.npy              EMBEDDINGS: the tagger's image features (float16), rows as scores.csv
+        attribution.json            ATTRIBUTION: captum overlays (ATTRIBUTION_DIR/*.png) and their summary
+        class.json                  CLASS_SUMMARY: the class summary
+        DONE                        MARKER, written last: JSON listing every file of the class with its size
+                                    and SHA-256
+      counterfactual/<class folder>.json   COUNTERFACTUAL_DIR: scored counterfactual prompts, keyed by seeds
+      enrichment.csv                ENRICHMENT: ENRICHMENT_COLUMNS, one row per class x attribute
+      findings.json                 FINDINGS: flagged and confirmed attributes (see ``report`` for the schema)
+      truth.json                    TRUTH: only for world classifiers, the score against the planted truth
+      report/                       REPORT_DIR: HTML (``dct-audit report``)
 
 Every file goes to a temporary name in the same folder and is renamed into place, so a reader never
 sees half a file; a class without ``DONE``, or whose files no longer match it, is removed and redone on
 resume (``verify_class``; ``dct-audit verify RUN_DIR`` reports every class without loading a model).
+The run-level analysis files are derived from the class folders and removed by ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -36,6 +46,59 @@ from typing import Any
 from .errors import DctAuditError
 
 MARKER = "DONE"
+# run level
+MANIFEST = "manifest.json"
+CLASSES_DIR = "classes"
+COUNTERFACTUAL_DIR = "counterfactual"
+ENRICHMENT = "enrichment.csv"
+FINDINGS = "findings.json"
+TRUTH = "truth.json"
+REPORT_DIR = "report"
+# class level
+TOKEN = "token.safetensors"
+HISTORY = "history.csv"
+SCORES = "scores.csv"
+TAGS = "tags.csv"
+EMBEDDINGS = "embeddings.npy"
+ATTRIBUTION = "attribution.json"
+ATTRIBUTION_DIR = "attribution"
+CLASS_SUMMARY = "class.json"
+IMAGES_DIR = "images"
+EVOLUTION_DIR = "evolution"
+
+# tags.csv: these key columns, then one column per attribute
+TAGS_KEYS = ("file", "variant", "context_index", "seed")
+# an attribute is present in an image when its tag score is at least its threshold, this where none is set
+PRESENCE_THRESHOLD = 0.5
+# enrichment.csv as ``analyse`` writes it (``class_enrichment`` gives these up to p_value)
+ENRICHMENT_COLUMNS = (
+    "class_index",
+    "class_name",
+    "attribute",
+    "group",
+    "n_pairs",
+    "token_rate",
+    "baseline_rate",
+    "diff",
+    "ci_low",
+    "ci_high",
+    "p_value",
+    "q_value",
+    "flagged",
+)
+
+
+def attribute_columns(columns) -> list[str]:
+    """The attribute columns of a ``tags.csv`` header."""
+    return [c for c in columns if c not in TAGS_KEYS]
+
+
+def read_json_file(path: str | os.PathLike, what: str = "JSON", fix: str = "") -> Any:
+    """``read_json`` that turns a broken file into one clear ``DctAuditError`` line."""
+    try:
+        return read_json(path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DctAuditError(f"{path} is not valid {what} ({e})" + (f"; {fix}" if fix else "")) from None
 
 
 @contextlib.contextmanager
@@ -142,10 +205,10 @@ class RunDir:
 
     @property
     def manifest_path(self) -> Path:
-        return self.root / "manifest.json"
+        return self.root / MANIFEST
 
     def class_dir(self, index: int, name: str) -> Path:
-        return self.root / "classes" / f"{index:04d}-{slugify(name)}"
+        return self.root / CLASSES_DIR / f"{index:04d}-{slugify(name)}"
 
     def is_done(self, index: int, name: str) -> bool:
         """Finished and intact (see ``verify_class``)."""
@@ -195,12 +258,7 @@ class RunDir:
     def read_manifest(self) -> dict | None:
         if not self.manifest_path.is_file():
             return None
-        try:
-            return read_json(self.manifest_path)
-        except json.JSONDecodeError as e:
-            raise DctAuditError(
-                f"{self.manifest_path} is not valid JSON ({e}); use --overwrite to start the run again"
-            ) from None
+        return read_json_file(self.manifest_path, fix="use --overwrite to start the run again")
 
     def write_manifest(self, manifest: dict) -> None:
         write_json(self.manifest_path, manifest)
@@ -331,7 +389,7 @@ def create_run_dir(run: RunDir, overwrite: bool) -> None:
     try:
         run.root.mkdir(parents=True, exist_ok=True)
         if overwrite:
-            for sub in ("classes", "manifest.json", "counterfactual", "enrichment.csv", "findings.json"):
+            for sub in (CLASSES_DIR, MANIFEST, COUNTERFACTUAL_DIR, ENRICHMENT, FINDINGS):
                 target = run.root / sub
                 if target.is_dir():
                     shutil.rmtree(target)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from .adapters import hub
 from .adapters.classifier import Preprocess
 from .errors import DctAuditError
+from .rundir import PRESENCE_THRESHOLD
 
 DEFAULT_TAGGER = "ViT-B-32/laion2b_s34b_b79k"
 
@@ -60,6 +61,12 @@ class Vocabulary:
 
     def __len__(self) -> int:
         return len(self.attributes)
+
+    def presence_thresholds(self) -> dict[str, float]:
+        """Each attribute's presence threshold: the file's, else ``rundir.PRESENCE_THRESHOLD``."""
+        return {
+            a.name: (a.threshold if a.threshold is not None else PRESENCE_THRESHOLD) for a in self.attributes
+        }
 
     def replacements(self, attribute: Attribute) -> list[tuple[str, str]]:
         """``(name, prompt template)`` of every replacement a counterfactual check compares against.
@@ -363,7 +370,7 @@ class AttributeBank:
         calibrated = calibrated or {}
         return np.array(
             [
-                calibrated.get(a.name, a.threshold if a.threshold is not None else 0.5)
+                calibrated.get(a.name, a.threshold if a.threshold is not None else PRESENCE_THRESHOLD)
                 for a in self.vocabulary.attributes
             ]
         )

@@ -430,7 +430,7 @@ hostile = (
         max_size=5,
     )
     .map("".join)
-    .filter(lambda s: s.strip() != "" and s not in (*report.TAGS_KEYS, "plate", "class_index"))
+    .filter(lambda s: s.strip() != "" and s not in (*rundir.TAGS_KEYS, "plate", "class_index"))
 )
 
 
