@@ -19,6 +19,7 @@ import pandas as pd
 
 from . import rundir
 from .generate import eval_seeds, generate
+from .options import ALPHA, MIN_EFFECT  # noqa: F401  (the defaults live with the options)
 from .score import score_images
 from .stats import benjamini_hochberg, mean_diff_ci, paired_rates
 
@@ -27,8 +28,7 @@ if TYPE_CHECKING:
     from .resolve import ResolvedClass
     from .tag import Vocabulary
 
-ALPHA = 0.05
-MIN_EFFECT = 0.25
+
 # A finding is *confirmed* when the counterfactual shows the classifier's confidence depends on the attribute
 # by a change that matters: the interval of the smallest change (over every replacement) lies at or above
 # this much target probability. Smaller changes are real but do not move decisions (measured: an unbiased

@@ -6,62 +6,13 @@ Every user error becomes one line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from pathlib import Path
 
 from . import __version__
 from .errors import DctAuditError
-
-
-def _int_at_least(minimum: int):
-    """An argparse type: a whole number >= ``minimum``."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, not {value}")
-        return value
-
-    return parse
-
-
-_positive_int = _int_at_least(1)
-_nonneg_int = _int_at_least(0)
-
-
-def _prob_or_off(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1) (0: off), not {value}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], not {value}")
-    return value
-
-
-def _float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, not {text}")
-    return value
+from .options import add_run_arguments, fraction, options_from_args
 
 
 class _Parser(argparse.ArgumentParser):
@@ -82,171 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "run", help="learn a discriminative token per class, generate paired images, score them"
     )
-    p.add_argument(
-        "--classifier", required=True, help="resnet50 | tv:NAME[.WEIGHTS] | hf:ORG/MODEL | file:PATH | FOLDER"
-    )
-    p.add_argument("--classes", required=True, help="comma-separated indices, names or fragments (_ = space)")
-    p.add_argument("--labels", help="labels file, one class per line (needed for file:)")
-    p.add_argument(
-        "--generator",
-        default=None,
-        help="diffusers SD pipeline: hub id or folder (default stabilityai/sd-turbo)",
-    )
-    p.add_argument("--out", default="reports", help="parent folder of the run folder (default reports/)")
-    p.add_argument("--name", help="run folder name (default CLASSIFIER-DATE)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument(
-        "--dtype",
-        default="auto",
-        choices=("auto", "bf16", "fp16", "fp32"),
-        help="generator precision (default auto: bf16 on CUDA where supported, fp16 on older GPUs, fp32 on CPU)",
-    )
-    p.add_argument(
-        "--resolution", type=_positive_int, help="image size in pixels (default: the generator's own)"
-    )
-    p.add_argument(
-        "--family",
-        choices=("sd-turbo", "sd1", "sd2"),
-        help="generator family for the default steps/guidance (default: read from the pipeline's config)",
-    )
-    p.add_argument(
-        "--steps", type=_positive_int, help="denoising steps (default per family: SD-Turbo 1, SD 1.x/2.x 30)"
-    )
-    p.add_argument(
-        "--guidance", type=_float, help="guidance scale (default per family: SD-Turbo 0, SD 1.x/2.x 7)"
-    )
-    p.add_argument(
-        "--grad-steps", type=_positive_int, default=1, help="last denoising steps with gradient (default 1)"
-    )
-    p.add_argument("--batch", type=_positive_int, help="seeds per update (default 4 on GPU, 2 on CPU)")
-    p.add_argument("--grad-accum", type=_positive_int, default=1, help="micro-batches per update (default 1)")
-    p.add_argument("--lr", type=_float, default=1e-3, help="AdamW learning rate (default 1e-3)")
-    p.add_argument(
-        "--max-updates", type=_positive_int, default=50, help="most updates per class (default 50)"
-    )
-    p.add_argument(
-        "--stop-accuracy", type=_fraction, default=0.7, help="stop at this batch accuracy (default 0.7)"
-    )
-    p.add_argument(
-        "--stop-prob",
-        type=_prob_or_off,
-        default=0.0,
-        help="with validation seeds, also require their mean target probability to reach this before "
-        "stopping (default 0: off; the demo uses 0.9)",
-    )
-    p.add_argument(
-        "--patience",
-        type=_nonneg_int,
-        default=20,
-        help="restart (see --restart-words) or stop a class when its best validation loss has not improved "
-        "for this many updates (default 20; 0: off)",
-    )
-    p.add_argument(
-        "--fixed-seeds",
-        dest="fresh_seeds",
-        action="store_false",
-        help="the paper's fixed inversion seeds instead of fresh seeds at every update (default: fresh)",
-    )
-    p.add_argument("--fresh-seeds", dest="fresh_seeds", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument(
-        "--val-seeds",
-        type=_nonneg_int,
-        default=8,
-        help="fixed validation seeds that decide the kept token, the accuracy stop and patience "
-        "(default 8; 0: decide on each update's own batch)",
-    )
-    p.add_argument(
-        "--eval-every", type=_positive_int, default=2, help="updates between validations (default 2)"
-    )
-    p.add_argument(
-        "--restart-words",
-        default="the",
-        metavar="W1,W2",
-        help="when patience runs out, restart from these words in turn, keeping the best token "
-        "(default 'the'; '' for none)",
-    )
-    p.add_argument(
-        "--max-norm",
-        type=_float,
-        default=2.0,
-        help="keep the token's norm at most this many times the vocabulary's mean norm (default 2; 0: no limit)",
-    )
-    p.add_argument("--init-word", default="a", help="one-token word the token starts from (default 'a')")
-    p.add_argument(
-        "--template",
-        action="append",
-        dest="templates",
-        metavar="TEXT",
-        help="inversion prompt with {} for '<tok> class' (repeatable; default: the paper's three)",
-    )
-    p.add_argument(
-        "--context",
-        action="append",
-        dest="contexts",
-        metavar="TEXT",
-        help="generation context with {} for the subject (repeatable; default: photo, statue, snow)",
-    )
-    p.add_argument(
-        "--n-images", type=_positive_int, default=16, help="seeds per context and variant (default 16)"
-    )
-    p.add_argument(
-        "--seed", type=int, default=0, help="first inversion seed; grids use seed+1000... (default 0)"
-    )
-    p.add_argument(
-        "--snapshot-every", type=_positive_int, default=5, help="evolution snapshot period in updates"
-    )
-    p.add_argument(
-        "--grad-checkpointing", action="store_true", help="trade compute for memory in the UNet/VAE"
-    )
-    p.add_argument(
-        "--tagger",
-        help="CLIP for attribute tags: open_clip ARCH/TAG, hf:ORG/MODEL, world[:PATH] or none "
-        "(default ViT-B-32/laion2b_s34b_b79k)",
-    )
-    p.add_argument(
-        "--attributes",
-        metavar="FILE",
-        help='attribute vocabulary JSON (replaces the shipped one; "mode": "extend" adds)',
-    )
-    p.add_argument(
-        "--holdout-classifier", metavar="NAME", help="a second classifier that scores the same images"
-    )
-    p.add_argument(
-        "--alpha", type=_fraction, default=0.05, help="false discovery rate of findings (default 0.05)"
-    )
-    p.add_argument(
-        "--min-effect",
-        type=_fraction,
-        default=0.25,
-        help="smallest token-minus-baseline attribute rate to flag",
-    )
-    p.add_argument(
-        "--confirm",
-        choices=("all", "flagged"),
-        default="all",
-        help="counterfactual check of every vocabulary attribute of each class (all: also finds biases the "
-        "token did not bring in) or only of the token's flagged ones (cheaper); default all",
-    )
-    p.add_argument(
-        "--confirm-seeds",
-        type=int,
-        default=8,
-        help="seeds per counterfactual prompt, paired across prompts (default 8)",
-    )
-    p.add_argument(
-        "--shard",
-        metavar="K/N",
-        help="audit only the K-th of N disjoint class subsets into the run folder (job arrays); "
-        "then `dct-audit finish RUN_DIR` analyses all classes",
-    )
-    p.add_argument(
-        "--explain-images",
-        type=int,
-        default=4,
-        help="token images per class with captum attributions (default 4)",
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace a run folder made with other settings")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_run_arguments(p)  # one flag per RunOptions field: defaults and help live in options.py
 
     # classes -----------------------------------------------------------------------------------
     p = sub.add_parser("classes", help="list a classifier's classes matching a query (loads no weights)")
@@ -263,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tagger", help="with --classifiers: the tagger")
     p.add_argument("--labels", help="with --classifiers: labels file for file: classifiers")
     p.add_argument("--out", help="compare folder (default beside the first run)")
-    p.add_argument("--alpha", type=_fraction, default=0.05)
-    p.add_argument("--min-effect", type=_fraction, default=0.25)
+    p.add_argument("--alpha", type=fraction, default=0.05)
+    p.add_argument("--min-effect", type=fraction, default=0.25)
     p.add_argument(
         "--no-cross-score", action="store_true", help="skip scoring each run's images by the other classifier"
     )
@@ -276,8 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
-    p.add_argument("--alpha", type=_fraction, default=None, help="as for run (default: the run's)")
-    p.add_argument("--min-effect", type=_fraction, default=None, help="as for run (default: the run's)")
+    p.add_argument("--alpha", type=fraction, default=None, help="as for run (default: the run's)")
+    p.add_argument("--min-effect", type=fraction, default=None, help="as for run (default: the run's)")
     p.add_argument(
         "--confirm", choices=("all", "flagged"), default=None, help="as for run (default: the run's)"
     )
@@ -319,60 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_run(args) -> int:
-    from .adapters.generator import DEFAULT_GENERATOR
-    from .pipeline import RunOptions, run_with_options
-    from .tag import DEFAULT_TAGGER
+    from .pipeline import run_with_options
 
-    kwargs = {
-        k: getattr(args, k)
-        for k in (
-            "labels",
-            "out",
-            "name",
-            "device",
-            "dtype",
-            "resolution",
-            "family",
-            "steps",
-            "guidance",
-            "grad_steps",
-            "batch",
-            "grad_accum",
-            "lr",
-            "max_updates",
-            "stop_accuracy",
-            "stop_prob",
-            "patience",
-            "fresh_seeds",
-            "val_seeds",
-            "eval_every",
-            "max_norm",
-            "init_word",
-            "n_images",
-            "seed",
-            "snapshot_every",
-            "grad_checkpointing",
-            "overwrite",
-            "quiet",
-            "attributes",
-            "alpha",
-            "min_effect",
-            "explain_images",
-            "confirm",
-            "confirm_seeds",
-            "holdout_classifier",
-            "shard",
-        )
-    }
-    kwargs["generator"] = args.generator or DEFAULT_GENERATOR
-    tagger = args.tagger or DEFAULT_TAGGER
-    kwargs["tagger"] = None if tagger.lower() == "none" else tagger
-    if args.templates:
-        kwargs["templates"] = tuple(args.templates)
-    if args.contexts:
-        kwargs["contexts"] = tuple(args.contexts)
-    kwargs["restart_words"] = tuple(w.strip() for w in args.restart_words.split(",") if w.strip())
-    result = run_with_options(RunOptions(classifier=args.classifier, classes=args.classes, **kwargs))
+    result = run_with_options(options_from_args(args))
     for c in result.classes:
         print(
             f"{c['name']} ({c['index']}): token accuracy {c['token_accuracy']:.2f} vs baseline {c['baseline_accuracy']:.2f}, "

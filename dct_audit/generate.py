@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import torch
 
 from .adapters.generator import Generator
+from .options import DEFAULT_CONTEXTS  # noqa: F401  (the defaults live with the options)
 
-DEFAULT_CONTEXTS = ("a photo of {}", "a statue of {}", "{} in the snow")
 VARIANTS = ("token", "baseline")
 
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from .adapters.classifier import Classifier
 from .adapters.generator import Generator
+from .options import PAPER_TEMPLATES  # noqa: F401  (the defaults live with the options)
 
 # Seed streams, disjoint by construction: evaluation grids use seed + 1000 + i (i < SEED_STREAM - 1000),
 # validation seed + SEED_STREAM + j (j < SEED_STREAM), training seed + 2 * SEED_STREAM + k (k unbounded).
@@ -30,10 +31,6 @@ def val_seed_list(seed: int, n: int) -> list[int]:
 
 def train_seed(seed: int, k: int) -> int:
     return seed + 2 * SEED_STREAM + k
-
-
-# The prompt templates of the DCT paper; ``{}`` becomes "<tok> <class name>".
-PAPER_TEMPLATES = ("A photo of {}", "a high resolution realistic image of {}", "A close-up photo of a {}")
 
 
 @dataclass

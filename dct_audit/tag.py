@@ -25,10 +25,8 @@ import torch.nn.functional as F
 from .adapters import hub
 from .adapters.classifier import Preprocess
 from .errors import DctAuditError
+from .options import DEFAULT_TAGGER  # noqa: F401  (the defaults live with the options)
 from .rundir import PRESENCE_THRESHOLD
-
-DEFAULT_TAGGER = "ViT-B-32/laion2b_s34b_b79k"
-
 
 # ----------------------------------------------------------------------------------------------------
 # The attribute vocabulary

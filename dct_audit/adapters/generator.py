@@ -23,9 +23,8 @@ import torch
 from torch import nn
 
 from ..errors import DctAuditError
+from ..options import DEFAULT_GENERATOR  # noqa: F401  (the defaults live with the options)
 from . import hub
-
-DEFAULT_GENERATOR = "stabilityai/sd-turbo"
 
 # family -> (denoising steps, guidance scale); users override with --steps / --guidance
 FAMILY_DEFAULTS = {
