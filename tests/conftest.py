@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dct_audit.testing import make_tiny_classifier, make_tiny_clip, make_tiny_pipeline
+from dct_audit.testing import build_tiny_run, make_tiny_classifier, make_tiny_clip, make_tiny_pipeline
 
 TINY_LABELS = ["American lobster, Maine lobster", "spiny lobster", "horizontal bar, high bar", "plate"]
 
@@ -74,3 +74,8 @@ def tiny_run_command(tiny_pipelines, tiny_classifier, tiny_clip):
         "--labels",
         labels,
     ]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_pipelines, tiny_classifier, tiny_clip, tmp_path_factory):
+    return build_tiny_run(tmp_path_factory, tiny_pipelines, tiny_classifier, tiny_clip)

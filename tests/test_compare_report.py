@@ -11,11 +11,11 @@ from pathlib import Path
 from urllib.parse import unquote
 
 import pytest
-from test_report import parse
 
 from dct_audit import rundir
 from dct_audit.compare import compare
 from dct_audit.compare_report import render_compare
+from dct_audit.testing import parse
 
 PAYLOAD = (
     '<script>window.__pwned=1</script><img src=x onerror="window.__pwned=2">'

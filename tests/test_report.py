@@ -6,199 +6,28 @@ of one class) are shared with ``test_report_browser.py``.
 
 from __future__ import annotations
 
-import csv
 import json
-import os
 import shutil
 import subprocess
 import sys
 import time
-from html.parser import HTMLParser
-from pathlib import Path
 from urllib.parse import unquote
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import dct_audit
 from dct_audit import report, rundir
 from dct_audit.errors import DctAuditError
-
-# ----------------------------------------------------------------------------------------------------
-# Run folders to render
-# ----------------------------------------------------------------------------------------------------
-
-
-def build_tiny_run(tmp_path_factory, pipelines, classifier, clip) -> Path:
-    """A real two-class run (classes 0 and 2) on tiny models; built once a session, later calls resume."""
-    model, labels = classifier
-    root = tmp_path_factory.getbasetemp() / "report-runs"
-    dct_audit.run(
-        f"file:{model}",
-        "0,2",
-        labels=labels,
-        generator=pipelines["turbo"],
-        tagger=f"hf:{clip}",
-        explain_images=2,
-        out=str(root),
-        name="tiny",
-        max_updates=2,
-        n_images=2,
-        contexts=("a photo of {}", "{} in the snow"),
-        snapshot_every=1,
-        lr=0.2,
-        quiet=True,
-    )
-    return root / "tiny"
-
-
-def with_unfinished(run: Path, dest: Path) -> Path:
-    """A copy of ``run`` plus class 1 interrupted (folder without DONE) and class 3 never started."""
-    shutil.copytree(run, dest)
-    half = dest / "classes" / "0001-spiny-lobster"
-    shutil.copytree(dest / "classes" / "0000-american-lobster", half)
-    (half / "DONE").unlink()
-    (half / "class.json").unlink()
-    manifest = rundir.read_json(dest / "manifest.json")
-    manifest["classes"] += [
-        {"index": 1, "name": "spiny lobster", "placeholder": "<dct-1>"},
-        {"index": 3, "name": "plate", "placeholder": "<dct-3>"},
-    ]
-    rundir.write_json(dest / "manifest.json", manifest)
-    return dest
-
-
-def add_analysis(run: Path, attributes=(("plate", "food"), ("person", "people"), ("snow", "scene"))) -> None:
-    """Write ``enrichment.csv``, ``findings.json`` and each class's ``tags.csv`` as the analysis would."""
-    manifest = rundir.read_json(run / "manifest.json")
-    rows, findings = [], []
-    for c in manifest["classes"]:
-        folder = run / "classes" / f"{c['index']:04d}-{rundir.slugify(c['name'])}"
-        if not (folder / "DONE").exists():
-            continue
-        for k, (attr, group) in enumerate(attributes):
-            diff = 0.6 - 0.3 * k
-            rows.append(
-                {
-                    "class_index": c["index"],
-                    "attribute": attr,
-                    "group": group,
-                    "token_rate": 0.2 + diff,
-                    "baseline_rate": 0.2,
-                    "diff": diff,
-                    "ci_low": diff - 0.2,
-                    "ci_high": diff + 0.2,
-                    "p_value": 0.001 * (k + 1),
-                    "q_value": 0.002 * (k + 1),
-                    "flagged": diff >= 0.25,
-                }
-            )
-        overlay = folder.relative_to(run) / "attribution" / "token_0.png"
-        if not (run / overlay).is_file():
-            overlay = folder.relative_to(run) / "images" / "token" / "c0_s1000.png"
-        findings.append(
-            {
-                "class_index": c["index"],
-                "attribute": attributes[0][0],
-                "effect": 0.6,
-                "ci": [0.4, 0.8],
-                "q": 0.002,
-                "counterfactual": {
-                    "with_prob": 0.8,
-                    "without_prob": 0.4,
-                    "diff": 0.4,
-                    "ci_low": 0.3,
-                    "ci_high": 0.5,
-                },
-                "attribution_outside_object": 0.35,
-                "overlays": [overlay.as_posix()],
-            }
-        )
-        tags = [
-            [
-                r["file"],
-                r["variant"],
-                r["context_index"],
-                r["seed"],
-                *(0.9 - 0.6 * (i % 2) for i in range(len(attributes))),
-            ]
-            for r in _read_csv(folder / "scores.csv")
-        ]
-        header = ["file", "variant", "context_index", "seed", *(a for a, _ in attributes)]
-        _write_csv(folder / "tags.csv", header, tags)
-    _write_csv(run / "enrichment.csv", list(rows[0]), [list(r.values()) for r in rows])
-    rundir.write_json(run / "findings.json", findings)
-
-
-def synthetic_run(source: Path, dest: Path, classes: list[tuple[int, str]]) -> Path:
-    """A run of ``classes`` whose folders are hard-linked copies of ``source``'s first class."""
-    manifest = rundir.read_json(source / "manifest.json")
-    template = source / "classes" / "0000-american-lobster"
-    summary = rundir.read_json(template / "class.json")
-    manifest["classes"], manifest["class_runs"] = [], {}
-    for index, name in classes:
-        folder = dest / "classes" / f"{index:04d}-{rundir.slugify(name)}"
-        shutil.copytree(template, folder, copy_function=os.link)
-        # rewritten files are replaced (new inode), never written through the hard link
-        acc = (index % 97) / 96
-        rundir.write_json(
-            folder / "class.json", {**summary, "index": index, "name": name, "token_accuracy": acc}
-        )
-        manifest["classes"].append({"index": index, "name": name, "placeholder": f"<dct-{index}>"})
-    rundir.write_json(dest / "manifest.json", manifest)
-    return dest
-
-
-def _read_csv(path: Path) -> list[dict]:
-    with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
-
-
-def _write_csv(path: Path, header: list, rows: list) -> None:
-    def write(p):
-        with open(p, "w", newline="", encoding="utf-8") as f:
-            w = csv.writer(f)
-            w.writerow(header)
-            w.writerows(rows)
-
-    rundir.atomic_write(path, write)
-
-
-class Page(HTMLParser):
-    """Tags (with attributes) and text chunks of an HTML page, as a browser's parser would see them."""
-
-    def __init__(self, text: str):
-        super().__init__(convert_charrefs=True)
-        self.tags: list[tuple[str, dict]] = []
-        self.texts: list[str] = []
-        self.headings: list[str] = []  # text of each <h2>
-        self._in_h2 = False
-        self.feed(text)
-
-    def handle_starttag(self, tag, attrs):
-        self.tags.append((tag, dict(attrs)))
-        self._in_h2 = tag == "h2"
-
-    def handle_endtag(self, tag):
-        self._in_h2 = False
-
-    def handle_data(self, data):
-        self.texts.append(data)
-        if self._in_h2:
-            self.headings.append(data.strip())
-
-    def urls(self) -> list[str]:
-        return [a[k] for tag, a in self.tags for k in ("href", "src") if a.get(k)]
-
-
-def parse(path: Path) -> Page:
-    return Page(path.read_text(encoding="utf-8"))
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tiny_pipelines, tiny_classifier, tiny_clip, tmp_path_factory):
-    return build_tiny_run(tmp_path_factory, tiny_pipelines, tiny_classifier, tiny_clip)
+from dct_audit.testing import (
+    add_analysis,
+    hostile_run,
+    parse,
+    read_csv,
+    synthetic_run,
+    with_unfinished,
+    write_csv,
+)
 
 
 @pytest.fixture(scope="module")
@@ -346,9 +175,9 @@ def test_rerender_reuses_unchanged_plots_and_redraws_changed_ones(tiny_run, tmp_
     report.render_report(run)
     assert first.stat().st_mtime_ns == stamp  # same data: not drawn again
     history = run / "classes" / "0000-american-lobster" / "history.csv"
-    rows = _read_csv(history)
+    rows = read_csv(history)
     rows[0]["loss"] = "9.0"
-    _write_csv(history, list(rows[0]), [list(r.values()) for r in rows])
+    write_csv(history, list(rows[0]), [list(r.values()) for r in rows])
     report.render_report(run)
     [second] = folder.glob("training-*.svg")
     assert second != first and not first.exists()
@@ -432,21 +261,6 @@ hostile = (
     .map("".join)
     .filter(lambda s: s.strip() != "" and s not in (*rundir.TAGS_KEYS, "plate", "class_index"))
 )
-
-
-def hostile_run(tiny_run: Path, dest: Path, text: str) -> Path:
-    """One class named ``text``, with ``text`` also as label, context, prompt, attribute and group."""
-    run = synthetic_run(tiny_run, dest, [(7, text)])
-    folder = next((run / "classes").iterdir())
-    scores = _read_csv(folder / "scores.csv")
-    for r in scores:
-        r.update(prompt=f"{r['prompt']} {text}", context=text, pred_name=text, class_name=text)
-    _write_csv(folder / "scores.csv", list(scores[0]), [list(r.values()) for r in scores])
-    manifest = rundir.read_json(run / "manifest.json")
-    manifest["settings"]["contexts"] = [text]
-    rundir.write_json(run / "manifest.json", manifest)
-    add_analysis(run, attributes=((text, text), ("plate", "food")))
-    return run
 
 
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -2,22 +2,18 @@
 
 Never a downloaded browser. Skipped with a reason when /usr/bin/chromium or Playwright is missing
 (``apt-get install chromium`` and ``pip install playwright``; no ``playwright install``).
-Set ``DCT_AUDIT_SCREENSHOT=docs/class-page.png`` to keep the class page screenshot for the README, and
-``DCT_AUDIT_SCREENSHOT_PAGE=reports/demo-biased/report/classes/0004-cross.html`` (after ``dct-audit demo``)
-to take it of the demo's cross page instead of the tiny test run's.
+The README's screenshot is taken by ``docs/screenshot.py``, not by a test.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 from urllib.parse import unquote
 
 import pytest
-from test_report import add_analysis, build_tiny_run, hostile_run, synthetic_run, with_unfinished
 
 from dct_audit import report
+from dct_audit.testing import add_analysis, build_tiny_run, hostile_run, synthetic_run, with_unfinished
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = [
@@ -153,18 +149,3 @@ def test_hostile_class_names_do_not_execute_or_inject(
         assert page.eval_on_selector_all("img", BROKEN_IMAGES) == [], path.name  # plots with hostile labels
         assert errors == [], path.name
         page.close()
-
-
-def test_screenshot_of_a_class_page(browser, site, tmp_path):
-    # DCT_AUDIT_SCREENSHOT_PAGE: another class page, e.g. the demo's
-    # reports/demo-biased/report/classes/0004-cross.html (the README's screenshot)
-    chosen = os.environ.get("DCT_AUDIT_SCREENSHOT_PAGE")
-    page_path = Path(chosen) if chosen else site.parent / "classes" / "0000-american-lobster.html"
-    page, errors = open_page(browser, page_path)
-    shot = tmp_path / "class-page.png"
-    page.screenshot(path=str(shot))  # the first screen: summary, findings, the first image grids
-    assert shot.stat().st_size > 20_000 and errors == []
-    if os.environ.get("DCT_AUDIT_SCREENSHOT"):
-        target = Path(os.environ["DCT_AUDIT_SCREENSHOT"])
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(shot, target)
