@@ -174,8 +174,12 @@ def compare(
     min_effect: float = MIN_EFFECT,
     cross_score: bool = True,
     device: str = "cpu",
+    classifiers: tuple | None = None,
 ) -> CompareResult:
-    """Compare two finished runs; writes the tables and JSON to ``out`` (default beside run A)."""
+    """Compare two finished runs; writes the tables and JSON to ``out`` (default beside run A).
+
+    ``classifiers``: the two models in memory ``(a, b)`` for cross-scoring (needed when a run was audited
+    with a model in memory; either may be None to load that run's classifier by its name)."""
     # 1. Check that the runs pair up
     ra, ma = _open(run_a)
     rb, mb = _open(run_b)
@@ -188,10 +192,15 @@ def compare(
     # 2. Optional cross-scoring models
     clf_a = clf_b = None
     if cross_score:
-        from .adapters.classifier import load_classifier
+        from .adapters.classifier import load_classifier, wrap_classifier
 
-        clf_a = load_classifier(ma["settings"]["classifier"], ma["settings"].get("labels"), device)
-        clf_b = load_classifier(mb["settings"]["classifier"], mb["settings"].get("labels"), device)
+        given = tuple(classifiers) if classifiers is not None else (None, None)
+        clf_a, clf_b = (
+            wrap_classifier(g, device=device)
+            if g is not None
+            else load_classifier(m["settings"]["classifier"], m["settings"].get("labels"), device)
+            for g, m in zip(given, (ma, mb), strict=True)
+        )
 
     # 3. Per class: profiles, distances, cross-scores
     attr_rows, class_rows = [], []

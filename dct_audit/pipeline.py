@@ -85,14 +85,25 @@ def default_run_name(classifier: str) -> str:
     return f"{rundir.slugify(classifier.split('/')[-1].split(':')[-1])}-{_dt.date.today().isoformat()}"
 
 
-def run(classifier: str, classes: str | list[str], **kwargs) -> RunResult:
+def run(classifier, classes: str | list[str], *, preprocess=None, **kwargs) -> RunResult:
     """Audit ``classes`` of ``classifier``: a token, paired images and scores per class, in a run folder.
 
-    Keyword arguments are the fields of :class:`RunOptions` (the CLI flags). Finished classes of an
-    existing run with the same settings are kept; a half-finished class is redone.
+    ``classifier`` is a name (as ``--classifier``) or a model in memory: a torch ``nn.Module`` (a timm
+    model carries its preprocessing and, for ImageNet weights, its labels; any other module needs
+    ``labels=`` (a list of names or a file) and ``preprocess=`` (a ``Preprocess``)), or a ``Classifier``.
+    Other keyword arguments are the fields of :class:`RunOptions` (the CLI flags). Finished classes of an
+    existing run with the same settings are kept (an in-memory model is the same when its weights, labels
+    and preprocessing hash the same); a half-finished class is redone.
     """
-    opts = RunOptions(classifier=classifier, classes=classes, **kwargs)
-    return run_with_options(opts)
+    if isinstance(classifier, str):
+        if preprocess is not None:
+            raise DctAuditError("preprocess= is for a classifier given in memory; a named one brings its own")
+        return run_with_options(RunOptions(classifier=classifier, classes=classes, **kwargs))
+    from .adapters.classifier import wrap_classifier
+
+    clf = wrap_classifier(classifier, kwargs.pop("labels", None), preprocess)
+    opts = RunOptions(classifier=clf.spec.spec, classes=classes, **kwargs)
+    return run_with_options(opts, classifier=clf)
 
 
 def _estimated_bytes(opts: RunOptions, n_classes: int) -> int:
@@ -113,7 +124,9 @@ def _estimated_bytes(opts: RunOptions, n_classes: int) -> int:
     return images * per_image + 10 * 2**20
 
 
-def run_with_options(opts: RunOptions) -> RunResult:
+def run_with_options(opts: RunOptions, classifier: Classifier | None = None) -> RunResult:
+    """Run an audit as ``opts`` says; ``classifier``: a model already in memory (``opts.classifier`` is then
+    its record's name)."""
     # 1. Check inputs and resolve names, before any weights load
     opts.check()
     device = opts.resolved_device()
@@ -121,7 +134,10 @@ def run_with_options(opts: RunOptions) -> RunResult:
 
     resolve_dtype(opts.dtype, device)  # a dtype the device cannot run: one line, before anything loads
     batch = opts.batch or (4 if device.type == "cuda" else 2)
-    clf_record, labels = describe_classifier(opts.classifier, opts.labels)
+    if classifier is not None:
+        clf_record, labels = classifier.spec, classifier.labels
+    else:
+        clf_record, labels = describe_classifier(opts.classifier, opts.labels)
     targets, notes = resolve_classes(opts.classes, labels)
     say = (lambda msg: None) if opts.quiet else (lambda msg: print(msg, file=sys.stderr))
     for note in notes:
@@ -135,11 +151,13 @@ def run_with_options(opts: RunOptions) -> RunResult:
     rundir.check_free_space(root, _estimated_bytes(opts, len(targets)))
     lock = ".lock" if not opts.shard else ".lock-shard-{}-of-{}".format(*parse_shard(opts.shard))
     with rundir.run_lock(root, lock):
-        return _run_locked(opts, device, batch, clf_record, targets, say, root, settings, run_dir, previous)
+        return _run_locked(
+            opts, device, batch, clf_record, targets, say, root, settings, run_dir, previous, classifier
+        )
 
 
 def _run_locked(
-    opts, device, batch, clf_record, targets, say, root, settings, run_dir, previous
+    opts, device, batch, clf_record, targets, say, root, settings, run_dir, previous, classifier=None
 ) -> RunResult:
     mine = shard_classes(targets, opts.shard)  # every class, or this shard's share
     states = {c.index: run_dir.verify_class(c.index, c.name) for c in mine}
@@ -158,7 +176,7 @@ def _run_locked(
         from .tag import check_tagger
 
         check_tagger(opts.tagger)  # before the classifier and generator load: fail fast and cheaply
-    models = Models()
+    models = Models(classifier=classifier.to(device) if classifier is not None else None)
     if todo:
         check_generator_spec(opts.generator)
         _load_models(models, opts, device, vocabulary)
@@ -228,11 +246,12 @@ def _run_locked(
     return RunResult(run_dir=root, classes=results, skipped=skipped, findings=findings, report=report)
 
 
-def finish_run(run_dir: str | Path, **overrides) -> RunResult:
+def finish_run(run_dir: str | Path, classifier=None, **overrides) -> RunResult:
     """Analyse and report a run whose classes were audited elsewhere (``--shard K/N`` job arrays): the same
     settings as the run, read from its manifest; ``overrides`` may set the device, ``quiet``, ``report``
     and the analysis options (alpha, min_effect, confirm, confirm_seeds). Refuses while classes of the run
-    are unfinished, naming them."""
+    are unfinished, naming them. ``classifier``: the model of a run audited with one in memory (it must
+    hash the same as the run's)."""
     root = Path(run_dir)
     manifest = rundir.RunDir(root).read_manifest() if root.is_dir() else None
     if manifest is None or "settings" not in manifest:
@@ -267,10 +286,20 @@ def finish_run(run_dir: str | Path, **overrides) -> RunResult:
         **settings,
         **overrides,
     }
+    clf = None
+    if classifier is not None:
+        from .adapters.classifier import wrap_classifier
+
+        clf = wrap_classifier(classifier)
+        if clf.spec.spec != kwargs.get("classifier"):
+            raise DctAuditError(
+                f"the classifier given ({clf.spec.spec}) is not the run's ({kwargs.get('classifier')}): "
+                "other weights, labels or preprocessing"
+            )
     opts = RunOptions(
         classes=[str(c["index"]) for c in classes], out=str(root.parent), name=root.name, **kwargs
     )
-    return run_with_options(opts)
+    return run_with_options(opts, classifier=clf)
 
 
 def _load_models(
@@ -278,6 +307,7 @@ def _load_models(
 ) -> Models:
     if models.classifier is None:
         models.classifier = load_classifier(opts.classifier, opts.labels, device)
+    if models.generator is None:
         if opts.holdout_classifier:
             models.holdout = load_classifier(opts.holdout_classifier, opts.labels, device)
             if models.holdout.labels.names != models.classifier.labels.names:

@@ -1,5 +1,6 @@
 """``dct-audit run`` end to end on tiny local models: the run folder, resume, refusals, CLI errors."""
 
+import copy
 import json
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import torch
 
 import dct_audit.pipeline as pipeline
 from dct_audit.cli import main
+from dct_audit.errors import DctAuditError
 
 FAST = [
     "--max-updates",
@@ -249,3 +251,51 @@ def test_classes_command_lists_matches_without_weights(capsys):
     assert [line.split()[0] for line in out] == ["122", "123"]
     assert main(["classes", "--classifier", "resnet50", "lobstr"]) == 2
     assert "closest: " in capsys.readouterr().err
+
+
+def test_a_classifier_in_memory_audits_like_the_same_model_loaded_from_its_file(
+    tiny_pipelines, tiny_classifier, tmp_path
+):
+    """A notebook's model (a torch module with its labels and preprocessing) gives the run the same token
+    and scores as the same model named by its file; the manifest records it by class and weight hash, a
+    resume with the same model keeps the finished class, and other weights are refused."""
+    import dct_audit
+    from dct_audit.adapters.classifier import load_classifier
+
+    model, labels = tiny_classifier
+    names = [line.strip() for line in open(labels, encoding="utf-8") if line.strip()]
+    common = dict(
+        generator=tiny_pipelines["turbo"],
+        out=str(tmp_path),
+        max_updates=2,
+        n_images=1,
+        contexts=("a photo of {}",),
+        tagger=None,
+        explain_images=0,
+        quiet=True,
+    )
+    dct_audit.run(f"file:{model}", "plate", labels=labels, name="file", **common)
+    loaded = load_classifier(f"file:{model}", labels)
+    module, preprocess = loaded.model, loaded.preprocess
+    mem = dct_audit.run(module, "plate", labels=names, preprocess=preprocess, name="mem", **common)
+    from dct_audit.invert import load_token
+
+    file_dir, mem_dir = (next((tmp_path / n / "classes").iterdir()) for n in ("file", "mem"))
+    assert torch.equal(
+        load_token(file_dir / "token.safetensors")[1], load_token(mem_dir / "token.safetensors")[1]
+    )
+    pd.testing.assert_frame_equal(pd.read_csv(file_dir / "scores.csv"), pd.read_csv(mem_dir / "scores.csv"))
+    record = json.loads((tmp_path / "mem" / "manifest.json").read_text())["models"]["classifier"]
+    assert record["kind"] == "in-memory" and record["weights"].startswith("sha256:")
+    assert record["spec"].startswith("in-memory:") and record["model_id"].endswith(type(module).__qualname__)
+
+    again = dct_audit.run(module, "plate", labels=names, preprocess=preprocess, name="mem", **common)
+    assert again.skipped == [mem.classes[0]["index"]]
+    changed = copy.deepcopy(module)
+    with torch.no_grad():
+        next(p for p in changed.parameters()).add_(1.0)
+    with pytest.raises(DctAuditError, match="other settings"):
+        dct_audit.run(changed, "plate", labels=names, preprocess=preprocess, name="mem", **common)
+    # a module that carries no preprocessing (not a timm model) is refused with the fix
+    with pytest.raises(DctAuditError, match="preprocess="):
+        dct_audit.run(torch.nn.Linear(3, 4), "plate", labels=names, name="bad", **common)
