@@ -74,6 +74,15 @@ def render_compare(compare_dir: str | os.PathLike) -> Path:
             "name": str(c.get("class_name", "")),
             "folder": folder,
             "flagged_attributes": _int(c.get("flagged_attributes")) or 0,
+            # which ones: rate in A's token images minus B's, largest first
+            "flagged_names": sorted(
+                (
+                    {"attribute": a["attribute"], "diff": a["diff"]}
+                    for a in attributes
+                    if a["class_index"] == index and a["flagged"]
+                ),
+                key=lambda a: (-abs(a["diff"] or 0.0), a["attribute"]),
+            ),
             **{k: _number(c.get(k)) for k in _CLASS_NUMBERS},
             "page": f"{PAGES}/{folder}.html" if folder else None,
         }

@@ -222,3 +222,20 @@ def test_browser_sorting_and_hostile_text(browser, compared, tmp_path):
         assert page.eval_on_selector_all("img", BROKEN_IMAGES) == [], path.name
         assert errors == [], path.name
         page.close()
+
+
+def test_the_index_names_each_classs_flagged_attributes(compared, tmp_path):
+    """Not only how many attributes differ, but which, with the direction (A's rate minus B's)."""
+    import shutil
+
+    import pandas as pd
+
+    out = tmp_path / "cmp"
+    shutil.copytree(compared, out)
+    table = pd.read_csv(out / "attributes.csv")
+    first = table.index[table["class_index"] == 0][0]
+    table.loc[first, ["flagged", "diff"]] = [True, -0.5]
+    table.to_csv(out / "attributes.csv", index=False)
+    name = table.loc[first, "attribute"]
+    text = " ".join(" ".join(parse(render_compare(out)).texts).split())
+    assert f"{name} (A -50 pp)" in text
