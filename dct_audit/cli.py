@@ -12,7 +12,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import DctAuditError
-from .options import add_run_arguments, fraction, options_from_args
+from .options import add_run_arguments, fraction, options_from_args, positive_int
 
 
 class _Parser(argparse.ArgumentParser):
@@ -69,6 +69,38 @@ def build_parser() -> argparse.ArgumentParser:
         "--confirm", choices=("all", "flagged"), default=None, help="as for run (default: the run's)"
     )
     p.add_argument("--confirm-seeds", type=int, default=None, help="as for run (default: the run's)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    # discover ----------------------------------------------------------------------------------
+    p = sub.add_parser(
+        "discover",
+        help="open-vocabulary discovery on a finished run: concepts of a long list the token brings in",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument(
+        "--concepts", metavar="FILE", help="one concept per line (concept<TAB>definition); default WordNet"
+    )
+    p.add_argument(
+        "--concept-template",
+        default="a photo of {}",
+        help="the tagger's prompt for a concept (default 'a photo of {}')",
+    )
+    p.add_argument(
+        "--top-k",
+        type=positive_int,
+        default=10,
+        help="concepts per class tested on held-out seeds (default 10)",
+    )
+    p.add_argument("--alpha", type=fraction, default=None, help="false discovery rate (default: the run's)")
+    p.add_argument(
+        "--discover-with",
+        default="{} with {}",
+        help="counterfactual prompt: the class, then the concept (default '{} with {}')",
+    )
+    p.add_argument(
+        "--no-check", action="store_true", help="skip the counterfactual check (generates no image)"
+    )
+    p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     # verify ------------------------------------------------------------------------------------
@@ -136,6 +168,35 @@ def _cmd_finish(args) -> int:
     print(f"{len(result.classes)} classes analysed: {result.run_dir}")
     if result.report:
         print(f"report: {result.report}")
+    return 0
+
+
+def _cmd_discover(args) -> int:
+    from .discover import discover_run
+    from .report import render_report
+
+    table = discover_run(
+        args.run_dir,
+        args.concepts,
+        concept_template=args.concept_template,
+        top_k=args.top_k,
+        alpha=args.alpha,
+        with_template=args.discover_with,
+        check=not args.no_check,
+        device=args.device,
+        quiet=args.quiet,
+    )
+    for r in table[table["significant"]].itertuples():
+        verdict = "confirmed" if r.confirmed else "not confirmed" if not args.no_check else "not checked"
+        print(
+            f"  discovered: {r.class_name}: '{r.concept}' (rank {r.rank}; token image closer in {r.wins}/{r.n_pairs} "
+            f"held-out pairs, q={r.q_value:.2g}); {verdict}"
+        )
+    n = int(table["significant"].sum())
+    print(
+        f"{len(table)} concept(s) tested, {n} significant, {int(table['confirmed'].sum())} confirmed: {args.run_dir}/discovered.csv"
+    )
+    print(f"report: {render_report(args.run_dir)}")
     return 0
 
 
@@ -302,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {
         "run": _cmd_run,
         "classes": _cmd_classes,
+        "discover": _cmd_discover,
         "report": _cmd_report,
         "compare": _cmd_compare,
         "demo": _cmd_demo,

@@ -246,11 +246,40 @@ class RunOptions:
     confirm_seeds: int = _opt(
         8, "seeds per counterfactual prompt, paired across prompts (default 8)", type=int
     )
+    discover: bool = _opt(
+        False, "after the analysis, open-vocabulary discovery over a concept list (see dct-audit discover)"
+    )
+    concepts: str | None = _opt(
+        None,
+        "with --discover: concept list, one per line (concept<TAB>definition); default WordNet",
+        metavar="FILE",
+    )
+    discover_with: str = _opt(
+        "{} with {}",
+        "with --discover: counterfactual prompt, the class then the concept (default '{} with {}')",
+    )
     shard: str | None = _opt(
         None,
         "audit only the K-th of N disjoint class subsets into the run folder (job arrays); then "
         "`dct-audit finish RUN_DIR` analyses all classes",
         metavar="K/N",
+    )
+    ray: str | None = _opt(
+        None,
+        "run each class as a Ray task on the cluster at ADDRESS (auto, ray://HOST:10001), or on a local one "
+        "without ADDRESS; the run folder must be on a filesystem every worker shares",
+        nargs="?",
+        const="local",
+        metavar="ADDRESS",
+    )
+    ray_retries: int = _opt(
+        2, "with --ray: retries of a class whose worker died (default 2)", type=nonneg_int
+    )
+    ray_cpus: int | None = _opt(
+        None, "with --ray and no ADDRESS: CPUs of the local cluster (default all)", type=positive_int
+    )
+    ray_task_cpus: int = _opt(
+        1, "with --ray: CPUs (and torch threads) per class task (default 1)", type=positive_int
     )
     overwrite: bool = _opt(False, "replace a run folder made with other settings")
     quiet: bool = _opt(False, "no progress bars")

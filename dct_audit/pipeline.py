@@ -127,6 +127,10 @@ def _estimated_bytes(opts: RunOptions, n_classes: int) -> int:
 def run_with_options(opts: RunOptions, classifier: Classifier | None = None) -> RunResult:
     """Run an audit as ``opts`` says; ``classifier``: a model already in memory (``opts.classifier`` is then
     its record's name)."""
+    if opts.ray:  # each class a Ray task, then the analysis here (dct_audit/scale.py)
+        from .scale import run_on_ray
+
+        return run_on_ray(opts, classifier)
     # 1. Check inputs and resolve names, before any weights load
     opts.check()
     device = opts.resolved_device()
@@ -237,13 +241,46 @@ def _run_locked(
         manifest = run_dir.update_manifest({"analysis": manifest["analysis"]})
     results = [rundir.read_json(run_dir.class_dir(c.index, c.name) / rundir.CLASS_SUMMARY) for c in targets]
 
-    # 6. The HTML report (reads the run folder only)
+    # 6. Open-vocabulary discovery over the finished classes (stored image features; checks generate images)
+    if opts.discover and vocabulary is not None:
+        from .discover import discover_run
+
+        discover_run(
+            root,
+            opts.concepts,
+            with_template=opts.discover_with,
+            alpha=opts.alpha,
+            device=opts.device,
+            quiet=opts.quiet,
+        )
+        findings = rundir.read_json(root / rundir.FINDINGS)
+
+    # 7. The HTML report (reads the run folder only)
     report = None
     if opts.report:
         from .report import render_report
 
         report = render_report(root)
     return RunResult(run_dir=root, classes=results, skipped=skipped, findings=findings, report=report)
+
+
+def manifest_options(manifest: dict, overrides: dict | None = None) -> dict:
+    """The ``RunOptions`` keyword arguments of a run, from its manifest (settings, tagger, vocabulary file,
+    analysis options), with ``overrides`` on top; ``classes``, ``out`` and ``name`` are the caller's."""
+    fields = set(RunOptions.__dataclass_fields__)
+    settings = {k: v for k, v in manifest["settings"].items() if k in fields}
+    for key in ("templates", "contexts", "restart_words"):
+        if key in settings:
+            settings[key] = tuple(settings[key])
+    tagging = manifest.get("tagging") or {}
+    analysis = manifest.get("analysis") or {}
+    return {
+        "tagger": tagging.get("tagger"),
+        "attributes": tagging.get("attributes_file"),
+        **{k: analysis[k] for k in ("alpha", "min_effect", "confirm", "confirm_seeds") if k in analysis},
+        **settings,
+        **(overrides or {}),
+    }
 
 
 def finish_run(run_dir: str | Path, classifier=None, **overrides) -> RunResult:
@@ -272,20 +309,7 @@ def finish_run(run_dir: str | Path, classifier=None, **overrides) -> RunResult:
             f"{len(missing)} class(es) of '{root}' are not finished: {names}{more}; run their shards again "
             "(or `dct-audit run` with the same settings), then finish"
         )
-    fields = set(RunOptions.__dataclass_fields__)
-    settings = {k: v for k, v in manifest["settings"].items() if k in fields}
-    for key in ("templates", "contexts", "restart_words"):
-        if key in settings:
-            settings[key] = tuple(settings[key])
-    tagging = manifest.get("tagging") or {}
-    analysis = manifest.get("analysis") or {}
-    kwargs = {
-        "tagger": tagging.get("tagger"),
-        "attributes": tagging.get("attributes_file"),
-        **{k: analysis[k] for k in ("alpha", "min_effect", "confirm", "confirm_seeds") if k in analysis},
-        **settings,
-        **overrides,
-    }
+    kwargs = manifest_options(manifest, overrides)
     clf = None
     if classifier is not None:
         from .adapters.classifier import wrap_classifier

@@ -220,7 +220,12 @@ def _finding_rows(findings: list | None, rows: list[dict]) -> dict | None:
             "class_name": str(f.get("class_name", "")),
             "page": pages.get(f.get("class_index")),
             "attribute": str(f.get("attribute", "")),
-            "source": "sweep" if f.get("source") == "sweep" else "token",
+            "source": f.get("source") if f.get("source") in ("sweep", "discovered") else "token",
+        "discovered": {
+            k: _int((f.get("discovered") or {}).get(k)) for k in ("rank", "wins", "n_pairs")
+        }
+        if f.get("source") == "discovered" and isinstance(f.get("discovered"), dict)
+        else None,
             "token_rate": _number(f.get("token_rate")),
             "baseline_rate": _number(f.get("baseline_rate")),
             "with_prob": _number(cf.get("with_prob")),
@@ -465,7 +470,12 @@ def _finding(f: dict, run_dir: Path, out_dir: Path) -> dict:
         "token_rate": _number(f.get("token_rate")),
         "baseline_rate": _number(f.get("baseline_rate")),
         "counterfactual": cf,
-        "source": "sweep" if f.get("source") == "sweep" else "token",
+        "source": f.get("source") if f.get("source") in ("sweep", "discovered") else "token",
+        "discovered": {
+            k: _int((f.get("discovered") or {}).get(k)) for k in ("rank", "wins", "n_pairs")
+        }
+        if f.get("source") == "discovered" and isinstance(f.get("discovered"), dict)
+        else None,
         "confirmed": bool(f.get("confirmed")),
         "absence": bool(f.get("absence")),
         "attribution_outside_object": _number(f.get("attribution_outside_object")),

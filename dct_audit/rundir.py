@@ -21,6 +21,7 @@ No other module spells a run-folder file name: they use the constants below. Lay
       counterfactual/<class folder>.json   COUNTERFACTUAL_DIR: scored counterfactual prompts, keyed by seeds
       enrichment.csv                ENRICHMENT: ENRICHMENT_COLUMNS, one row per class x attribute
       findings.json                 FINDINGS: flagged and confirmed attributes (see ``report`` for the schema)
+      discovered.csv                DISCOVERED: open-vocabulary discovery (``discover``), one row per tested concept
       truth.json                    TRUTH: only for world classifiers, the score against the planted truth
       report/                       REPORT_DIR: HTML (``dct-audit report``)
 
@@ -52,6 +53,7 @@ CLASSES_DIR = "classes"
 COUNTERFACTUAL_DIR = "counterfactual"
 ENRICHMENT = "enrichment.csv"
 FINDINGS = "findings.json"
+DISCOVERED = "discovered.csv"
 TRUTH = "truth.json"
 REPORT_DIR = "report"
 # class level
@@ -389,7 +391,7 @@ def create_run_dir(run: RunDir, overwrite: bool) -> None:
     try:
         run.root.mkdir(parents=True, exist_ok=True)
         if overwrite:
-            for sub in (CLASSES_DIR, MANIFEST, COUNTERFACTUAL_DIR, ENRICHMENT, FINDINGS):
+            for sub in (CLASSES_DIR, MANIFEST, COUNTERFACTUAL_DIR, ENRICHMENT, FINDINGS, DISCOVERED):
                 target = run.root / sub
                 if target.is_dir():
                     shutil.rmtree(target)

@@ -28,10 +28,18 @@ def test_shards_are_disjoint_and_cover_every_class():
             parse_shard(bad)
 
 
-def test_two_shards_then_finish_give_the_serial_results(tiny_run_options, tiny_classifier, tmp_path):
+@pytest.fixture(scope="module")
+def serial(tiny_run_options, tiny_classifier, tmp_path_factory):
+    """The 4-class tiny audit run serially in this process, and its options."""
     model = f"file:{tiny_classifier[0]}"
-    common = {**tiny_run_options, "n_images": 2, "confirm": "flagged", "out": str(tmp_path)}
-    serial = dct_audit.run(model, "0,1,2,3", name="serial", **common)
+    common = {**tiny_run_options, "n_images": 2, "confirm": "flagged"}
+    out = tmp_path_factory.mktemp("serial")
+    return dct_audit.run(model, "0,1,2,3", name="serial", out=str(out), **common), model, common
+
+
+def test_two_shards_then_finish_give_the_serial_results(serial, tmp_path):
+    serial, model, common = serial
+    common = {**common, "out": str(tmp_path)}
     for k in (2, 1):  # in any order, into the same folder
         part = dct_audit.run(model, "0,1,2,3", name="sharded", shard=f"{k}/2", **common)
         assert part.findings == [] and not (part.run_dir / "enrichment.csv").exists()
@@ -65,3 +73,24 @@ def test_overwrite_with_a_shard_is_refused(tiny_run_options, tiny_classifier, tm
             out=str(tmp_path),
             **tiny_run_options,
         )
+
+
+def test_a_local_ray_cluster_gives_the_serial_results(serial, tmp_path):
+    """Each class a Ray task on a local cluster of 2 CPUs, the analysis on the driver: the same files."""
+    pytest.importorskip("ray", reason='needs Ray (pip install "dct-audit[ray]")')
+    serial, model, common = serial
+    result = dct_audit.run(model, "0,1,2,3", name="ray", out=str(tmp_path), ray="local", ray_cpus=2, **common)
+    assert [c["index"] for c in result.classes] == [0, 1, 2, 3]
+    manifest = rundir.read_json(tmp_path / "ray" / "manifest.json")
+    assert sorted(manifest["class_runs"]) == ["0", "1", "2", "3"]
+    for name in ("enrichment.csv", "findings.json"):
+        assert (serial.run_dir / name).read_bytes() == (result.run_dir / name).read_bytes(), name
+    # everything finished: a second call starts no task and analyses again to the same files
+    again = dct_audit.run(model, "0,1,2,3", name="ray", out=str(tmp_path), ray="local", ray_cpus=2, **common)
+    assert again.skipped == [0, 1, 2, 3] and again.findings == result.findings
+
+
+def test_ray_refuses_what_it_cannot_do(serial, tmp_path):
+    serial, model, common = serial
+    with pytest.raises(DctAuditError, match="--ray and --shard"):
+        dct_audit.run(model, "0", out=str(tmp_path), ray="local", shard="1/2", **common)

@@ -1,0 +1,102 @@
+"""Open-vocabulary discovery: ranking on half the seeds, testing on the other half, synonyms merged."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from dct_audit import discover as D
+from dct_audit.errors import DctAuditError
+
+
+def _unit(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _world(shift: float, seed: int = 0, n_seeds: int = 16, dim: int = 32, n_concepts: int = 200):
+    """Paired token/baseline image features; the token images move towards concept 7 by ``shift``."""
+    rng = np.random.default_rng(seed)
+    feats = _unit(rng.normal(size=(n_concepts, dim))).astype(np.float32)
+    rows, emb = [], []
+    for ctx in range(2):
+        for s in range(1000, 1000 + n_seeds):
+            base = rng.normal(size=dim)
+            for variant, x in (("baseline", base), ("token", base + shift * feats[7] * np.sqrt(dim))):
+                rows.append({"variant": variant, "context_index": ctx, "seed": s})
+                emb.append(_unit(x + 0.3 * rng.normal(size=dim)))
+    names = [f"concept {i}" for i in range(n_concepts)]
+    concepts = [D.Concept(n, f"line:{i}", (n,), "", n) for i, n in enumerate(names)]
+    return pd.DataFrame(rows), np.array(emb, dtype=np.float32), feats, concepts
+
+
+def test_a_concept_the_token_brings_in_ranks_first_and_holds_on_held_out_seeds():
+    scores, emb, feats, concepts = _world(shift=0.8)
+    seeds, d = D.paired_differences(scores, emb, feats)
+    assert d.shape == (32, 200) and sorted(set(seeds)) == list(range(1000, 1016))
+    rows, controls = D.discover_class(seeds, d, concepts, feats, top_k=5)
+    assert rows[0]["concept"] == "concept 7" and rows[0]["rank"] == 1
+    assert rows[0]["p_value"] < 1e-4 and rows[0]["wins"] >= 14 and rows[0]["n_pairs"] == 16
+    assert 7 not in controls[:2]  # neutral concepts are the ones the token moved least
+
+
+def test_without_a_planted_concept_nothing_survives_the_correction():
+    from dct_audit.stats import benjamini_hochberg
+
+    for seed in range(5):
+        scores, emb, feats, concepts = _world(shift=0.0, seed=seed)
+        rows, _ = D.discover_class(*D.paired_differences(scores, emb, feats), concepts, feats, top_k=10)
+        q = benjamini_hochberg([r["p_value"] for r in rows])
+        assert (q < 0.05).sum() == 0, seed
+
+
+def test_synonyms_are_merged():
+    scores, emb, feats, concepts = _world(shift=0.8)
+    feats = np.vstack([feats, feats[7:8]])  # the same embedding under another name
+    concepts = [*concepts, D.Concept("seven again", "line:x", ("seven again",), "", "seven again")]
+    emb = emb  # the images do not change
+    rows, _ = D.discover_class(*D.paired_differences(scores, emb, feats), concepts, feats, top_k=5)
+    assert [r["concept"] for r in rows].count("concept 7") + [r["concept"] for r in rows].count(
+        "seven again"
+    ) == 1
+
+
+def test_concept_lists(tmp_path):
+    wordnet = D.wordnet_concepts()
+    assert len(wordnet) == 21844
+    plate = [c for c in wordnet if c.name == "plate"]
+    assert plate and all(
+        c.definition and c.definition in c.prompt for c in plate
+    )  # disambiguated by definition
+    path = tmp_path / "concepts.txt"
+    path.write_text("# world words\nwater\ngrass\tlawn grass\nwater\n\n", encoding="utf-8")
+    listed = D.read_concepts(path, "a shape on {}")
+    assert [c.name for c in listed] == ["water", "grass"]  # duplicates dropped
+    assert listed[0].prompt == "a shape on water" and listed[1].prompt == "a shape on grass, lawn grass"
+    for text, message in (("water\n", "at least two"), ("{}\nwater\n", "not a concept name")):
+        path.write_text(text, encoding="utf-8")
+        with pytest.raises(DctAuditError, match=message):
+            D.read_concepts(path)
+    with pytest.raises(DctAuditError, match="cannot read"):
+        D.read_concepts(tmp_path / "missing.txt")
+
+
+def test_text_embeddings_are_cached_per_tagger_and_list(tmp_path):
+    class Tagger:
+        spec = "fake/tagger"
+        calls = 0
+
+        def text_features(self, texts):
+            import torch
+
+            Tagger.calls += 1
+            return torch.nn.functional.normalize(
+                torch.randn(len(texts), 8, generator=torch.Generator().manual_seed(0)), dim=-1
+            )
+
+    concepts = [D.Concept(n, n, (n,), "", n) for n in ("a", "b", "c")]
+    first = D.concept_features(Tagger(), concepts, cache=tmp_path)
+    again = D.concept_features(Tagger(), concepts, cache=tmp_path)
+    assert Tagger.calls == 1 and np.allclose(first, again, atol=1e-3) and len(list(tmp_path.iterdir())) == 1
+    D.concept_features(Tagger(), concepts[:2], cache=tmp_path)  # another list: computed and cached apart
+    assert Tagger.calls == 2 and len(list(tmp_path.iterdir())) == 2
