@@ -177,6 +177,11 @@ def _argv(template: str, files: dict) -> list[str]:
 @pytest.mark.parametrize("name, command, code, phrase", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_one_line(name, command, code, phrase, files, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # nothing here may reach the network, and nothing is cached
+    import huggingface_hub.constants
+
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import (earlier tests imported it): without this the
+    # library would try the unreachable hub and time out (46 s measured) before giving the same error
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HUB_CACHE", os.path.join(files["{TMP}"], "..", "empty-hf-cache"))
     before = sorted(os.listdir(files["{TMP}"]))
     try:
