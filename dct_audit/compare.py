@@ -294,7 +294,7 @@ def compare(
             "classes": table.to_dict("records"),
         },
     )
-    from .compare_report import render_compare
+    from .report.compare import render_compare
 
     render_compare(out_dir)
     return CompareResult(out_dir, table, attributes, flagged)

@@ -14,7 +14,7 @@ import pytest
 
 from dct_audit import rundir
 from dct_audit.compare import compare
-from dct_audit.compare_report import render_compare
+from dct_audit.report.compare import render_compare
 from dct_audit.testing import parse
 
 PAYLOAD = (
@@ -91,7 +91,7 @@ def test_renders_in_a_fresh_interpreter_without_torch(compared, tmp_path):
     shutil.copytree(compared, target)
     code = (
         "import sys\n"
-        "from dct_audit.compare_report import render_compare\n"
+        "from dct_audit.report.compare import render_compare\n"
         f"render_compare({str(target)!r})\n"
         "heavy = sorted(m for m in ('torch', 'diffusers', 'transformers', 'timm') if m in sys.modules)\n"
         "assert not heavy, heavy\n"

@@ -21,20 +21,10 @@ import posixpath
 import urllib.parse
 from pathlib import Path
 
-from . import __version__, rundir
-from .errors import DctAuditError
-from .report import (
-    ASSETS,
-    _bool,
-    _int,
-    _listed_classes,
-    _number,
-    _read_csv,
-    _read_manifest,
-    _rel,
-    _Renderer,
-    _templates_dir,
-)
+from .. import __version__, rundir
+from ..errors import DctAuditError
+from .data import listed_classes, read_csv, read_manifest, relpath, to_bool, to_int, to_number
+from .html import ASSETS, Renderer, templates_dir
 
 COMPARE_FILE = "compare.json"
 ATTRIBUTES_FILE = "attributes.csv"
@@ -66,14 +56,14 @@ def render_compare(compare_dir: str | os.PathLike) -> Path:
     for i, c in enumerate(data.get("classes") or []):
         if not isinstance(c, dict):
             raise DctAuditError(f"{out_dir / COMPARE_FILE} has a class entry that is not an object: {c!r}")
-        index = _int(c.get("class_index"))
+        index = to_int(c.get("class_index"))
         folder = sides["a"]["folders"].get(index) or sides["b"]["folders"].get(index)
         row = {
             "rank": i + 1,
             "index": index,
             "name": str(c.get("class_name", "")),
             "folder": folder,
-            "flagged_attributes": _int(c.get("flagged_attributes")) or 0,
+            "flagged_attributes": to_int(c.get("flagged_attributes")) or 0,
             # which ones: rate in A's token images minus B's, largest first
             "flagged_names": sorted(
                 (
@@ -83,7 +73,7 @@ def render_compare(compare_dir: str | os.PathLike) -> Path:
                 ),
                 key=lambda a: (-abs(a["diff"] or 0.0), a["attribute"]),
             ),
-            **{k: _number(c.get(k)) for k in _CLASS_NUMBERS},
+            **{k: to_number(c.get(k)) for k in _CLASS_NUMBERS},
             "page": f"{PAGES}/{folder}.html" if folder else None,
         }
         rows.append(row)
@@ -91,8 +81,8 @@ def render_compare(compare_dir: str | os.PathLike) -> Path:
         "name": f"{sides['a']['name']} vs {sides['b']['name']}",
         "path": str(out_dir),
         "created": data.get("created"),
-        "alpha": _number(data.get("alpha")),
-        "min_effect": _number(data.get("min_effect")),
+        "alpha": to_number(data.get("alpha")),
+        "min_effect": to_number(data.get("min_effect")),
         "n_flagged": len(data.get("flagged") or []),
         "has_cross": any(r["a_images_scored_by_b"] is not None for r in rows),
         "has_distance": any(r["concept_distance"] is not None for r in rows),
@@ -115,7 +105,7 @@ def render_compare(compare_dir: str | os.PathLike) -> Path:
             out_dir / row["page"], "compare_class.html", run=summary, cmp=summary, sides=sides, cls=cls
         )
     for name in ASSETS:
-        rundir.write_text(out_dir / "assets" / name, (_templates_dir() / name).read_text(encoding="utf-8"))
+        rundir.write_text(out_dir / "assets" / name, (templates_dir() / name).read_text(encoding="utf-8"))
     return renderer.render(
         out_dir / INDEX,
         "compare_index.html",
@@ -163,8 +153,8 @@ def _read_side(out_dir: Path, side, key: str) -> dict:
             f"run {key.upper()} of the comparison ('{side.get('path')}') is not a run folder any more; "
             "rerun dct-audit compare with the runs where they are now"
         )
-    manifest = _read_manifest(root)
-    folders = {c["index"]: c["folder"] for c in _listed_classes(root, manifest) if c["index"] is not None}
+    manifest = read_manifest(root)
+    folders = {c["index"]: c["folder"] for c in listed_classes(root, manifest) if c["index"] is not None}
     return {
         "key": key.upper(),
         "name": root.resolve().name,
@@ -180,15 +170,15 @@ def _read_attributes(out_dir: Path) -> list[dict]:
     path = out_dir / ATTRIBUTES_FILE
     if not path.is_file() or not path.read_text(encoding="utf-8").strip():
         return []
-    rows = _read_csv(path, ("class_index", "attribute", "diff"))
+    rows = read_csv(path, ("class_index", "attribute", "diff"))
     for r in rows:
-        r["class_index"] = _int(r["class_index"])
-        r["n_pairs"] = _int(r.get("n_pairs"))
+        r["class_index"] = to_int(r["class_index"])
+        r["n_pairs"] = to_int(r.get("n_pairs"))
         for k in _ATTR_NUMBERS:
-            r[k] = _number(r.get(k))
-        r["flagged"] = bool(_bool(r.get("flagged")))
+            r[k] = to_number(r.get(k))
+        r["flagged"] = bool(to_bool(r.get("flagged")))
         r["significant"] = (
-            bool(_bool(r.get("significant"))) if r.get("significant") is not None else r["flagged"]
+            bool(to_bool(r.get("significant"))) if r.get("significant") is not None else r["flagged"]
         )
         r["explained_by"] = (r.get("explained_by") or "").strip().upper()
     return rows
@@ -204,12 +194,12 @@ def _grids(out_dir: Path, sides: dict, index: int) -> list[dict]:
         if class_dir is None or not (class_dir / rundir.SCORES).is_file():
             images[key] = {}
             continue
-        base = _rel(class_dir, out_dir)
+        base = relpath(class_dir, out_dir)
         found = {}
-        for r in _read_csv(class_dir / rundir.SCORES):
+        for r in read_csv(class_dir / rundir.SCORES):
             if r.get("variant") != "token":
                 continue
-            ci, seed = _int(r.get("context_index")), _int(r.get("seed"))
+            ci, seed = to_int(r.get("context_index")), to_int(r.get("seed"))
             ctx = contexts.setdefault(
                 ci, {"index": ci, "context": r.get("context", ""), "seeds": [], "prompts": {}}
             )
@@ -220,9 +210,9 @@ def _grids(out_dir: Path, sides: dict, index: int) -> list[dict]:
                 continue
             found[(ci, seed)] = {
                 "file": posixpath.join(base, r["file"]),
-                "target_prob": _number(r.get("target_prob")),
+                "target_prob": to_number(r.get("target_prob")),
                 "pred_name": r.get("pred_name", ""),
-                "correct": _bool(r.get("correct")),
+                "correct": to_bool(r.get("correct")),
                 "tags": None,
             }
         images[key] = found
@@ -247,7 +237,7 @@ def _grids(out_dir: Path, sides: dict, index: int) -> list[dict]:
     return grids
 
 
-class _CompareRenderer(_Renderer):
+class _CompareRenderer(Renderer):
     """The run report's renderer, with two changes to its URLs.
 
     ``base.html``'s home link (``index.html``) goes to the compare index; and the relative path is

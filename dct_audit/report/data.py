@@ -1,0 +1,487 @@
+"""The run folder as plain data: what the index and each class page show (reads files only)."""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import json
+import math
+import os
+import posixpath
+from pathlib import Path
+
+from .. import __version__, rundir
+from ..errors import DctAuditError
+
+# the columns a report needs of enrichment.csv (class_name and n_pairs may be missing in older runs)
+ENRICHMENT_REQUIRED = tuple(c for c in rundir.ENRICHMENT_COLUMNS if c not in ("class_name", "n_pairs"))
+TOP_FLAGGED = 3  # flagged attributes shown per class in the index
+
+# ----------------------------------------------------------------------------------------------------
+# Compute: the run folder as plain data
+# ----------------------------------------------------------------------------------------------------
+
+
+def read_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, self_contained: bool = False) -> dict:
+    """The index's data: the run (models, settings, device, times) and one summary row per class."""
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    manifest = read_manifest(run_dir)
+    enrichment = read_enrichment(run_dir)
+    flagged = _top_flagged(enrichment)
+    rows = [_class_row(run_dir, c, flagged, self_contained) for c in listed_classes(run_dir, manifest)]
+    runs = manifest.get("class_runs") or {}
+    finished = sorted(r["finished"] for r in runs.values() if isinstance(r, dict) and r.get("finished"))
+    done = [r for r in rows if r["status"] == "done"]
+    settings = manifest.get("settings") or {}
+    models = manifest.get("models") or {}
+    run = {
+        "name": run_dir.resolve().name,
+        "path": str(run_dir),
+        "created": manifest.get("created"),
+        "last_finished": finished[-1] if finished else None,
+        "compute_seconds": sum(r["seconds"] or 0.0 for r in done),
+        "device": _pick(manifest.get("device"), "type", "name"),
+        "versions": manifest.get("versions") or {},
+        "classifier": _pick(models.get("classifier"), "spec", "kind", "model_id", "weights"),
+        "generator": _pick(
+            models.get("generator"),
+            *(
+                "spec",
+                "model_id",
+                "family",
+                "scheduler",
+                "resolution",
+                "dtype",
+                "default_steps",
+                "default_guidance",
+            ),
+        ),
+        "settings": settings,
+        "tagging": _pick(manifest.get("tagging"), "tagger", "vocabulary", "attributes", "thresholds")
+        if manifest.get("tagging")
+        else None,
+        "analysis": _pick(manifest.get("analysis"), "alpha", "min_effect", "findings")
+        if manifest.get("analysis")
+        else None,
+        "command": " ".join(manifest["command"]) if manifest.get("command") else None,
+        "n_classes": len(rows),
+        "n_done": len(done),
+        "mean": {k: _mean(r[k] for r in done) for k in _SUMMARY_KEYS},
+        "has_holdout": any(r["holdout_token_accuracy"] is not None for r in rows),
+        "has_findings": enrichment is not None,
+    }
+    return {
+        "tool": "dct-audit",
+        "version": __version__,
+        "generated": _dt.datetime.now().isoformat(timespec="seconds"),
+        "run_dir": relpath(run_dir, out_dir),
+        "run": run,
+        "classes": rows,
+        "findings": _finding_rows(read_findings(run_dir), rows),
+    }
+
+
+def _finding_rows(findings: list | None, rows: list[dict]) -> dict | None:
+    """What the index says first: confirmed findings, then flags the check did not confirm."""
+    if findings is None:
+        return None
+    pages = {r["index"]: r.get("page") for r in rows}
+    confirmed, unconfirmed = [], []
+    for f in findings:
+        if not isinstance(f, dict):
+            continue
+        cf = f.get("counterfactual") or {}
+        item = {
+            "class_name": str(f.get("class_name", "")),
+            "page": pages.get(f.get("class_index")),
+            "attribute": str(f.get("attribute", "")),
+            "source": f.get("source") if f.get("source") in ("sweep", "discovered") else "token",
+            "discovered": {k: to_int((f.get("discovered") or {}).get(k)) for k in ("rank", "wins", "n_pairs")}
+            if f.get("source") == "discovered" and isinstance(f.get("discovered"), dict)
+            else None,
+            "token_rate": to_number(f.get("token_rate")),
+            "baseline_rate": to_number(f.get("baseline_rate")),
+            "with_prob": to_number(cf.get("with_prob")),
+            "diff": to_number(cf.get("diff")),
+            "ci_low": to_number(cf.get("ci_low")),
+            "worst": cf.get("worst_replacement"),
+            "absence": bool(f.get("absence")),
+        }
+        (confirmed if f.get("confirmed") else unconfirmed).append(item)
+    return {"confirmed": confirmed, "unconfirmed": unconfirmed}
+
+
+_SUMMARY_KEYS = ("token_accuracy", "baseline_accuracy", "token_target_prob", "baseline_target_prob")
+
+
+def read_manifest(run_dir: Path) -> dict:
+    if not run_dir.is_dir():
+        raise DctAuditError(f"no run folder at '{run_dir}'; give the folder that `dct-audit run` wrote")
+    path = run_dir / rundir.MANIFEST
+    if not path.is_file():
+        raise DctAuditError(f"'{run_dir}' is not a dct-audit run folder (no manifest.json)")
+    manifest = rundir.read_json_file(path)
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("classes", []), list):
+        raise DctAuditError(f"{path} is not a dct-audit manifest (no list of classes)")
+    return manifest
+
+
+def listed_classes(run_dir: Path, manifest: dict) -> list[dict]:
+    """Classes of the manifest, with their folder, plus any class folder the manifest does not list."""
+    runs = manifest.get("class_runs") or {}
+    out, seen = [], set()
+    for c in manifest.get("classes", []):
+        if not isinstance(c, dict) or "index" not in c or "name" not in c:
+            raise DctAuditError(f"{run_dir / 'manifest.json'} lists a class without index and name: {c!r}")
+        known = runs.get(str(c["index"])) or {}
+        folder = known.get("folder") or rundir.RunDir(run_dir).class_dir(c["index"], c["name"]).name
+        out.append({**c, "folder": folder})
+        seen.add(folder)
+    classes_dir = run_dir / "classes"
+    folders = sorted(classes_dir.iterdir()) if classes_dir.is_dir() else []
+    for p in (p for p in folders if p.is_dir() and p.name not in seen):
+        head = p.name.split("-", 1)[0]
+        out.append({"index": int(head) if head.isdigit() else None, "name": p.name, "folder": p.name})
+    return out
+
+
+def _class_row(run_dir: Path, c: dict, flagged: dict, self_contained: bool) -> dict:
+    """One index row: status and summary numbers from ``class.json`` (status only if unfinished)."""
+    folder = run_dir / rundir.CLASSES_DIR / c["folder"]
+    row = {
+        "index": c["index"],
+        "name": c["name"],
+        "folder": c["folder"],
+        "placeholder": c.get("placeholder"),
+        "status": "done",
+        "note": None,
+        "page": None,
+        **{k: None for k in (*_SUMMARY_KEYS, "holdout_token_accuracy", "holdout_baseline_accuracy")},
+        **{k: None for k in ("updates", "stop_reason", "best_update", "seconds")},
+        "top_flagged": flagged.get(c["index"], []),
+    }
+    if not (folder / rundir.MARKER).is_file():
+        row["status"] = "unfinished"
+        row["note"] = "interrupted: no DONE marker" if folder.is_dir() else "not started"
+        return row
+    try:
+        summary = rundir.read_json(folder / rundir.CLASS_SUMMARY)
+        if not isinstance(summary, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        row.update(status="broken", note=f"class.json unreadable ({type(e).__name__})")
+        return row
+    for key in (*_SUMMARY_KEYS, "holdout_token_accuracy", "holdout_baseline_accuracy", "best_update"):
+        row[key] = to_number(summary.get(key))
+    row["updates"] = to_number(summary.get("updates"))
+    row["stop_reason"] = summary.get("stop_reason")
+    row["seconds"] = to_number((summary.get("timings") or {}).get("total_s"))
+    row["placeholder"] = summary.get("placeholder", row["placeholder"])
+    row["name"] = str(summary.get("name", row["name"]))
+    row["page"] = f"#class-{c['folder']}" if self_contained else f"classes/{c['folder']}.html"
+    return row
+
+
+def read_class(
+    run_dir: Path, out_dir: Path, row: dict, run: dict, enrichment: list | None, findings: list | None
+) -> dict:
+    """A class page's data: paired image grids per context, evolution, history, token, analysis."""
+    folder = run_dir / rundir.CLASSES_DIR / row["folder"]
+    summary = rundir.read_json(folder / rundir.CLASS_SUMMARY)
+    base = relpath(folder, out_dir)  # the class folder as seen from the report folder
+    tags = read_tags(folder, (run.get("tagging") or {}).get("thresholds"))
+
+    # paired grids: one block per context, token and baseline in the same seed order
+    by_key: dict[tuple, dict] = {}
+    contexts: dict[int, dict] = {}
+    for r in read_csv(folder / rundir.SCORES):
+        ci, seed = to_int(r.get("context_index")), to_int(r.get("seed"))
+        ctx = contexts.setdefault(
+            ci, {"index": ci, "context": r.get("context", ""), "prompts": {}, "seeds": []}
+        )
+        ctx["prompts"].setdefault(r["variant"], r.get("prompt", ""))
+        if seed not in ctx["seeds"]:
+            ctx["seeds"].append(seed)
+        by_key[(r["variant"], ci, seed)] = {
+            "file": posixpath.join(base, r["file"]),
+            "target_prob": to_number(r.get("target_prob")),
+            "pred_name": r.get("pred_name", ""),
+            "correct": to_bool(r.get("correct")),
+            "tags": tags.get((r["variant"], ci, seed)) if tags is not None else None,
+        }
+    grids = []
+    for ci in sorted(contexts):
+        ctx = contexts[ci]
+        pairs = [
+            {"seed": s, **{v: by_key.get((v, ci, s)) for v in ("token", "baseline")}}
+            for s in sorted(ctx["seeds"])
+        ]
+        acc = {v: _mean(p[v]["correct"] for p in pairs if p[v]) for v in ("token", "baseline")}
+        prompts = {v: ctx["prompts"].get(v, "") for v in ("token", "baseline")}
+        grids.append(
+            {**ctx, "prompts": prompts, "pairs": pairs, "accuracy": acc, "columns": min(4, len(pairs))}
+        )
+
+    history = [
+        {k: to_number(h.get(k)) for k in ("update", "loss", "target_prob", "accuracy")}
+        for h in read_csv(folder / rundir.HISTORY)
+    ]
+    evolution = []
+    for p in sorted((folder / "evolution").glob("update_*.png")):
+        parts = p.stem.split("_")  # update_0005_s0
+        seed = parts[2][1:] if len(parts) > 2 else ""
+        evolution.append(
+            {
+                "update": to_int(parts[1]),
+                "seed": to_int(seed),
+                "file": posixpath.join(base, "evolution", p.name),
+            }
+        )
+
+    attribution = read_attribution(folder)
+    if attribution is not None:
+        overlays = [o for o in attribution.get("overlays") or [] if (folder / o).is_file()]
+        attribution = {
+            "method": attribution.get("method"),
+            "note": attribution.get("note"),
+            "outside_object": to_number(attribution.get("outside_object")),
+            "overlays": [posixpath.join(base, o) for o in overlays],
+        }
+    mine = [f for f in findings or [] if f.get("class_index") == row["index"]]
+    rows = [e for e in enrichment or [] if e["class_index"] == row["index"]]
+    return {
+        **row,
+        "query": summary.get("query"),
+        "init_word": summary.get("init_word"),
+        "best_loss": to_number(summary.get("best_loss")),
+        "initial": _pick(summary.get("initial"), "loss", "target_prob", "accuracy"),
+        "timings": summary.get("timings") or {},
+        "memory": summary.get("memory") or {},
+        "n_images": summary.get("n_images"),
+        "grids": grids,
+        "evolution": evolution,
+        "history": history,
+        "token": _token(run_dir, folder, base, summary, run, grids),
+        "enrichment": None
+        if enrichment is None
+        else sorted(rows, key=lambda e: (-(e["diff"] or 0.0), e["attribute"])),
+        "findings": [_finding(f, run_dir, out_dir) for f in mine] if findings is not None else None,
+        "attribution": attribution,
+        "plots": {},
+    }
+
+
+def _token(run_dir: Path, folder: Path, base: str, summary: dict, run: dict, grids: list) -> dict:
+    """The token file and three lines that load it into diffusers and reproduce a token image."""
+    name = summary.get("token_file", rundir.TOKEN)
+    placeholder = summary.get("placeholder") or ""
+    gen, settings = run["generator"], run["settings"]
+    steps = to_int(settings.get("steps")) or to_int(gen["default_steps"]) or 30
+    guidance = to_number(settings.get("guidance"))
+    guidance = (to_number(gen["default_guidance"]) or 0.0) if guidance is None else guidance
+    model = gen["model_id"] or settings.get("generator") or "stabilityai/sd-turbo"
+    prompt = next((g["prompts"]["token"] for g in grids if g["prompts"]["token"]), placeholder)
+    token_path = run_dir / rundir.CLASSES_DIR / folder.name / name
+    snippet = "\n".join(
+        [
+            f"pipe = StableDiffusionPipeline.from_pretrained({_py_str(model)})",
+            f"pipe.load_textual_inversion({_py_str(token_path)}, token={_py_str(placeholder)})",
+            f"image = pipe({_py_str(prompt)}, num_inference_steps={steps}, guidance_scale={guidance}).images[0]",
+        ]
+    )
+    exists = (folder / name).is_file()
+    return {
+        "file": posixpath.join(base, name) if exists else None,
+        "placeholder": placeholder,
+        "snippet": snippet,
+    }
+
+
+def _py_str(text) -> str:
+    """A Python string literal for ``text`` (JSON's escapes are valid Python)."""
+    return json.dumps(str(text), ensure_ascii=False)
+
+
+def _finding(f: dict, run_dir: Path, out_dir: Path) -> dict:
+    cf = f.get("counterfactual") or None
+    if cf:
+        numbers = {
+            k: to_number(cf.get(k)) for k in ("with_prob", "without_prob", "diff", "ci_low", "ci_high")
+        }
+        low, high = numbers["ci_low"], numbers["ci_high"]
+        depends = cf.get("depends")
+        if not isinstance(depends, bool):
+            depends = low is not None and high is not None and (low > 0 or high < 0)
+        replacements = [
+            {
+                "name": str(r.get("name", "")),
+                "prompt": r.get("prompt"),
+                **{k: to_number(r.get(k)) for k in ("prob", "diff", "ci_low", "ci_high")},
+                "confounders": {
+                    str(k): to_number(v)
+                    for k, v in (r.get("confounders") or {}).items()
+                    if to_number(v) is not None
+                }
+                if isinstance(r.get("confounders"), dict)
+                else {},
+            }
+            for r in cf.get("replacements") or []
+            if isinstance(r, dict)
+        ]
+        cf = {
+            **numbers,
+            "depends": depends,
+            **{k: cf.get(k) for k in ("with_prompt", "without_prompt", "n", "unconfounded_replacements")},
+        }
+        cf["confirmed"] = f.get("confirmed")
+        cf["replacements"] = replacements
+    ci = f.get("ci") if isinstance(f.get("ci"), list) and len(f["ci"]) == 2 else [None, None]
+    overlays = []
+    for o in f.get("overlays") or []:
+        path = next((p for p in (run_dir / o, run_dir / rundir.CLASSES_DIR / o) if p.is_file()), None)
+        if path is not None:
+            overlays.append(relpath(path, out_dir))
+    return {
+        "attribute": str(f.get("attribute", "")),
+        "effect": to_number(f.get("effect")),
+        "ci": [to_number(ci[0]), to_number(ci[1])],
+        "q": to_number(f.get("q")),
+        "token_rate": to_number(f.get("token_rate")),
+        "baseline_rate": to_number(f.get("baseline_rate")),
+        "counterfactual": cf,
+        "source": f.get("source") if f.get("source") in ("sweep", "discovered") else "token",
+        "discovered": {k: to_int((f.get("discovered") or {}).get(k)) for k in ("rank", "wins", "n_pairs")}
+        if f.get("source") == "discovered" and isinstance(f.get("discovered"), dict)
+        else None,
+        "confirmed": bool(f.get("confirmed")),
+        "absence": bool(f.get("absence")),
+        "attribution_outside_object": to_number(f.get("attribution_outside_object")),
+        "overlays": overlays,
+    }
+
+
+def _top_flagged(enrichment: list | None) -> dict[int, list]:
+    out: dict[int, list] = {}
+    for e in sorted(enrichment or [], key=lambda e: -(e["diff"] or 0.0)):
+        if e["flagged"] and len(out.setdefault(e["class_index"], [])) < TOP_FLAGGED:
+            out[e["class_index"]].append(
+                {"attribute": e["attribute"], "diff": e["diff"], "q_value": e["q_value"]}
+            )
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Optional analysis files: None when absent, a one-line error when malformed
+# ----------------------------------------------------------------------------------------------------
+
+
+def read_enrichment(run_dir: str | os.PathLike) -> list[dict] | None:
+    """Rows of ``enrichment.csv`` (see the module docstring), or ``None`` when the run has none."""
+    path = Path(run_dir) / rundir.ENRICHMENT
+    if not path.is_file():
+        return None
+    rows = read_csv(path, ENRICHMENT_REQUIRED)
+    for r in rows:
+        r["class_index"] = to_int(r["class_index"])
+        for k in ("token_rate", "baseline_rate", "diff", "ci_low", "ci_high", "p_value", "q_value"):
+            r[k] = to_number(r[k])
+        r["flagged"] = bool(to_bool(r["flagged"]))
+    return rows
+
+
+def read_findings(run_dir: str | os.PathLike) -> list[dict] | None:
+    """The list in ``findings.json`` (see the module docstring), or ``None`` when the run has none."""
+    path = Path(run_dir) / rundir.FINDINGS
+    if not path.is_file():
+        return None
+    data = rundir.read_json_file(path)
+    if not isinstance(data, list) or not all(isinstance(f, dict) and "class_index" in f for f in data):
+        raise DctAuditError(f"{path} must be a list of objects with a class_index")
+    return data
+
+
+def read_tags(class_dir: str | os.PathLike, thresholds: dict | None = None) -> dict[tuple, list[str]] | None:
+    """``{(variant, context_index, seed): [present attributes]}`` from ``tags.csv``, or ``None``."""
+    path = Path(class_dir) / rundir.TAGS
+    if not path.is_file():
+        return None
+    thresholds = thresholds or {}
+    out: dict[tuple, list[str]] = {}
+    for r in read_csv(path, rundir.TAGS_KEYS[1:]):
+        present = out.setdefault((r["variant"], to_int(r["context_index"]), to_int(r["seed"])), [])
+        for attribute, score in r.items():
+            if attribute in rundir.TAGS_KEYS or attribute is None:
+                continue
+            value = to_number(score)
+            limit = to_number(thresholds.get(attribute))
+            if value is not None and value >= (rundir.PRESENCE_THRESHOLD if limit is None else limit):
+                present.append(attribute)
+    return out
+
+
+def read_attribution(class_dir: str | os.PathLike) -> dict | None:
+    """``attribution.json`` of a class (overlay paths relative to the class folder), or ``None``."""
+    path = Path(class_dir) / rundir.ATTRIBUTION
+    if not path.is_file():
+        return None
+    data = rundir.read_json_file(path)
+    if not isinstance(data, dict):
+        raise DctAuditError(f"{path} must be a JSON object with overlays")
+    return data
+
+
+def read_csv(path: Path, required: tuple[str, ...] = ()) -> list[dict]:
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in required if c not in (reader.fieldnames or [])]
+            if missing:
+                raise DctAuditError(f"{path} lacks the column(s) {', '.join(missing)}")
+            return list(reader)
+    except FileNotFoundError:
+        raise DctAuditError(f"{path} is missing; re-run the class to rewrite it") from None
+    except (csv.Error, UnicodeDecodeError) as e:
+        raise DctAuditError(f"{path} is not a readable CSV file ({e})") from None
+
+
+def to_number(x) -> float | int | None:
+    """A finite number from JSON or CSV text, else ``None`` (shown as a dash)."""
+    if x is None or isinstance(x, bool) or x == "":
+        return None
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    if not math.isfinite(v):
+        return None
+    return int(v) if isinstance(x, int) else v
+
+
+def to_int(x) -> int | None:
+    v = to_number(x)
+    return None if v is None else int(v)
+
+
+def to_bool(x) -> bool | None:
+    if isinstance(x, bool):
+        return x
+    text = str(x).strip().lower()
+    if text in ("true", "1", "1.0", "yes"):
+        return True
+    return False if text in ("false", "0", "0.0", "no") else None
+
+
+def _pick(record, *keys: str) -> dict:
+    """``record``'s ``keys`` (``None`` where missing): templates can rely on every key being there."""
+    record = record if isinstance(record, dict) else {}
+    return {k: record.get(k) for k in keys}
+
+
+def _mean(values) -> float | None:
+    vals = [float(v) for v in values if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def relpath(path: Path, start: Path) -> str:
+    """``path`` relative to ``start``, with forward slashes (a URL path once quoted)."""
+    return Path(os.path.relpath(Path(path).resolve(), Path(start).resolve())).as_posix()
