@@ -105,6 +105,92 @@ def tiny_pipeline(kind: str, device, dtype):
     ).to(device, dtype)
 
 
+def sdxl_turbo_pipeline(device, dtype, real: bool):
+    """SDXL-Turbo: the real architecture (UNet 2.6 B, CLIP ViT-L + OpenCLIP bigG, 512 px) with random weights
+    on CUDA; the tiny test pipeline on CPU."""
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from dct_audit.clip_vocab import clip_tokenizer
+    from dct_audit.testing import make_tiny_sdxl_pipeline
+
+    if not real:
+        return StableDiffusionXLPipeline.from_pretrained(
+            make_tiny_sdxl_pipeline(tempfile.mkdtemp(), "turbo")
+        ).to(device, dtype)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=64,
+        block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10),
+        attention_head_dim=(5, 10, 20),
+        cross_attention_dim=2048,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=2,
+        sample_size=512,
+        scaling_factor=0.13025,
+    )
+    clip_l = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_attention_heads=12,
+            num_hidden_layers=12,
+            vocab_size=49408,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            projection_dim=768,
+        )
+    )
+    clip_g = CLIPTextModelWithProjection(
+        CLIPTextConfig(
+            hidden_size=1280,
+            intermediate_size=5120,
+            num_attention_heads=20,
+            num_hidden_layers=32,
+            vocab_size=49408,
+            max_position_embeddings=77,
+            hidden_act="gelu",
+            projection_dim=1280,
+        )
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        timestep_spacing="trailing",
+        steps_offset=1,
+    )
+    tok = clip_tokenizer()
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=clip_l,
+        text_encoder_2=clip_g,
+        tokenizer=tok,
+        tokenizer_2=clip_tokenizer(),
+        unet=unet,
+        scheduler=scheduler,
+    )
+    return pipe.to(device, dtype)
+
+
 def classifier(device, real: bool) -> Classifier:
     import timm
     from timm.data import resolve_data_config
@@ -118,6 +204,16 @@ def classifier(device, real: bool) -> Classifier:
 
 def generator(kind: str, device, real: bool, channels_last: bool) -> Generator:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if kind == "sdxl-turbo":
+        from dct_audit.adapters.sdxl import SDXLGenerator
+
+        pipe = sdxl_turbo_pipeline(device, dtype, real)
+        pipe.set_progress_bar_config(disable=True)
+        res = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        spec = GeneratorSpec(
+            "bench", "bench", "sdxl-turbo", "epsilon", "EulerDiscreteScheduler", res, 1, 0.0, str(dtype)
+        )
+        return SDXLGenerator(pipe, spec, device)
     pipe = (real_pipeline if real else tiny_pipeline)(kind, device, dtype)
     pipe.set_progress_bar_config(disable=True)
     if channels_last:
@@ -144,7 +240,7 @@ def measure(kind: str, args, device, real: bool) -> dict:
     if args.grad_checkpointing:
         gen.enable_gradient_checkpointing()
     clf = classifier(device, real)
-    if kind == "turbo":
+    if kind in ("turbo", "sdxl-turbo"):
         config = InvertConfig(batch=args.batch or (4 if device.type == "cuda" else 2), grad_accum=1)
     else:
         config = InvertConfig(steps=30, guidance=7.0, batch=1, grad_accum=5)
@@ -176,7 +272,9 @@ def measure(kind: str, args, device, real: bool) -> dict:
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     nonzero = all(g == g and g > 0 for g in grads)  # NaN-free and strictly positive
     return {
-        "loop": "ours (one step)" if kind == "turbo" else "official (30 steps, 1x5 accum)",
+        "loop": {"turbo": "ours (one step)", "sdxl-turbo": "ours, SDXL-Turbo (one step)"}.get(
+            kind, "official (30 steps, 1x5 accum)"
+        ),
         "batch": f"{config.batch}x{config.grad_accum}",
         "s/update": sec,
         "updates/class": args.max_updates,
@@ -200,11 +298,14 @@ def main() -> None:
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--only", choices=["ours", "official"])
+    p.add_argument("--sdxl", action="store_true", help="add the SDXL-Turbo row (our loop)")
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     real = device.type == "cuda"
     kinds = [k for k in ("turbo", "official") if args.only is None or (k == "turbo") == (args.only == "ours")]
     rows = [measure(k, args, device, real) for k in kinds]
+    if args.sdxl:
+        rows.append(measure("sdxl-turbo", args, device, real))
     name = torch.cuda.get_device_name(device) if real else "CPU, tiny models"
     print(
         f"\ndevice: {name}; torch {torch.__version__}; threads {torch.get_num_threads()}; "
@@ -215,7 +316,7 @@ def main() -> None:
     print("|" + "---|" * len(cols))
     for r in rows:
         print("| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in r.values()) + " |")
-    if len(rows) == 2:
+    if len(rows) >= 2 and kinds == ["turbo", "official"]:
         print(
             f"\nper update: ours is {rows[1]['s/update'] / rows[0]['s/update']:.1f}x faster; "
             f"per class: {rows[1]['s/class'] / rows[0]['s/class']:.1f}x faster"

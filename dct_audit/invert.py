@@ -166,7 +166,7 @@ def invert_class(
     generator.set_token(placeholder, vector)
     optimizer = torch.optim.AdamW([vector], lr=config.lr, weight_decay=0.0)
     starts = list(config.restart_words)  # words still to restart from
-    vocab_norm = float(generator.embedding.base.weight.detach().float().norm(dim=-1).mean())
+    vocab_norm = generator.vocab_norm()
 
     # 3. The unconditional branch is fixed: compute it once for the class
     guidance = generator.spec.default_guidance if config.guidance is None else config.guidance

@@ -134,7 +134,7 @@ class RunOptions:
         None,
         "generator family for the default steps/guidance (default: read from the pipeline's config)",
         setting=True,
-        choices=("sd-turbo", "sd1", "sd2"),
+        choices=("sd-turbo", "sd1", "sd2", "sdxl-turbo", "sdxl"),
     )
     steps: int | None = _opt(
         None,

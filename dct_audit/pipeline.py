@@ -426,6 +426,10 @@ def audit_class(
 
     # 3. Save the token, its history and the evolution snapshots
     save_token(folder / rundir.TOKEN, placeholder, inv.vector)
+    if hasattr(models.generator, "dims"):  # SDXL: also the file the SDXL ecosystem loads (clip_l, clip_g)
+        from .adapters.sdxl import save_sdxl_token
+
+        save_sdxl_token(folder / rundir.TOKEN_SDXL, inv.vector, models.generator.dims)
     rundir.write_csv(folder / rundir.HISTORY, pd.DataFrame(inv.history))
     for update, seed, image in inv.snapshots:
         rundir.write_png(folder / "evolution" / f"update_{update:04d}_s{seed}.png", image)

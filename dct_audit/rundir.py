@@ -58,6 +58,7 @@ TRUTH = "truth.json"
 REPORT_DIR = "report"
 # class level
 TOKEN = "token.safetensors"
+TOKEN_SDXL = "token.sdxl.safetensors"  # SDXL runs: {"clip_l", "clip_g"}, for load_textual_inversion
 HISTORY = "history.csv"
 SCORES = "scores.csv"
 TAGS = "tags.csv"

@@ -122,6 +122,103 @@ def make_tiny_pipeline(
     return folder
 
 
+def make_tiny_sdxl_pipeline(
+    folder: str | Path, kind: str = "turbo", sample_size: int = 16, seed: int = 0
+) -> Path:
+    """Save a tiny ``StableDiffusionXLPipeline``: two CLIP text encoders (32 + 32 wide, the second with a
+    projection) sharing the real CLIP tokenizer, a UNet with SDXL's text-time conditioning, a VAE.
+
+    ``kind``: ``turbo`` (Euler, trailing spacing: detected as SDXL-Turbo) or ``base`` (Euler, leading).
+    The text configs use ``eos_token_id`` 49407, so transformers pools at the end of the text as our
+    encoder does (legacy configs with ``eos_token_id`` 2 pool at ``argmax(input_ids)``).
+    """
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 1),
+        projection_class_embeddings_input_dim=6 * 8 + 32,  # six time ids x 8, plus the pooled text (32)
+        cross_attention_dim=64,  # 32 + 32: both encoders' hidden states, concatenated
+        norm_num_groups=4,
+    )
+    with torch.no_grad():  # a prompt that visibly changes the image (see make_tiny_pipeline)
+        for name, module in unet.named_modules():
+            if name.endswith(("attn2.to_q", "attn2.to_k")):
+                module.weight.mul_(4.0)
+            elif name.endswith(("attn2.to_v", "attn2.to_out.0")):
+                module.weight.mul_(8.0)
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=sample_size * 2,
+    )
+    config = dict(
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=3,
+        layer_norm_eps=1e-5,
+        vocab_size=49408,
+        max_position_embeddings=77,
+        projection_dim=32,
+    )
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**config))
+    torch.manual_seed(seed + 1)
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**config))
+    tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(folder / "_tok"))
+    spacing = "trailing" if kind == "turbo" else "leading"
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        timestep_spacing=spacing,
+        steps_offset=1,
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+    )
+    pipe.save_pretrained(folder)
+    import shutil
+
+    shutil.rmtree(folder / "_tok")
+    return folder
+
+
 def make_tiny_classifier(
     folder: str | Path, labels: list[str], seed: int = 0, size: int = 32, logit_scale: float = 30.0
 ) -> tuple[Path, Path]:

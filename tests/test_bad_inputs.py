@@ -85,7 +85,12 @@ CASES = [
         2,
         "model_index.json is not valid JSON",
     ),
-    ("run-generator-sdxl", RUN.replace("{GEN}", "{TMP}/sdxl"), 2, "SDXL is not supported yet"),
+    (
+        "run-generator-sdxl-incomplete",
+        RUN.replace("{GEN}", "{TMP}/sdxl"),
+        2,
+        "SDXL pipeline whose model_index.json lists no",
+    ),
     ("run-class-no-match", RUN.replace("--classes 0", "--classes zebra"), 2, "zebra"),
     ("run-out-is-a-file", RUN.replace("{TMP}/out", "{TMP}/empty.txt/run"), 2, "is a file"),
     (

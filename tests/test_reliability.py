@@ -39,7 +39,8 @@ def test_a_generator_whose_model_index_is_not_json_is_one_line(tmp_path):
         check_generator_spec(str(tmp_path))
 
 
-def test_an_sdxl_pipeline_is_refused_before_anything_is_written(tmp_path, tiny_classifier):
+def test_an_incomplete_sdxl_pipeline_is_refused_before_anything_is_written(tmp_path, tiny_classifier):
+    """SDXL is supported; an SDXL index that lists no UNet, VAE, tokenizers or scheduler is refused up front."""
     gen = tmp_path / "sdxl"
     gen.mkdir()
     (gen / "model_index.json").write_text(
@@ -50,8 +51,13 @@ def test_an_sdxl_pipeline_is_refused_before_anything_is_written(tmp_path, tiny_c
             }
         )
     )
-    with pytest.raises(DctAuditError, match="SDXL is not supported yet"):
+    with pytest.raises(DctAuditError, match="SDXL pipeline whose model_index.json lists no unet, vae"):
         check_generator_spec(str(gen))
+    other = tmp_path / "sd3"
+    other.mkdir()
+    (other / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
+    with pytest.raises(DctAuditError, match="is a StableDiffusion3Pipeline; dct-audit supports"):
+        check_generator_spec(str(other))
     model, labels = tiny_classifier
     code = main(
         [

@@ -31,7 +31,10 @@ FAMILY_DEFAULTS = {
     "sd-turbo": (1, 0.0),
     "sd1": (30, 7.0),  # the DCT paper's settings
     "sd2": (30, 7.0),
+    "sdxl-turbo": (1, 0.0),  # one step, no guidance, 512 px (its UNet's native size)
+    "sdxl": (30, 7.0),  # the paper's multi-step settings, at 1024 px (its native size)
 }
+SDXL_FAMILIES = ("sdxl-turbo", "sdxl")
 
 
 class TokenInjectingEmbedding(nn.Module):
@@ -97,7 +100,12 @@ def detect_family(model_id: str, pipe) -> str:
         if fam in FAMILY_DEFAULTS:
             return fam
     config = pipe.scheduler.config
-    if config.get("timestep_spacing") == "trailing" and config.get("prediction_type", "epsilon") == "epsilon":
+    turbo = (
+        config.get("timestep_spacing") == "trailing" and config.get("prediction_type", "epsilon") == "epsilon"
+    )
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        return "sdxl-turbo" if turbo else "sdxl"
+    if turbo:
         return "sd-turbo"
     width = pipe.text_encoder.config.hidden_size
     return "sd2" if width >= 1024 else "sd1"
@@ -141,6 +149,10 @@ class Generator:
         if len(ids) != 1:
             raise DctAuditError(f"placeholder '{placeholder}' did not become a single token")
         return ids[0]
+
+    def vocab_norm(self) -> float:
+        """Mean norm of the vocabulary's rows (what ``--max-norm`` scales)."""
+        return float(self.embedding.base.weight.detach().float().norm(dim=-1).mean())
 
     def word_vector(self, word: str) -> torch.Tensor:
         """The frozen input embedding of a one-token word (the learned token's initialisation)."""
@@ -294,22 +306,45 @@ def check_generator_spec(spec: str) -> str:
     return str(folder)
 
 
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline",)
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+SDXL_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+
+
+def is_sdxl_index(index: dict) -> bool:
+    return index.get("_class_name") == "StableDiffusionXLPipeline" or "text_encoder_2" in index
 
 
 def _check_pipeline_class(spec: str, index: dict) -> None:
-    """Refuse pipelines this adapter cannot drive (SDXL's second text encoder would be dropped silently)."""
+    """Refuse pipelines this adapter cannot drive, and SDXL indexes that lack a part (before anything loads)."""
     name = index.get("_class_name")
+    if is_sdxl_index(index):
+        missing = [p for p in SDXL_PARTS if not index.get(p) or index.get(p) == [None, None]]
+        if missing:
+            raise DctAuditError(
+                f"generator '{spec}' is an SDXL pipeline whose model_index.json lists no {', '.join(missing)}; "
+                "re-download or re-save the pipeline"
+            )
+        return
     if name is None or name in SUPPORTED_PIPELINES:
-        if "text_encoder_2" in index:
-            name = name or "a pipeline with two text encoders"
-        else:
-            return
-    hint = " (SDXL is not supported yet)" if "XL" in str(name) or "text_encoder_2" in index else ""
+        return
     raise DctAuditError(
-        f"generator '{spec}' is a {name}{hint}; dct-audit supports StableDiffusionPipeline "
-        "(SD 1.x/2.x/Turbo), e.g. --generator stabilityai/sd-turbo"
+        f"generator '{spec}' is a {name}; dct-audit supports StableDiffusionPipeline (SD 1.x/2.x/Turbo) and "
+        "StableDiffusionXLPipeline (SDXL, SDXL-Turbo), e.g. --generator stabilityai/sd-turbo"
     )
+
+
+def _is_sdxl(spec: str) -> bool:
+    """Whether a checked spec is an SDXL pipeline, from its model_index.json (local, or cached from the hub)."""
+    try:
+        path = (
+            Path(spec) / "model_index.json"
+            if hub.looks_like_path(spec)
+            else Path(hub.hf_file(spec, "model_index.json", "generator", f"--generator {spec}"))
+        )
+        index = json.loads(path.read_text())
+    except (DctAuditError, OSError, ValueError):
+        return False
+    return isinstance(index, dict) and is_sdxl_index(index)
 
 
 def check_hub_generator(spec: str) -> None:
@@ -403,13 +438,22 @@ def load_generator(
     if family is not None and family not in FAMILY_DEFAULTS:
         raise DctAuditError(f"--family must be one of {', '.join(FAMILY_DEFAULTS)}, not {family!r}")
     spec = check_generator_spec(spec)
+    xl = _is_sdxl(spec)
+    if family is not None and (family in SDXL_FAMILIES) != xl:
+        raise DctAuditError(
+            f"--family {family} does not fit generator '{spec}' ({'an' if xl else 'not an'} SDXL pipeline)"
+        )
+    if xl:
+        from diffusers import StableDiffusionXLPipeline as pipeline_class
+    else:
+        pipeline_class = StableDiffusionPipeline
     with hub.missing_model_guard("generator", f"--generator {spec}"):
         shared = _load_shared(spec, dtype) if hub.looks_like_path(spec) else {}
-        pipe = StableDiffusionPipeline.from_pretrained(
+        no_checker = {} if xl else {"safety_checker": None, "requires_safety_checker": False}
+        pipe = pipeline_class.from_pretrained(
             spec,
             dtype=dtype,
-            safety_checker=None,
-            requires_safety_checker=False,
+            **no_checker,
             **shared,
             **hub.hf_kwargs(spec),
         )
@@ -432,4 +476,8 @@ def load_generator(
         default_guidance=guidance,
         dtype=str(dtype).replace("torch.", ""),
     )
+    if xl:
+        from .sdxl import SDXLGenerator
+
+        return SDXLGenerator(pipe, gspec, device)
     return Generator(pipe, gspec, device)
