@@ -339,7 +339,7 @@ def discover_run(
         models = Models(bank=AttributeBank.build(tagger, vocabulary))
         others = [a.name for a in vocabulary.attributes if not a.absence]
         seeds = eval_seeds(opts.seed, opts.confirm_seeds)
-        batch = opts.batch or (4 if torch_device.type == "cuda" else 2)
+        batch = opts.batch if isinstance(opts.batch, int) else (4 if torch_device.type == "cuda" else 2)
         for c in done:
             rows = table[(table["class_index"] == c["index"]) & table["significant"]]
             if rows.empty:

@@ -82,6 +82,10 @@ def _words(text: str) -> tuple[str, ...]:
     return tuple(w.strip() for w in str(text).split(",") if w.strip())
 
 
+def _batch(text: str) -> int | str:
+    return "auto" if str(text).strip().lower() == "auto" else positive_int(text)
+
+
 def _tagger(text: str) -> str | None:
     return None if str(text).lower() == "none" else text
 
@@ -148,7 +152,12 @@ class RunOptions:
     grad_steps: int = _opt(
         1, "last denoising steps with gradient (default 1)", setting=True, type=positive_int
     )
-    batch: int | None = _opt(None, "seeds per update (default 4 on GPU, 2 on CPU)", type=positive_int)
+    batch: int | str | None = _opt(
+        None,
+        "seeds per update (default 4 on GPU, 2 on CPU); auto: the largest that fits the GPU's free memory, "
+        "measured with one update at batch 1 (gradient checkpointing switched on when needed)",
+        type=_batch,
+    )
     grad_accum: int = _opt(1, "micro-batches per update (default 1)", setting=True, type=positive_int)
     lr: float = _opt(1e-3, "AdamW learning rate (default 1e-3)", setting=True, type=finite_float)
     max_updates: int = _opt(50, "most updates per class (default 50)", setting=True, type=positive_int)
@@ -339,7 +348,9 @@ class RunOptions:
             raise DctAuditError(
                 f"--resolution must be a multiple of 8 and at least 64, not {self.resolution}"
             )
-        if self.batch is not None and self.batch < 1:
+        if isinstance(self.batch, str) and self.batch != "auto":
+            raise DctAuditError(f"--batch must be a whole number or auto, not {self.batch!r}")
+        if isinstance(self.batch, int) and self.batch < 1:
             raise DctAuditError(f"--batch must be at least 1, not {self.batch}")
         for ctx in self.contexts:
             if ctx.count("{}") != 1:
@@ -360,7 +371,13 @@ class RunOptions:
         values.update(templates=tuple(self.templates), restart_words=tuple(self.restart_words))
         return InvertConfig(**values, batch=batch)
 
-    def settings(self, batch: int) -> dict:
+    def default_batch(self, device) -> int | str:
+        """``--batch``, ``"auto"`` (resolved once the models are loaded), or 4 on a GPU and 2 on a CPU."""
+        if self.batch is not None:
+            return self.batch
+        return 4 if device.type == "cuda" else 2
+
+    def settings(self, batch: int | str) -> dict:
         """The options that change results (a resumed run must match them), as JSON values."""
         s = {
             f.name: list(getattr(self, f.name))

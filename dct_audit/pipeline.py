@@ -137,7 +137,7 @@ def run_with_options(opts: RunOptions, classifier: Classifier | None = None) -> 
     from .adapters.generator import resolve_dtype
 
     resolve_dtype(opts.dtype, device)  # a dtype the device cannot run: one line, before anything loads
-    batch = opts.batch or (4 if device.type == "cuda" else 2)
+    batch = opts.default_batch(device)  # "auto": measured once the models are loaded
     if classifier is not None:
         clf_record, labels = classifier.spec, classifier.labels
     else:
@@ -181,12 +181,23 @@ def _run_locked(
 
         check_tagger(opts.tagger)  # before the classifier and generator load: fail fast and cheaply
     models = Models(classifier=classifier.to(device) if classifier is not None else None)
+    batch_record = None
     if todo:
         check_generator_spec(opts.generator)
         _load_models(models, opts, device, vocabulary)
+        if batch == "auto":  # one measured update at batch 1 decides (dct_audit/memory.py)
+            from .memory import auto_batch
+
+            batch, _, batch_record = auto_batch(
+                models.generator, models.classifier, todo[0].index, todo[0].name, opts, say
+            )
+    if batch == "auto":  # nothing left to invert: the analysis only generates grids
+        batch = 4 if device.type == "cuda" else 2
     rundir.create_run_dir(run_dir, opts.overwrite)
     # the manifest lists every class of the run (a shard's too); class records are merged, never replaced
     manifest = _manifest(previous or {}, opts, settings, device, clf_record, models.generator, targets)
+    if batch_record is not None:
+        manifest["batch_auto"] = batch_record
     if vocabulary is not None:
         manifest["tagging"] = {
             "tagger": opts.tagger,

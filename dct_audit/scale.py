@@ -60,7 +60,7 @@ def run_on_ray(opts: RunOptions, classifier=None):
     for note in notes:
         say(note)
     root = Path(opts.out) / (opts.name or default_run_name(opts.classifier))
-    batch = opts.batch or (4 if opts.resolved_device().type == "cuda" else 2)
+    batch = opts.default_batch(opts.resolved_device())
     run_dir, _ = rundir.open_run_dir(root, opts.settings(batch), opts.overwrite)
     check_generator_spec(opts.generator)
     if opts.overwrite:  # cleared once here; the tasks then resume into the empty folder
