@@ -192,7 +192,8 @@ def compare(
     # 2. Optional cross-scoring models
     clf_a = clf_b = None
     if cross_score:
-        from .adapters.classifier import load_classifier, wrap_classifier
+        from .adapters.classifier import load_classifier
+        from .adapters.in_memory import wrap_classifier
 
         given = tuple(classifiers) if classifiers is not None else (None, None)
         clf_a, clf_b = (

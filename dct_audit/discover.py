@@ -269,7 +269,8 @@ def discover_run(
     """
     from .analyse import ALPHA, counterfactual_sweep
     from .generate import eval_seeds
-    from .pipeline import Models, RunOptions, _load_models, manifest_options
+    from .pipeline import Models, RunOptions, _load_models
+    from .records import manifest_options
     from .resolve import ResolvedClass
     from .tag import AttributeBank, load_tagger, load_vocabulary
 

@@ -8,9 +8,12 @@ context.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
+from . import rundir
 from .adapters.classifier import Classifier
 
 
@@ -50,3 +53,22 @@ def overlay(image: torch.Tensor, amap: torch.Tensor) -> np.ndarray:
     alpha = np.clip(a, 0, 1)[..., None] * 0.75
     out = img * (1 - alpha) + heat * alpha
     return (np.clip(out, 0, 1) * 255).round().astype(np.uint8)
+
+
+def explain_class(folder: Path, classifier: Classifier, images: torch.Tensor, target: int) -> None:
+    """Integrated-gradients overlays of a few token images, and ``attribution.json``, in the class folder."""
+    maps = attributions(classifier, images, target)
+    paths = []
+    for i, (image, amap) in enumerate(zip(images, maps, strict=True)):
+        rel = f"attribution/token_{i}.png"
+        rundir.write_png(folder / rel, overlay(image, amap))
+        paths.append(rel)
+    rundir.write_json(
+        folder / rundir.ATTRIBUTION,
+        {
+            "method": "IntegratedGradients (captum), |attr| summed over channels",
+            "overlays": paths,
+            "outside_object": None,
+            "note": "no object mask for generated images",
+        },
+    )

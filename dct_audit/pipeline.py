@@ -7,8 +7,6 @@ outside its class folder except the manifest, so classes can resume, retry or ru
 from __future__ import annotations
 
 import datetime as _dt
-import platform
-import resource
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -17,16 +15,18 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from . import __version__, rundir
+from . import rundir
 from .adapters.classifier import Classifier, describe_classifier, load_classifier
 from .adapters.generator import Generator, check_generator_spec, load_generator
 from .analyse import CONFIRM_MIN_CHANGE, analyse_run
 from .errors import DctAuditError
+from .explain import explain_class
 from .generate import eval_seeds, generate, plan_jobs, twin
 from .invert import invert_class, save_token
 from .options import CONFIRM_MODES, RunOptions, parse_shard, shard_classes  # noqa: F401  (re-exported)
+from .records import build_manifest, manifest_options, peak_memory_mb, placeholder_for  # noqa: F401
 from .resolve import ResolvedClass, resolve_classes
-from .score import score_images
+from .score import holdout_accuracy, score_images
 from .tag import AttributeBank, Vocabulary, load_tagger, load_vocabulary
 
 
@@ -49,38 +49,6 @@ class Models:
     holdout: Classifier | None = None
 
 
-def placeholder_for(index: int) -> str:
-    return f"<dct-{index}>"
-
-
-def _package_versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version(), "dct-audit": __version__}
-    for pkg in (
-        "torch",
-        "torchvision",
-        "diffusers",
-        "transformers",
-        "timm",
-        "open_clip_torch",
-        "captum",
-        "safetensors",
-    ):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
-def _peak_memory_mb(device: torch.device) -> dict:
-    out = {"process_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
-    if device.type == "cuda":
-        out["cuda_peak_allocated_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-    return out
-
-
 def default_run_name(classifier: str) -> str:
     return f"{rundir.slugify(classifier.split('/')[-1].split(':')[-1])}-{_dt.date.today().isoformat()}"
 
@@ -99,7 +67,7 @@ def run(classifier, classes: str | list[str], *, preprocess=None, **kwargs) -> R
         if preprocess is not None:
             raise DctAuditError("preprocess= is for a classifier given in memory; a named one brings its own")
         return run_with_options(RunOptions(classifier=classifier, classes=classes, **kwargs))
-    from .adapters.classifier import wrap_classifier
+    from .adapters.in_memory import wrap_classifier
 
     clf = wrap_classifier(classifier, kwargs.pop("labels", None), preprocess)
     opts = RunOptions(classifier=clf.spec.spec, classes=classes, **kwargs)
@@ -195,7 +163,7 @@ def _run_locked(
         batch = 4 if device.type == "cuda" else 2
     rundir.create_run_dir(run_dir, opts.overwrite)
     # the manifest lists every class of the run (a shard's too); class records are merged, never replaced
-    manifest = _manifest(previous or {}, opts, settings, device, clf_record, models.generator, targets)
+    manifest = build_manifest(previous or {}, opts, settings, device, clf_record, models.generator, targets)
     if batch_record is not None:
         manifest["batch_auto"] = batch_record
     if vocabulary is not None:
@@ -275,25 +243,6 @@ def _run_locked(
     return RunResult(run_dir=root, classes=results, skipped=skipped, findings=findings, report=report)
 
 
-def manifest_options(manifest: dict, overrides: dict | None = None) -> dict:
-    """The ``RunOptions`` keyword arguments of a run, from its manifest (settings, tagger, vocabulary file,
-    analysis options), with ``overrides`` on top; ``classes``, ``out`` and ``name`` are the caller's."""
-    fields = set(RunOptions.__dataclass_fields__)
-    settings = {k: v for k, v in manifest["settings"].items() if k in fields}
-    for key in ("templates", "contexts", "restart_words"):
-        if key in settings:
-            settings[key] = tuple(settings[key])
-    tagging = manifest.get("tagging") or {}
-    analysis = manifest.get("analysis") or {}
-    return {
-        "tagger": tagging.get("tagger"),
-        "attributes": tagging.get("attributes_file"),
-        **{k: analysis[k] for k in ("alpha", "min_effect", "confirm", "confirm_seeds") if k in analysis},
-        **settings,
-        **(overrides or {}),
-    }
-
-
 def finish_run(run_dir: str | Path, classifier=None, **overrides) -> RunResult:
     """Analyse and report a run whose classes were audited elsewhere (``--shard K/N`` job arrays): the same
     settings as the run, read from its manifest; ``overrides`` may set the device, ``quiet``, ``report``
@@ -323,7 +272,7 @@ def finish_run(run_dir: str | Path, classifier=None, **overrides) -> RunResult:
     kwargs = manifest_options(manifest, overrides)
     clf = None
     if classifier is not None:
-        from .adapters.classifier import wrap_classifier
+        from .adapters.in_memory import wrap_classifier
 
         clf = wrap_classifier(classifier)
         if clf.spec.spec != kwargs.get("classifier"):
@@ -360,38 +309,6 @@ def _load_models(
     if vocabulary is not None and models.bank is None:
         models.bank = AttributeBank.build(load_tagger(opts.tagger, device), vocabulary)
     return models
-
-
-def _manifest(
-    old: dict, opts: RunOptions, settings: dict, device, clf_record, generator: Generator | None, targets
-) -> dict:
-    m = dict(old)
-    m.setdefault("created", _dt.datetime.now().isoformat(timespec="seconds"))
-    m["tool"] = "dct-audit"
-    m["settings"] = settings
-    m["command"] = sys.argv if sys.argv and "dct-audit" in Path(sys.argv[0]).name else None
-    m["device"] = {
-        "type": device.type,
-        "name": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else platform.processor() or platform.machine(),
-        "torch_threads": torch.get_num_threads(),
-    }
-    m["versions"] = _package_versions()
-    models = m.setdefault("models", {})
-    models["classifier"] = clf_record.to_dict()
-    if generator is not None:
-        models["generator"] = generator.spec.to_dict()
-    known = {c["index"]: c for c in m.get("classes", [])}
-    for c in targets:
-        known.setdefault(
-            c.index,
-            {"index": c.index, "name": c.name, "query": c.query, "placeholder": placeholder_for(c.index)},
-        )
-    m["classes"] = sorted(known.values(), key=lambda c: c["index"])
-    m.setdefault("class_runs", {})
-    m["eval_seeds"] = eval_seeds(opts.seed, opts.n_images)
-    return m
 
 
 def audit_class(
@@ -493,7 +410,7 @@ def audit_class(
 
     # 6. Where the classifier looks in a few token images (captum)
     if opts.explain_images > 0:
-        _explain(folder, classifier, torch.stack(token_images[: opts.explain_images]), cls.index)
+        explain_class(folder, classifier, torch.stack(token_images[: opts.explain_images]), cls.index)
     t_total = time.perf_counter() - t_start
 
     # 7. Summary, then the marker: from here on the class is finished
@@ -523,7 +440,7 @@ def audit_class(
         "baseline_accuracy": acc.get("baseline"),
         "token_target_prob": prob.get("token"),
         "baseline_target_prob": prob.get("baseline"),
-        **_holdout_accuracy(scores),
+        **holdout_accuracy(scores),
         "n_images": int(len(scores)),
         "timings": {
             "invert_s": round(t_invert, 3),
@@ -531,35 +448,8 @@ def audit_class(
             "total_s": round(t_total, 3),
             "seconds_per_update": round(t_invert / max(1, len(hist)), 4),
         },
-        "memory": _peak_memory_mb(device),
+        "memory": peak_memory_mb(device),
     }
     rundir.write_json(folder / rundir.CLASS_SUMMARY, summary)
     run_dir.mark_done(cls.index, cls.name)
     return summary
-
-
-def _explain(folder: Path, classifier: Classifier, images: torch.Tensor, target: int) -> None:
-    from .explain import attributions, overlay
-
-    maps = attributions(classifier, images, target)
-    paths = []
-    for i, (image, amap) in enumerate(zip(images, maps, strict=True)):
-        rel = f"attribution/token_{i}.png"
-        rundir.write_png(folder / rel, overlay(image, amap))
-        paths.append(rel)
-    rundir.write_json(
-        folder / rundir.ATTRIBUTION,
-        {
-            "method": "IntegratedGradients (captum), |attr| summed over channels",
-            "overlays": paths,
-            "outside_object": None,
-            "note": "no object mask for generated images",
-        },
-    )
-
-
-def _holdout_accuracy(scores: pd.DataFrame) -> dict:
-    if "holdout_correct" not in scores:
-        return {}
-    acc = scores.groupby("variant")["holdout_correct"].mean().to_dict()
-    return {"holdout_token_accuracy": acc.get("token"), "holdout_baseline_accuracy": acc.get("baseline")}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pandas as pd
 import torch
 
 from .adapters.classifier import Classifier
@@ -29,3 +30,11 @@ def score_images(classifier: Classifier, images: torch.Tensor, target: int, k: i
             }
         )
     return rows
+
+
+def holdout_accuracy(scores: pd.DataFrame) -> dict:
+    """Token and baseline accuracy by the held-out classifier, when it scored the images."""
+    if "holdout_correct" not in scores:
+        return {}
+    acc = scores.groupby("variant")["holdout_correct"].mean().to_dict()
+    return {"holdout_token_accuracy": acc.get("token"), "holdout_baseline_accuracy": acc.get("baseline")}

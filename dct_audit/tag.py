@@ -208,8 +208,8 @@ class Tagger:
 def check_tagger(spec: str) -> None:
     """Check cheaply, before any model loads or any file is written, that the tagger can be had: a known
     architecture, and offline, its weights in the cache. Raises one line naming the fix."""
-    if spec == "world" or spec.startswith("world:"):
-        return
+    if any(spec == p or spec.startswith(p + ":") for p in TAGGER_PLUGINS):
+        return  # a plugin checks its own spec when it loads
     if spec.startswith("hf:"):
         hub.hf_config(spec[3:], what="tagger", flag=f"--tagger {spec}")
         return
@@ -238,25 +238,32 @@ def check_tagger(spec: str) -> None:
             )
 
 
+# Taggers that other packages provide: a spec prefix ("world", "world:PATH") -> "module:function" that loads
+# one as ``function(spec, device) -> Tagger``. Resolved by name when first used, so the core imports none of
+# them; ``register_tagger`` adds more.
+TAGGER_PLUGINS: dict[str, str] = {"world": "dct_audit.world.clip:load_world_tagger"}
+
+
+def register_tagger(prefix: str, target: str) -> None:
+    """Make ``--tagger PREFIX`` and ``--tagger PREFIX:ARG`` load through ``target`` ("module:function")."""
+    TAGGER_PLUGINS[prefix] = target
+
+
+def _plugin(spec: str):
+    for prefix, target in TAGGER_PLUGINS.items():
+        if spec == prefix or spec.startswith(prefix + ":"):
+            import importlib
+
+            module, _, name = target.partition(":")
+            return getattr(importlib.import_module(module), name)
+    return None
+
+
 def load_tagger(spec: str = DEFAULT_TAGGER, device: str | torch.device = "cpu") -> Tagger:
     device = torch.device(device)
-    if spec == "world" or spec.startswith("world:"):
-        from .world.clip import SHIPPED, WorldCLIP
-
-        folder = spec[len("world:") :] if spec.startswith("world:") else SHIPPED
-        if not (Path(folder) / "config.json").is_file():
-            raise DctAuditError(f"world tagger folder '{folder}' has no config.json")
-        model = WorldCLIP.from_pretrained(folder).to(device).eval()
-        return Tagger(
-            spec,
-            "world",
-            model,
-            model.encode_image,
-            model.encode_text,
-            None,
-            float(model.logit_scale.detach().exp().clamp(max=100)),
-            device,
-        )
+    plugin = _plugin(spec)
+    if plugin is not None:
+        return plugin(spec, device)
     if spec.startswith("hf:"):
         from transformers import AutoProcessor, CLIPModel
 
@@ -372,33 +379,3 @@ class AttributeBank:
                 for a in self.vocabulary.attributes
             ]
         )
-
-
-def calibrate_thresholds(scores: np.ndarray, truth: np.ndarray, names: list[str]) -> dict[str, float]:
-    """Per attribute, the threshold that maximises F1 on labelled images (scores and truth: (B, A))."""
-    out = {}
-    for j, name in enumerate(names):
-        s, t = scores[:, j], truth[:, j].astype(bool)
-        if t.all() or not t.any():
-            continue
-        candidates = np.unique(np.concatenate([s, [0.5]]))
-        best, best_thr = -1.0, 0.5
-        for thr in candidates:
-            pred = s >= thr
-            tp = np.sum(pred & t)
-            f1 = 2 * tp / max(1, pred.sum() + t.sum())
-            if f1 > best:
-                best, best_thr = f1, float(thr)
-        # put the threshold midway to the next lower score, for a margin on unseen images
-        lower = s[s < best_thr]
-        out[name] = float((best_thr + lower.max()) / 2) if lower.size else best_thr
-    return out
-
-
-def precision_recall(pred: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-column precision and recall of boolean (B, A) predictions."""
-    pred, truth = pred.astype(bool), truth.astype(bool)
-    tp = (pred & truth).sum(0)
-    precision = np.where(pred.sum(0) > 0, tp / np.maximum(1, pred.sum(0)), np.nan)
-    recall = np.where(truth.sum(0) > 0, tp / np.maximum(1, truth.sum(0)), np.nan)
-    return precision, recall

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from dct_audit.errors import DctAuditError
-from dct_audit.tag import AttributeBank, calibrate_thresholds, load_tagger, load_vocabulary, precision_recall
+from dct_audit.tag import AttributeBank, load_tagger, load_vocabulary
+from dct_audit.world.calibrate import calibrate_thresholds, precision_recall
 
 
 def test_shipped_vocabulary_covers_the_documented_contexts():

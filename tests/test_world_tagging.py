@@ -13,8 +13,9 @@ pytestmark = pytest.mark.skipif(
 
 
 def test_world_tagger_precision_and_recall_per_attribute():
-    from dct_audit.tag import AttributeBank, load_tagger, load_vocabulary, precision_recall
+    from dct_audit.tag import AttributeBank, load_tagger, load_vocabulary
     from dct_audit.world import scenes as S
+    from dct_audit.world.calibrate import precision_recall
 
     vocab = load_vocabulary(ATTRIBUTES_FILE)
     tagger = load_tagger("world")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..tag import AttributeBank, calibrate_thresholds, load_tagger, load_vocabulary, precision_recall
+from ..tag import AttributeBank, load_tagger, load_vocabulary
 from . import scenes as S
 
 ATTRIBUTES_FILE = Path(__file__).parent / "attributes.json"
@@ -86,3 +86,33 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def calibrate_thresholds(scores: np.ndarray, truth: np.ndarray, names: list[str]) -> dict[str, float]:
+    """Per attribute, the threshold that maximises F1 on labelled images (scores and truth: (B, A))."""
+    out = {}
+    for j, name in enumerate(names):
+        s, t = scores[:, j], truth[:, j].astype(bool)
+        if t.all() or not t.any():
+            continue
+        candidates = np.unique(np.concatenate([s, [0.5]]))
+        best, best_thr = -1.0, 0.5
+        for thr in candidates:
+            pred = s >= thr
+            tp = np.sum(pred & t)
+            f1 = 2 * tp / max(1, pred.sum() + t.sum())
+            if f1 > best:
+                best, best_thr = f1, float(thr)
+        # put the threshold midway to the next lower score, for a margin on unseen images
+        lower = s[s < best_thr]
+        out[name] = float((best_thr + lower.max()) / 2) if lower.size else best_thr
+    return out
+
+
+def precision_recall(pred: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column precision and recall of boolean (B, A) predictions."""
+    pred, truth = pred.astype(bool), truth.astype(bool)
+    tp = (pred & truth).sum(0)
+    precision = np.where(pred.sum(0) > 0, tp / np.maximum(1, pred.sum(0)), np.nan)
+    recall = np.where(truth.sum(0) > 0, tp / np.maximum(1, truth.sum(0)), np.nan)
+    return precision, recall

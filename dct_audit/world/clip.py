@@ -491,3 +491,27 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def load_world_tagger(spec: str, device):
+    """``--tagger world`` (the shipped world CLIP) or ``world:PATH``: registered in ``dct_audit.tag``."""
+    import torch
+
+    from ..errors import DctAuditError
+    from ..tag import Tagger
+
+    folder = spec[len("world:") :] if spec.startswith("world:") else SHIPPED
+    if not (Path(folder) / "config.json").is_file():
+        raise DctAuditError(f"world tagger folder '{folder}' has no config.json")
+    device = torch.device(device)
+    model = WorldCLIP.from_pretrained(folder).to(device).eval()
+    return Tagger(
+        spec,
+        "world",
+        model,
+        model.encode_image,
+        model.encode_text,
+        None,
+        float(model.logit_scale.detach().exp().clamp(max=100)),
+        device,
+    )
