@@ -205,9 +205,10 @@ def discover_class(
         raise DctAuditError(
             "discovery needs at least 4 seeds per class (2 to rank, 2 to test); use --n-images 4 or more"
         )
-    # ranked by the mean paired difference (the effect), not its t statistic: measured on the world, where
-    # the tagger's text tower embeds unknown words close together and they all move a little with any
-    # change of the image, the planted background led by effect in every class and not always by t
+    # ranked by the mean paired difference (the effect), not its t statistic. Chosen on the shipped demo
+    # run only (not on random worlds): there the tagger's text tower embeds unknown words close together,
+    # they all move a little with any change of the image, and the planted backgrounds of star and cross
+    # led by effect but not always by t
     t_rank = d[rank_rows].mean(0)
     kept: list[int] = []
     seen_lemmas: set[str] = set()

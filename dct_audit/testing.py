@@ -20,6 +20,33 @@ from .clip_vocab import write_clip_tokenizer
 SCHEDULER_KINDS = ("epsilon", "v", "turbo")
 
 
+def _tiny_vae(sample_size: int):
+    """A tiny ``AutoencoderKL`` (downsamples by 2, 4 latent channels)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(8, 16),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=sample_size * 2,
+    )
+
+
+def _sharpen_cross_attention(unet, gain: float) -> None:
+    """Scale the UNet's cross-attention so that, unlike a plain random init, the prompt visibly changes the
+    image and a token's gradient is large enough to test."""
+    with torch.no_grad():
+        for name, module in unet.named_modules():
+            if name.endswith(("attn2.to_q", "attn2.to_k")):
+                module.weight.mul_(gain)
+            elif name.endswith(("attn2.to_v", "attn2.to_out.0")):
+                module.weight.mul_(2 * gain)
+
+
 def make_tiny_pipeline(
     folder: str | Path, kind: str = "epsilon", sample_size: int = 16, seed: int = 0, prompt_gain: float = 4.0
 ) -> Path:
@@ -32,7 +59,6 @@ def make_tiny_pipeline(
     changes the image and a token's gradient is large enough to test.
     """
     from diffusers import (
-        AutoencoderKL,
         DDIMScheduler,
         EulerDiscreteScheduler,
         StableDiffusionPipeline,
@@ -56,23 +82,9 @@ def make_tiny_pipeline(
         attention_head_dim=4,
         norm_num_groups=4,
     )
-    with torch.no_grad():
-        for name, module in unet.named_modules():
-            if name.endswith(("attn2.to_q", "attn2.to_k")):
-                module.weight.mul_(prompt_gain)
-            elif name.endswith(("attn2.to_v", "attn2.to_out.0")):
-                module.weight.mul_(2 * prompt_gain)
+    _sharpen_cross_attention(unet, prompt_gain)
     torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        block_out_channels=(8, 16),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=sample_size * 2,
-    )
+    vae = _tiny_vae(sample_size)
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
@@ -133,7 +145,6 @@ def make_tiny_sdxl_pipeline(
     encoder does (legacy configs with ``eos_token_id`` 2 pool at ``argmax(input_ids)``).
     """
     from diffusers import (
-        AutoencoderKL,
         EulerDiscreteScheduler,
         StableDiffusionXLPipeline,
         UNet2DConditionModel,
@@ -159,23 +170,9 @@ def make_tiny_sdxl_pipeline(
         cross_attention_dim=64,  # 32 + 32: both encoders' hidden states, concatenated
         norm_num_groups=4,
     )
-    with torch.no_grad():  # a prompt that visibly changes the image (see make_tiny_pipeline)
-        for name, module in unet.named_modules():
-            if name.endswith(("attn2.to_q", "attn2.to_k")):
-                module.weight.mul_(4.0)
-            elif name.endswith(("attn2.to_v", "attn2.to_out.0")):
-                module.weight.mul_(8.0)
+    _sharpen_cross_attention(unet, 4.0)  # a prompt that visibly changes the image
     torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        block_out_channels=(8, 16),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=sample_size * 2,
-    )
+    vae = _tiny_vae(sample_size)
     config = dict(
         bos_token_id=49406,
         eos_token_id=49407,

@@ -54,7 +54,6 @@ def test_synonyms_are_merged():
     scores, emb, feats, concepts = _world(shift=0.8)
     feats = np.vstack([feats, feats[7:8]])  # the same embedding under another name
     concepts = [*concepts, D.Concept("seven again", "line:x", ("seven again",), "", "seven again")]
-    emb = emb  # the images do not change
     rows, _ = D.discover_class(*D.paired_differences(scores, emb, feats), concepts, feats, top_k=5)
     assert [r["concept"] for r in rows].count("concept 7") + [r["concept"] for r in rows].count(
         "seven again"

@@ -219,14 +219,8 @@ class Generator:
 
         # 2. Encode the prompts; the conditional branch is where the learned token lives
         with torch.set_grad_enabled(grad_steps > 0 and torch.is_grad_enabled()):
-            cond = self.encode(prompts)  # (B, 77, D)
-        if cfg:
-            if uncond is None:
-                with torch.no_grad():
-                    uncond = self.encode([""])
-            embeds = torch.cat([uncond.expand(len(prompts), -1, -1), cond])  # (2B, 77, D)
-        else:
-            embeds = cond
+            cond = self.encode(prompts)
+        embeds, unet_kwargs = self._conditioning(cond, cfg, uncond, len(prompts), height, width)
 
         # 3. Timesteps and initial noise, drawn per seed on the CPU as diffusers does
         self.scheduler.set_timesteps(steps, device=self.device)
@@ -251,7 +245,12 @@ class Generator:
                 model_in = torch.cat([latents] * 2) if cfg else latents
                 model_in = self.scheduler.scale_model_input(model_in, t)
                 noise = self.unet(
-                    model_in, t, encoder_hidden_states=embeds, timestep_cond=timestep_cond, return_dict=False
+                    model_in,
+                    t,
+                    encoder_hidden_states=embeds,
+                    timestep_cond=timestep_cond,
+                    return_dict=False,
+                    **unet_kwargs,
                 )[0]
                 if cfg:
                     uncond_pred, text_pred = noise.chunk(2)
@@ -261,12 +260,27 @@ class Generator:
         # 5. Decode; clamp to [0, 1] in the forward pass only (a plain clamp would zero the gradient
         #    of every out-of-range pixel, the norm early in training)
         with torch.set_grad_enabled(grad_steps > 0 and torch.is_grad_enabled()):
-            decoded = self.vae.decode(
-                latents / self.vae.config.scaling_factor, return_dict=False, generator=generators
-            )[0]
-            images = decoded.float() / 2 + 0.5
+            images = self._decode(latents, generators).float() / 2 + 0.5
             images = images + (images.clamp(0, 1) - images).detach()
         return images  # (B, 3, H, W)
+
+    def _conditioning(
+        self, cond, cfg: bool, uncond, n: int, height: int, width: int
+    ) -> tuple[torch.Tensor, dict]:
+        """The UNet's text conditioning ``(encoder_hidden_states, extra UNet kwargs)``: with guidance, the
+        empty prompt's embedding (``uncond``, computed here when not given) before the prompts'."""
+        if not cfg:
+            return cond, {}
+        if uncond is None:
+            with torch.no_grad():
+                uncond = self.encode([""])
+        return torch.cat([uncond.expand(n, -1, -1), cond]), {}  # (2B, 77, D)
+
+    def _decode(self, latents: torch.Tensor, generators) -> torch.Tensor:
+        """Latents to images in [-1, 1] (B, 3, H, W), with the VAE's scaling factor."""
+        return self.vae.decode(
+            latents / self.vae.config.scaling_factor, return_dict=False, generator=generators
+        )[0]
 
     def enable_gradient_checkpointing(self) -> None:
         self.unet.enable_gradient_checkpointing()

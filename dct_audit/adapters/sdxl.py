@@ -130,108 +130,45 @@ class SDXLGenerator(Generator):
             return torch.zeros_like(hidden), torch.zeros_like(pooled)
         return self.encode([""])
 
-    def use_cfg(self, guidance: float) -> bool:
-        return guidance > 1.0 and self.unet.config.time_cond_proj_dim is None
+    # -- sampling: Generator.sample, with SDXL's conditioning and decoding --------------------------------
 
-    # -- sampling ----------------------------------------------------------------------------------
-
-    def sample(
-        self,
-        prompts: list[str],
-        seeds: list[int],
-        steps: int | None = None,
-        guidance: float | None = None,
-        grad_steps: int = 0,
-        uncond=None,
-        height: int | None = None,
-        width: int | None = None,
-    ) -> torch.Tensor:
-        """Images (B, 3, H, W) in [0, 1]; as ``Generator.sample`` (``uncond``: from ``encode([""])``, or
-        zeros where the pipeline zeroes the empty prompt)."""
-        if len(prompts) != len(seeds):
-            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
-        steps = self.spec.default_steps if steps is None else steps
-        guidance = self.spec.default_guidance if guidance is None else guidance
-        grad_steps = max(0, min(grad_steps, steps))
-        height = height or self.spec.resolution
-        width = width or self.spec.resolution
-        cfg = self.use_cfg(guidance)
-        pipe, n = self.pipe, len(prompts)
-
-        # 1. The prompts (the learned token lives in the conditional branch), the pooled and time embeddings
-        with torch.set_grad_enabled(grad_steps > 0 and torch.is_grad_enabled()):
-            cond, pooled = self.encode(prompts)
+    def _conditioning(
+        self, cond, cfg: bool, uncond, n: int, height: int, width: int
+    ) -> tuple[torch.Tensor, dict]:
+        """Hidden states, plus the pooled embeddings and ``add_time_ids`` as ``added_cond_kwargs``. With
+        guidance the negative branch is zeros where the pipeline zeroes the empty prompt (SDXL and
+        SDXL-Turbo), else the empty prompt's encoding (``uncond``, computed here when not given)."""
+        hidden, pooled = cond
         if cfg:
             if uncond is None or self.pipe.config.get("force_zeros_for_empty_prompt", False):
                 with torch.no_grad():
                     uncond = self._uncond()
             u_hidden, u_pooled = uncond
-            embeds = torch.cat([u_hidden.expand(n, -1, -1), cond])
-            text_embeds = torch.cat([u_pooled.expand(n, -1), pooled])
-        else:
-            embeds, text_embeds = cond, pooled
+            hidden = torch.cat([u_hidden.expand(n, -1, -1), hidden])
+            pooled = torch.cat([u_pooled.expand(n, -1), pooled])
         projection = self.text_encoders[-1].config.projection_dim
-        time_ids = pipe._get_add_time_ids(
+        time_ids = self.pipe._get_add_time_ids(
             (height, width),
             (0, 0),
             (height, width),
-            dtype=embeds.dtype,
+            dtype=hidden.dtype,
             text_encoder_projection_dim=projection,
         ).to(self.device)
-        time_ids = time_ids.repeat(embeds.shape[0], 1)
-        added = {"text_embeds": text_embeds, "time_ids": time_ids}
+        added = {"text_embeds": pooled, "time_ids": time_ids.repeat(hidden.shape[0], 1)}
+        return hidden, {"added_cond_kwargs": added}
 
-        # 2. Timesteps and initial noise, drawn per seed on the CPU as diffusers does
-        self.scheduler.set_timesteps(steps, device=self.device)
-        timesteps = self.scheduler.timesteps
-        generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-        latents = pipe.prepare_latents(
-            n, self.unet.config.in_channels, height, width, embeds.dtype, self.device, generators
-        )
-        extra = pipe.prepare_extra_step_kwargs(generators, 0.0)
-        timestep_cond = None
-        if self.unet.config.time_cond_proj_dim is not None:
-            g = torch.tensor(guidance - 1).repeat(n)
-            timestep_cond = pipe.get_guidance_scale_embedding(
-                g, embedding_dim=self.unet.config.time_cond_proj_dim
-            )
-            timestep_cond = timestep_cond.to(device=self.device, dtype=latents.dtype)
-
-        # 3. Denoising: no autograd except for the last grad_steps steps
-        first_grad = len(timesteps) - grad_steps
-        for i, t in enumerate(timesteps):
-            with torch.set_grad_enabled(i >= first_grad and torch.is_grad_enabled()):
-                model_in = torch.cat([latents] * 2) if cfg else latents
-                model_in = self.scheduler.scale_model_input(model_in, t)
-                noise = self.unet(
-                    model_in,
-                    t,
-                    encoder_hidden_states=embeds,
-                    timestep_cond=timestep_cond,
-                    added_cond_kwargs=added,
-                    return_dict=False,
-                )[0]
-                if cfg:
-                    uncond_pred, text_pred = noise.chunk(2)
-                    noise = uncond_pred + guidance * (text_pred - uncond_pred)
-                latents = self.scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
-
-        # 4. Decode (the VAE's own scaling, and its latent statistics where it has them); clamp in the
-        #    forward pass only
-        with torch.set_grad_enabled(grad_steps > 0 and torch.is_grad_enabled()):
-            cfg_vae = self.vae.config
-            z = latents.to(self.vae.dtype)
-            mean, std = getattr(cfg_vae, "latents_mean", None), getattr(cfg_vae, "latents_std", None)
-            if mean is not None and std is not None:
-                m = torch.tensor(mean).view(1, -1, 1, 1).to(z)
-                s = torch.tensor(std).view(1, -1, 1, 1).to(z)
-                z = z * s / cfg_vae.scaling_factor + m
-            else:
-                z = z / cfg_vae.scaling_factor
-            decoded = self.vae.decode(z, return_dict=False)[0]
-            images = decoded.float() / 2 + 0.5
-            images = images + (images.clamp(0, 1) - images).detach()
-        return images
+    def _decode(self, latents: torch.Tensor, generators) -> torch.Tensor:
+        """The VAE's own scaling, and its latent statistics where it has them (as the SDXL pipeline)."""
+        cfg_vae = self.vae.config
+        z = latents.to(self.vae.dtype)
+        mean, std = getattr(cfg_vae, "latents_mean", None), getattr(cfg_vae, "latents_std", None)
+        if mean is not None and std is not None:
+            m = torch.tensor(mean).view(1, -1, 1, 1).to(z)
+            s = torch.tensor(std).view(1, -1, 1, 1).to(z)
+            z = z * s / cfg_vae.scaling_factor + m
+        else:
+            z = z / cfg_vae.scaling_factor
+        return self.vae.decode(z, return_dict=False)[0]
 
     def enable_gradient_checkpointing(self) -> None:
         self.unet.enable_gradient_checkpointing()
