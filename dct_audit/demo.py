@@ -11,15 +11,7 @@ import time
 from pathlib import Path
 
 from .errors import DctAuditError
-
-WORLD = Path(__file__).parent / "world"
-WEIGHTS = WORLD / "weights"
-NEEDED = {
-    "generator": WEIGHTS / "generator" / "model_index.json",
-    "biased classifier": WEIGHTS / "classifiers" / "biased" / "config.json",
-    "unbiased classifier": WEIGHTS / "classifiers" / "unbiased" / "config.json",
-    "tagger": WEIGHTS / "clip" / "config.json",
-}
+from .world.paths import ATTRIBUTES_FILE, CLASSIFIERS, GENERATOR, NEEDED, WEIGHTS
 
 # Settings for a laptop CPU: the world's images are 32 px and its models small, so the inversion can afford
 # the exact gradient through all 10 denoising steps (grad_steps = steps). With the paper's last-step-only
@@ -66,11 +58,11 @@ def world_models() -> dict[str, str]:
             "retrain them with `python -m dct_audit.world.train` or reinstall dct-audit"
         )
     return {
-        "generator": str(WEIGHTS / "generator"),
-        "biased": str(WEIGHTS / "classifiers" / "biased"),
-        "unbiased": str(WEIGHTS / "classifiers" / "unbiased"),
-        "unbiased_seed1": str(WEIGHTS / "classifiers" / "unbiased_seed1"),
-        "attributes": str(WORLD / "attributes.json"),
+        "generator": str(GENERATOR),
+        "biased": str(CLASSIFIERS / "biased"),
+        "unbiased": str(CLASSIFIERS / "unbiased"),
+        "unbiased_seed1": str(CLASSIFIERS / "unbiased_seed1"),
+        "attributes": str(ATTRIBUTES_FILE),
     }
 
 

@@ -11,13 +11,16 @@ import torch
 from safetensors import safe_open
 
 from dct_audit.adapters.generator import load_generator
+from dct_audit.world import captions as CAP
 from dct_audit.world import clip as C
 from dct_audit.world import diffusion as D
+from dct_audit.world import fidelity as FI
 from dct_audit.world import scenes as S
+from dct_audit.world import unet as U
 from dct_audit.world import vae as V
 
 TINY_VAE = V.VAEConfig(block_out_channels=(8, 16), norm_num_groups=4)
-TINY_UNET = D.UNetConfig(
+TINY_UNET = U.UNetConfig(
     block_out_channels=(8, 16), cross_attention=(False, True), heads=2, norm_num_groups=4
 )
 TINY_CLIP = C.WorldCLIPConfig(text_layers=1, text_intermediate=64, text_hidden=32, image_channels=(8, 16))
@@ -29,11 +32,15 @@ def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("world_generator")
     torch.manual_seed(321)  # the trainers must not depend on the global state left by others
     C.WorldCLIP(TINY_CLIP).save_pretrained(root / "clip")  # untrained: only its text tower is used
-    V.train_vae(root / "vae", steps=2, batch=4, pool=16, config=TINY_VAE, eval_n=8, **QUIET)
-    kw = dict(batch=4, pool=16, vae=root / "vae", clip=root / "clip", config=TINY_UNET, **QUIET)
-    D.train_generator(root / "gen", steps=2, resume=root / "state.pt", **kw)  # saves its state at step 2
-    D.train_generator(root / "resumed", steps=3, resume=root / "state.pt", **kw)  # continues from it
-    D.train_generator(root / "straight", steps=3, **kw)
+    V.train_vae(root / "vae", V.VAETrainConfig(steps=2, batch=4, pool=16), TINY_VAE, eval_n=8, **QUIET)
+    kw = dict(vae=root / "vae", clip=root / "clip", **QUIET)
+
+    def steps(n):
+        return D.GeneratorTrainConfig(steps=n, batch=4, pool=16)
+
+    D.train_generator(root / "gen", steps(2), TINY_UNET, resume=root / "state.pt", **kw)  # saves at step 2
+    D.train_generator(root / "resumed", steps(3), TINY_UNET, resume=root / "state.pt", **kw)  # continues
+    D.train_generator(root / "straight", steps(3), TINY_UNET, **kw)
     return root
 
 
@@ -95,7 +102,7 @@ def test_measure_fidelity_runs_on_any_judge(folders):
     def judge(images):
         return {a: np.zeros(len(images), np.int64) for a in S.ATTRIBUTES}
 
-    result = D.measure_fidelity(folders / "gen", judge, n=4, steps=2, batch=4)
+    result = FI.measure_fidelity(folders / "gen", judge, n=4, steps=2, batch=4)
     assert set(result["plain"]) == {*S.ATTRIBUTES, "all_four"} and 0 <= result["token"]["shape"] <= 1
     assert sum(result["shape_only"]["background_distribution"].values()) == pytest.approx(1.0, abs=0.01)
 
@@ -104,11 +111,11 @@ def test_captions_state_what_they_mean():
     rng = np.random.default_rng(0)
     names = {"shape": "star", "colour": "orange", "background": "snow", "context": "none"}
     for _ in range(50):
-        full = D.full_caption(names, rng)
+        full = CAP.full_caption(names, rng)
         assert "star" in full and "orange" in full and ("alone" in full)
-        short = D.describe(names, rng, keep=1.0, token="<x>")
+        short = CAP.describe(names, rng, keep=1.0, token="<x>")
         assert "<x> orange star" in short and "alone" in short and "snow" in short
-    partial = [D.describe(names, rng, keep=0.0) for _ in range(20)]
+    partial = [CAP.describe(names, rng, keep=0.0) for _ in range(20)]
     assert all("orange" not in p and "snow" not in p and "star" in p for p in partial)
 
 

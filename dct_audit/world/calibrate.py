@@ -17,8 +17,7 @@ import numpy as np
 
 from ..tag import AttributeBank, load_tagger, load_vocabulary
 from . import scenes as S
-
-ATTRIBUTES_FILE = Path(__file__).parent / "attributes.json"
+from .paths import ATTRIBUTES_FILE
 
 
 def truth_table(batch: S.Scenes, names: list[str]) -> np.ndarray:

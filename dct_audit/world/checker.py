@@ -17,13 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 import torch
@@ -32,11 +29,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dct_audit.world import scenes as S
-
-T = TypeVar("T")
+from dct_audit.world.paths import CHECKER
+from dct_audit.world.trainloop import cosine_lr, prefetched, run_record, train_loop
 
 EVAL_SEED = 2_000_003  # held-out scene stream of the checker and the world classifiers
-SHIPPED = Path(__file__).parent / "weights" / "checker"
+SHIPPED = CHECKER
 
 
 def images_to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -198,25 +195,6 @@ def checker_accuracy(
     return {a: correct[a] / n for a in checker.vocab}
 
 
-def prefetched(make: Callable[[int], T], steps: int) -> Iterator[T]:
-    """``make(0), make(1), ..., make(steps - 1)``, each built in a background thread while the caller trains
-    on the previous one (scene rendering is numpy/PIL work that overlaps with a 1-thread torch step)."""
-    with ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(make, 0) if steps > 0 else None
-        for t in range(steps):
-            current = pending.result()
-            if t + 1 < steps:
-                pending = pool.submit(make, t + 1)
-            yield current
-
-
-def cosine_lr(t: int, steps: int, lr: float, warmup: int) -> float:
-    """Linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``steps``."""
-    if t < warmup:
-        return lr * (t + 1) / warmup
-    return lr * 0.5 * (1 + math.cos(math.pi * (t - warmup) / max(1, steps - warmup)))
-
-
 def train_checker(
     out_dir: str | Path | None = SHIPPED,
     train: CheckerTrainConfig | None = None,
@@ -234,24 +212,27 @@ def train_checker(
     model = AttributeChecker(config).train().to(memory_format=torch.channels_last)  # ~25% faster on CPU
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     gen = torch.Generator().manual_seed(tc.seed)
-    t0, loss_val = time.time(), float("nan")
     size = model.config.image_size
     batches = prefetched(
         lambda t: S.sample_scenes(tc.batch, tc.data_seed, size=size, start=t * tc.batch), tc.steps
     )
-    for t, sc in enumerate(batches):
+
+    def step(t: int) -> torch.Tensor:
+        sc = next(batches)
         images = augment(images_to_tensor(sc.images), gen).contiguous(memory_format=torch.channels_last)
         logits = model(images)
-        loss = sum(F.cross_entropy(logits[a], torch.from_numpy(sc.labels(a))) for a in model.vocab)
-        for g in opt.param_groups:
-            g["lr"] = cosine_lr(t, tc.steps, tc.lr, tc.warmup)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        loss_val = loss.item()
-        if t % 25 == 0 or t == tc.steps - 1:
-            log(f"checker step {t:4d}  loss {loss_val:.4f}  {time.time() - t0:6.0f}s")
-    wall = time.time() - t0
+        return sum(F.cross_entropy(logits[a], torch.from_numpy(sc.labels(a))) for a in model.vocab)
+
+    t0 = time.time()
+    run = train_loop(
+        opt,
+        step,
+        tc.steps,
+        lambda t: cosine_lr(t, tc.steps, tc.lr, tc.warmup),
+        log_line=lambda t, loss: f"checker step {t:4d}  loss {loss:.4f}  {time.time() - t0:6.0f}s",
+        log=log,
+    )
+    loss_val, wall = run.final_loss, run.seconds
     model = model.to(memory_format=torch.contiguous_format).eval()
     accuracy = {}
     if eval_n:
@@ -263,9 +244,7 @@ def train_checker(
         }
     model.info = {
         "train": {**asdict(tc), "final_loss": loss_val},
-        "wall_time_s": round(wall, 1),
-        "torch_threads": torch.get_num_threads(),
-        "torch_version": torch.__version__,
+        **run_record(wall),
         "accuracy": accuracy,
     }
     log(f"checker trained {tc.steps} steps in {wall:.0f}s; accuracy {accuracy}")

@@ -44,7 +44,9 @@ from torch import nn
 from dct_audit.adapters.classifier import Preprocess, load_classifier
 from dct_audit.world import scenes as S
 from dct_audit.world import truth as T
-from dct_audit.world.checker import EVAL_SEED, augment, cosine_lr, images_to_tensor, prefetched
+from dct_audit.world.checker import EVAL_SEED, augment, images_to_tensor
+from dct_audit.world.paths import CLASSIFIERS
+from dct_audit.world.trainloop import cosine_lr, prefetched, run_record, train_loop
 
 ARCHITECTURE = "resnet10t"
 MODEL_ARGS = {"channels": [16, 32, 64, 128], "stem_width": 16}
@@ -56,7 +58,7 @@ DATA_CONFIG = {
     "mean": (0.5, 0.5, 0.5),
     "std": (0.25, 0.25, 0.25),
 }
-SHIPPED = Path(__file__).parent / "weights" / "classifiers"
+SHIPPED = CLASSIFIERS
 
 
 @dataclass
@@ -140,22 +142,26 @@ def train_classifier(
     pre = preprocess()
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     gen = torch.Generator().manual_seed(tc.seed)
-    t0, loss_val = time.time(), float("nan")
-    for t, sc in enumerate(prefetched(lambda t: training_scenes(t, tc), tc.steps)):
+    batches = prefetched(lambda t: training_scenes(t, tc), tc.steps)
+
+    def step(t: int) -> torch.Tensor:
+        sc = next(batches)
         images = images_to_tensor(sc.images)
         if tc.augment:
             images = augment(images, gen, blur=0.7, noise=0.03, shift=1, jitter=0.05)
         images = pre(images).contiguous(memory_format=torch.channels_last)
-        loss = F.cross_entropy(model(images), torch.from_numpy(sc.shape))
-        for g in opt.param_groups:
-            g["lr"] = cosine_lr(t, tc.steps, tc.lr, tc.warmup)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        loss_val = loss.item()
-        if t % 25 == 0 or t == tc.steps - 1:
-            log(f"classifier step {t:4d}  loss {loss_val:.4f}  {time.time() - t0:6.0f}s")
-    wall = time.time() - t0
+        return F.cross_entropy(model(images), torch.from_numpy(sc.shape))
+
+    t0 = time.time()
+    run = train_loop(
+        opt,
+        step,
+        tc.steps,
+        lambda t: cosine_lr(t, tc.steps, tc.lr, tc.warmup),
+        log_line=lambda t, loss: f"classifier step {t:4d}  loss {loss:.4f}  {time.time() - t0:6.0f}s",
+        log=log,
+    )
+    loss_val, wall = run.final_loss, run.seconds
     model = model.to(memory_format=torch.contiguous_format).eval()  # safetensors stores contiguous tensors
     record = {
         "train": asdict(tc),
@@ -164,9 +170,7 @@ def train_classifier(
         "architecture": ARCHITECTURE,
         "model_args": MODEL_ARGS,
         "parameters": sum(p.numel() for p in model.parameters()),
-        "wall_time_s": round(wall, 1),
-        "torch_threads": torch.get_num_threads(),
-        "torch_version": torch.__version__,
+        **run_record(wall),
         "timm_version": timm.__version__,
     }
     log(f"classifier trained {tc.steps} steps in {wall:.0f}s")

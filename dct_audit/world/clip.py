@@ -33,10 +33,12 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from dct_audit.clip_vocab import clip_tokenizer, write_clip_tokenizer
 from dct_audit.world import scenes as S
+from dct_audit.world.paths import CLIP
+from dct_audit.world.trainloop import cosine_lr, decay_groups, run_record, train_loop
 
 BOS_ID, EOS_ID = 49406, 49407
 EVAL_SEED = 1_000_003  # the held-out scene stream (training uses data_seed, 0 by default)
-SHIPPED = Path(__file__).parent / "weights" / "clip"
+SHIPPED = CLIP
 
 
 @dataclass
@@ -362,16 +364,9 @@ def _weighted(losses: dict[str, torch.Tensor], prefix: str) -> torch.Tensor:
 
 def train_world_clip(
     out_dir: str | Path | None,
-    minutes: float | None = None,
-    steps: int = 400,
-    batch: int = 128,
-    seed: int = 0,
-    *,
-    data_seed: int = 0,
-    lr: float = 1e-3,
-    partial_weight: float = 1.0,
-    label_weight: float = 1.0,
+    train: TrainConfig | None = None,
     config: WorldCLIPConfig | None = None,
+    *,
     eval_n: int = 1000,
     eval_every: int = 0,
     log: Callable[[str], None] = print,
@@ -385,112 +380,66 @@ def train_world_clip(
     are rounded to their storage dtype before the final evaluation, so the returned model, the reported
     accuracy and the saved folder agree exactly.
     """
-    tc = TrainConfig(
-        steps=steps,
-        batch=batch,
-        lr=lr,
-        seed=seed,
-        data_seed=data_seed,
-        minutes=minutes,
-        partial_weight=partial_weight,
-    )
+    tc = train or TrainConfig()
     cfg = config or WorldCLIPConfig()
-    torch.manual_seed(seed)
+    torch.manual_seed(tc.seed)
     model = WorldCLIP(cfg)
     model.train()
     heads = nn.ModuleDict({a: nn.Linear(model.visual.out_dim, len(S.VOCAB[a])) for a in S.ATTRIBUTES})
-    params = list(model.named_parameters()) + (list(heads.named_parameters()) if label_weight else [])
-    decay = [p for n, p in params if p.ndim >= 2 and "embedding" not in n]
-    no_decay = [p for n, p in params if not (p.ndim >= 2 and "embedding" not in n)]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
-    )
+    params = list(model.named_parameters()) + (list(heads.named_parameters()) if tc.label_weight else [])
+    opt = torch.optim.AdamW(decay_groups(params, tc.weight_decay, skip="embedding"), lr=tc.lr)
+    parts: dict[str, torch.Tensor] = {}
 
-    def lr_at(t: int) -> float:
-        if t < tc.warmup:
-            return lr * (t + 1) / tc.warmup
-        return lr * 0.5 * (1 + math.cos(math.pi * (t - tc.warmup) / max(1, steps - tc.warmup)))
-
-    t0, done, loss_val = time.time(), 0, float("nan")
-    for t in range(steps):
-        if minutes is not None and time.time() - t0 > 60 * minutes:
-            break
-        sc = training_batch(t, batch, data_seed, size=cfg.image_size)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(t)
-        losses = training_losses(
-            model, sc, t % 3 if partial_weight else None, heads if label_weight else None
-        )
-        loss = (
-            losses["full"]
-            + partial_weight * _weighted(losses, "partial/")
-            + label_weight * _weighted(losses, "label/")
-        )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        done, loss_val = t + 1, loss.item()
-        if t % 20 == 0 or t == steps - 1:
-            log(
-                f"step {t:4d}  loss {loss_val:.3f}  scale {model.logit_scale.exp().item():5.1f}"
-                f"  {time.time() - t0:5.0f}s  " + " ".join(f"{k} {v.item():.2f}" for k, v in losses.items())
+    def step(t: int) -> torch.Tensor:
+        sc = training_batch(t, tc.batch, tc.data_seed, size=cfg.image_size)
+        parts.clear()
+        parts.update(
+            training_losses(
+                model, sc, t % 3 if tc.partial_weight else None, heads if tc.label_weight else None
             )
+        )
+        return (
+            parts["full"]
+            + tc.partial_weight * _weighted(parts, "partial/")
+            + tc.label_weight * _weighted(parts, "label/")
+        )
+
+    def after(t: int, loss: float) -> None:
         if eval_every and (t + 1) % eval_every == 0:
             acc = zero_shot_accuracy(model, n=300)
             log(
                 f"step {t + 1:4d}  zero-shot (300 scenes) " + " ".join(f"{a} {v:.2f}" for a, v in acc.items())
             )
-    wall = time.time() - t0
+
+    t0 = time.time()
+    run = train_loop(
+        opt,
+        step,
+        tc.steps,
+        lambda t: cosine_lr(t, tc.steps, tc.lr, tc.warmup),
+        minutes=tc.minutes,
+        after=after,
+        log_every=20,
+        log_line=lambda t, loss: (
+            f"step {t:4d}  loss {loss:.3f}  scale {model.logit_scale.exp().item():5.1f}"
+            f"  {time.time() - t0:5.0f}s  " + " ".join(f"{k} {v.item():.2f}" for k, v in parts.items())
+        ),
+        log=log,
+    )
     with torch.no_grad():  # the model as it will be stored
         for p in model.text_encoder.parameters():
             p.copy_(p.to(getattr(torch, tc.text_dtype)).float())
     model.eval()
     accuracy = zero_shot_accuracy(model, n=eval_n) if eval_n else {}
     model.info = {
-        "train": {**asdict(tc), "steps_done": done, "final_loss": loss_val},
-        "wall_time_s": round(wall, 1),
-        "torch_threads": torch.get_num_threads(),
-        "torch_version": torch.__version__,
+        "train": {**asdict(tc), "steps_done": run.done, "final_loss": run.final_loss},
+        **run_record(run.seconds),
         "zero_shot_accuracy": {"n": eval_n, "seed": EVAL_SEED, "prompts": "simple_prompts", **accuracy},
     }
-    log(f"trained {done} steps in {wall:.0f}s; zero-shot accuracy {accuracy}")
+    log(f"trained {run.done} steps in {run.seconds:.0f}s; zero-shot accuracy {accuracy}")
     if out_dir is not None:
         model.save_pretrained(out_dir, text_dtype=tc.text_dtype)
     return model
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m dct_audit.world.clip --out DIR [--steps N] [--batch B]``: retrain the world CLIP."""
-    import argparse
-
-    p = argparse.ArgumentParser(description=main.__doc__)
-    p.add_argument("--out", default=str(SHIPPED))
-    p.add_argument("--steps", type=int, default=TrainConfig.steps)
-    p.add_argument("--batch", type=int, default=TrainConfig.batch)
-    p.add_argument("--lr", type=float, default=TrainConfig.lr)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data-seed", type=int, default=0)
-    p.add_argument("--minutes", type=float, default=None)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--eval-every", type=int, default=0)
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    train_world_clip(
-        args.out,
-        minutes=args.minutes,
-        steps=args.steps,
-        batch=args.batch,
-        seed=args.seed,
-        data_seed=args.data_seed,
-        lr=args.lr,
-        eval_every=args.eval_every,
-        log=lambda s: print(s, flush=True),
-    )
-
-
-if __name__ == "__main__":
-    main()
 
 
 def load_world_tagger(spec: str, device):
@@ -515,3 +464,35 @@ def load_world_tagger(spec: str, device):
         float(model.logit_scale.detach().exp().clamp(max=100)),
         device,
     )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m dct_audit.world.clip --out DIR [--steps N] [--batch B]``: retrain the world CLIP."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--out", default=str(SHIPPED))
+    p.add_argument("--steps", type=int, default=TrainConfig.steps)
+    p.add_argument("--batch", type=int, default=TrainConfig.batch)
+    p.add_argument("--lr", type=float, default=TrainConfig.lr)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-seed", type=int, default=0)
+    p.add_argument("--minutes", type=float, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--eval-every", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tc = TrainConfig(
+        steps=args.steps,
+        batch=args.batch,
+        lr=args.lr,
+        seed=args.seed,
+        data_seed=args.data_seed,
+        minutes=args.minutes,
+    )
+    train_world_clip(args.out, tc, eval_every=args.eval_every, log=lambda s: print(s, flush=True))
+
+
+if __name__ == "__main__":
+    main()

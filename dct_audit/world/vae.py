@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
 from dct_audit.world import scenes as S
+from dct_audit.world.trainloop import cosine_lr, run_record, train_loop
 
 EVAL_SEED = 1_000_003  # held-out scene stream, as in world/clip.py
 
@@ -142,81 +143,72 @@ def measure_vae(vae: AutoencoderKL, n: int = 500, seed: int = EVAL_SEED, batch: 
 
 def train_vae(
     out: str | Path | None,
-    minutes: float | None = None,
-    steps: int = 1200,
-    seed: int = 0,
-    *,
-    batch: int = 32,
-    data_seed: int = 0,
-    pool: int = 10_000,
+    train: VAETrainConfig | None = None,
     config: VAEConfig | None = None,
+    *,
     eval_n: int = 500,
     log: Callable[[str], None] = print,
-    **overrides,
 ) -> AutoencoderKL:
     """Train the world VAE and save it to ``out`` (an ``AutoencoderKL`` folder plus ``training.json``).
 
     Deterministic for a given (seed, data_seed, steps, batch, pool) and thread count: step t draws its
     batch indices and flips from ``default_rng([data_seed, t])`` and its latent noise from a generator
     seeded with ``(seed, t)``. AdamW, linear warmup then cosine decay over ``steps``; ``minutes`` caps the
-    wall time (the schedule is not shortened). ``overrides`` set other ``VAETrainConfig`` fields.
+    wall time (the schedule is not shortened).
     """
-    tc = VAETrainConfig(
-        steps=steps, batch=batch, seed=seed, data_seed=data_seed, pool=pool, minutes=minutes, **overrides
-    )
+    tc = train or VAETrainConfig()
     cfg = config or VAEConfig()
     t0 = time.time()
     images = render_pool(tc.pool, tc.data_seed, cfg.image_size)
     log(f"vae: rendered {tc.pool} scenes in {time.time() - t0:.0f}s")
-    vae = build_vae(cfg, seed)
+    vae = build_vae(cfg, tc.seed)
     vae.train()
     opt = torch.optim.AdamW(vae.parameters(), lr=tc.lr, weight_decay=0.0)
+    parts: dict = {}
 
-    def lr_at(t: int) -> float:
-        if t < tc.warmup:
-            return tc.lr * (t + 1) / tc.warmup
-        return tc.lr * 0.5 * (1 + math.cos(math.pi * (t - tc.warmup) / max(1, steps - tc.warmup)))
-
-    t1, done, parts = time.time(), 0, {}
-    for t in range(steps):
-        if minutes is not None and time.time() - t0 > 60 * minutes:
-            break
+    def step(t: int) -> torch.Tensor:
         rng = np.random.default_rng([tc.data_seed, t])
         idx = rng.integers(0, len(images), tc.batch)
         x = to_model_range(images[idx])
         flip = torch.from_numpy(rng.random(tc.batch) < 0.5)
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(t)
-        loss, parts = vae_loss(
-            vae, x, tc.kl_weight, tc.edge_weight, torch.Generator().manual_seed(seed * 1_000_003 + t)
+        g = torch.Generator().manual_seed(tc.seed * 1_000_003 + t)
+        loss, measured = vae_loss(vae, x, tc.kl_weight, tc.edge_weight, g)
+        parts.update(measured)
+        return loss
+
+    def line(t: int, loss: float) -> str:
+        psnr = -10 * math.log10(max(parts["mse"] / 4, 1e-12))
+        return (
+            f"vae step {t:5d}  loss {loss:.4f}  mse {parts['mse']:.4f} (~{psnr:.1f} dB)  "
+            f"kl {parts['kl']:.3f}  {time.time() - t0:6.0f}s"
         )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        done = t + 1
-        if t % 50 == 0 or t == steps - 1:
-            psnr = -10 * math.log10(max(parts["mse"] / 4, 1e-12))
-            log(
-                f"vae step {t:5d}  loss {loss.item():.4f}  mse {parts['mse']:.4f} (~{psnr:.1f} dB)  "
-                f"kl {parts['kl']:.3f}  {time.time() - t0:6.0f}s"
-            )
-    wall = time.time() - t0
+
+    t1 = time.time()
+    run = train_loop(
+        opt,
+        step,
+        tc.steps,
+        lambda t: cosine_lr(t, tc.steps, tc.lr, tc.warmup),
+        clip_grad=vae.parameters(),
+        minutes=tc.minutes,
+        clock=lambda: time.time() - t0,
+        log_every=50,
+        log_line=line,
+        log=log,
+    )
     with torch.no_grad():  # round to the storage dtype first, so the measured model is the stored one
         for p in vae.parameters():
             p.copy_(p.to(getattr(torch, tc.dtype)).float())
     quality = measure_vae(vae, n=eval_n) if eval_n else {}
     if quality:
         vae.register_to_config(scaling_factor=round(1.0 / quality["latent_std"], 5))
-    log(f"vae: {done} steps in {wall:.0f}s (training {time.time() - t1:.0f}s); held-out {quality}")
+    log(f"vae: {run.done} steps in {run.seconds:.0f}s (training {time.time() - t1:.0f}s); held-out {quality}")
     record = {
         "model": asdict(cfg),
-        "train": {**asdict(tc), "steps_done": done, "final": parts},
+        "train": {**asdict(tc), "steps_done": run.done, "final": parts},
         "parameters": sum(p.numel() for p in vae.parameters()),
-        "wall_time_s": round(wall, 1),
-        "torch_threads": torch.get_num_threads(),
-        "torch_version": torch.__version__,
+        **run_record(run.seconds),
         "heldout": quality,
         "scaling_factor": vae.config.scaling_factor,
     }
