@@ -17,7 +17,8 @@ import torch
 
 from . import rundir
 from .adapters.classifier import Classifier, describe_classifier, load_classifier
-from .adapters.generator import Generator, check_generator_spec, load_generator
+from .adapters.generator import Generator
+from .adapters.generator_load import check_generator_spec, load_generator
 from .analyse import CONFIRM_MIN_CHANGE, analyse_run
 from .errors import DctAuditError
 from .explain import explain_class
@@ -102,7 +103,7 @@ def run_with_options(opts: RunOptions, classifier: Classifier | None = None) -> 
     # 1. Check inputs and resolve names, before any weights load
     opts.check()
     device = opts.resolved_device()
-    from .adapters.generator import resolve_dtype
+    from .adapters.generator_load import resolve_dtype
 
     resolve_dtype(opts.dtype, device)  # a dtype the device cannot run: one line, before anything loads
     batch = opts.default_batch(device)  # "auto": measured once the models are loaded
@@ -299,7 +300,7 @@ def _load_models(
                     f"--holdout-classifier {opts.holdout_classifier} has other classes than {opts.classifier}; "
                     "a held-out classifier must share the label list"
                 )
-        from .adapters.generator import resolve_dtype
+        from .adapters.generator_load import resolve_dtype
 
         models.generator = load_generator(
             opts.generator, device, resolve_dtype(opts.dtype, device), opts.resolution, opts.family

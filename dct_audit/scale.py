@@ -47,7 +47,7 @@ def run_on_ray(opts: RunOptions, classifier=None):
     except ImportError:
         raise DctAuditError('--ray needs Ray: pip install "dct-audit[ray]" (or pip install ray)') from None
     from .adapters.classifier import describe_classifier
-    from .adapters.generator import check_generator_spec, resolve_dtype
+    from .adapters.generator_load import check_generator_spec, resolve_dtype
     from .pipeline import default_run_name, finish_run
     from .resolve import resolve_classes
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from dct_audit.adapters.generator import load_generator
+from dct_audit.adapters.generator_load import load_generator
 
 SETTINGS = {"epsilon": (4, 5.0), "v": (4, 5.0), "turbo": (1, 0.0)}
 PROMPTS = ["a photo of an American lobster", "a gymnast on a horizontal bar"]

@@ -7,7 +7,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from dct_audit.adapters.classifier import load_classifier
-from dct_audit.adapters.generator import load_generator
+from dct_audit.adapters.generator_load import load_generator
 from dct_audit.invert import InvertConfig, invert_class, load_token, save_token
 
 TARGET, NAME = 2, "horizontal bar"  # the tiny random classifier starts far from this class (p = 0.08)

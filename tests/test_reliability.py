@@ -12,7 +12,7 @@ import torch
 import dct_audit.pipeline as pipeline
 from dct_audit import analyse, rundir
 from dct_audit.adapters.classifier import load_classifier
-from dct_audit.adapters.generator import check_generator_spec, load_generator, resolve_dtype
+from dct_audit.adapters.generator_load import check_generator_spec, load_generator, resolve_dtype
 from dct_audit.cli import main
 from dct_audit.errors import DctAuditError
 from dct_audit.generate import eval_seeds

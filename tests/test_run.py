@@ -230,7 +230,7 @@ def test_missing_hub_model_offline_names_download(tmp_path, monkeypatch, tiny_cl
         str(tmp_path),
         "--quiet",
     ]
-    from dct_audit.adapters.generator import load_generator
+    from dct_audit.adapters.generator_load import load_generator
     from dct_audit.errors import DctAuditError
 
     with pytest.raises(DctAuditError, match=r"dct-audit download --generator someone/not-cached-model"):

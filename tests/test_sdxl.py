@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dct_audit.adapters.classifier import load_classifier
-from dct_audit.adapters.generator import load_generator
+from dct_audit.adapters.generator_load import load_generator
 from dct_audit.invert import InvertConfig, invert_class
 from dct_audit.testing import make_tiny_sdxl_pipeline
 

@@ -10,6 +10,7 @@ from safetensors import safe_open
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from dct_audit.world import clip as C
+from dct_audit.world import clip_train as CT
 from dct_audit.world import scenes as S
 
 TINY = C.WorldCLIPConfig(text_layers=1, text_intermediate=128, image_channels=(8, 16))
@@ -19,7 +20,7 @@ TINY = C.WorldCLIPConfig(text_layers=1, text_intermediate=128, image_channels=(8
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("world_clip")
     torch.manual_seed(123)  # the trainer must not depend on the global state left by others
-    model = C.train_world_clip(out, C.TrainConfig(steps=2, batch=8), TINY, eval_n=20, log=lambda s: None)
+    model = CT.train_world_clip(out, CT.TrainConfig(steps=2, batch=8), TINY, eval_n=20, log=lambda s: None)
     return out, model
 
 
@@ -63,7 +64,7 @@ def test_text_encoder_is_a_plain_clip_text_model(trained):
 
 def test_training_is_deterministic(trained):
     _, model = trained
-    again = C.train_world_clip(None, C.TrainConfig(steps=2, batch=8), TINY, eval_n=0, log=lambda s: None)
+    again = CT.train_world_clip(None, CT.TrainConfig(steps=2, batch=8), TINY, eval_n=0, log=lambda s: None)
     for (name, a), b in zip(model.state_dict().items(), again.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from dct_audit.adapters.generator import load_generator
+from dct_audit.adapters.generator_load import load_generator
 from dct_audit.world import captions as CAP
 from dct_audit.world import clip as C
 from dct_audit.world import diffusion as D
@@ -140,7 +140,7 @@ def test_shipped_generator_loads_through_the_core_loader_with_the_world_clip_tex
 def test_a_missing_shared_component_is_one_clear_error(tmp_path):
     import shutil
 
-    from dct_audit.adapters.generator import check_generator_spec
+    from dct_audit.adapters.generator_load import check_generator_spec
     from dct_audit.errors import DctAuditError
 
     folder = shutil.copytree(D.SHIPPED, tmp_path / "generator")  # the references now point nowhere

@@ -66,14 +66,7 @@ from pathlib import Path
 
 from .. import rundir
 from ..errors import DctAuditError
-from .data import (  # noqa: F401  (the package's API)
-    read_attribution,
-    read_class,
-    read_enrichment,
-    read_findings,
-    read_run,
-    read_tags,
-)
+from .data import read_class, read_run  # noqa: F401  (the package's API)
 from .html import (  # noqa: F401
     ASSETS,
     Renderer,
@@ -86,6 +79,7 @@ from .html import (  # noqa: F401
     templates_dir,
 )
 from .plots import plot_enrichment, plot_training  # noqa: F401
+from .readers import read_attribution, read_enrichment, read_findings, read_tags  # noqa: F401
 
 
 def render_report(

@@ -23,8 +23,9 @@ from pathlib import Path
 
 from .. import __version__, rundir
 from ..errors import DctAuditError
-from .data import listed_classes, read_csv, read_manifest, relpath, to_bool, to_int, to_number
+from .data import listed_classes, read_manifest
 from .html import ASSETS, Renderer, templates_dir
+from .readers import read_csv, relpath, to_bool, to_int, to_number
 
 COMPARE_FILE = "compare.json"
 ATTRIBUTES_FILE = "attributes.csv"

@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
-import csv
 import datetime as _dt
 import json
-import math
 import os
 import posixpath
 from pathlib import Path
 
 from .. import __version__, rundir
 from ..errors import DctAuditError
+from .readers import (
+    mean_of,
+    pick,
+    read_attribution,
+    read_csv,
+    read_enrichment,
+    read_findings,
+    read_tags,
+    relpath,
+    to_bool,
+    to_int,
+    to_number,
+)
 
-# the columns a report needs of enrichment.csv (class_name and n_pairs may be missing in older runs)
-ENRICHMENT_REQUIRED = tuple(c for c in rundir.ENRICHMENT_COLUMNS if c not in ("class_name", "n_pairs"))
 TOP_FLAGGED = 3  # flagged attributes shown per class in the index
 
 # ----------------------------------------------------------------------------------------------------
@@ -40,10 +49,10 @@ def read_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, self_contai
         "created": manifest.get("created"),
         "last_finished": finished[-1] if finished else None,
         "compute_seconds": sum(r["seconds"] or 0.0 for r in done),
-        "device": _pick(manifest.get("device"), "type", "name"),
+        "device": pick(manifest.get("device"), "type", "name"),
         "versions": manifest.get("versions") or {},
-        "classifier": _pick(models.get("classifier"), "spec", "kind", "model_id", "weights"),
-        "generator": _pick(
+        "classifier": pick(models.get("classifier"), "spec", "kind", "model_id", "weights"),
+        "generator": pick(
             models.get("generator"),
             *(
                 "spec",
@@ -57,16 +66,16 @@ def read_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, self_contai
             ),
         ),
         "settings": settings,
-        "tagging": _pick(manifest.get("tagging"), "tagger", "vocabulary", "attributes", "thresholds")
+        "tagging": pick(manifest.get("tagging"), "tagger", "vocabulary", "attributes", "thresholds")
         if manifest.get("tagging")
         else None,
-        "analysis": _pick(manifest.get("analysis"), "alpha", "min_effect", "findings")
+        "analysis": pick(manifest.get("analysis"), "alpha", "min_effect", "findings")
         if manifest.get("analysis")
         else None,
         "command": " ".join(manifest["command"]) if manifest.get("command") else None,
         "n_classes": len(rows),
         "n_done": len(done),
-        "mean": {k: _mean(r[k] for r in done) for k in _SUMMARY_KEYS},
+        "mean": {k: mean_of(r[k] for r in done) for k in _SUMMARY_KEYS},
         "has_holdout": any(r["holdout_token_accuracy"] is not None for r in rows),
         "has_findings": enrichment is not None,
     }
@@ -216,7 +225,7 @@ def read_class(
             {"seed": s, **{v: by_key.get((v, ci, s)) for v in ("token", "baseline")}}
             for s in sorted(ctx["seeds"])
         ]
-        acc = {v: _mean(p[v]["correct"] for p in pairs if p[v]) for v in ("token", "baseline")}
+        acc = {v: mean_of(p[v]["correct"] for p in pairs if p[v]) for v in ("token", "baseline")}
         prompts = {v: ctx["prompts"].get(v, "") for v in ("token", "baseline")}
         grids.append(
             {**ctx, "prompts": prompts, "pairs": pairs, "accuracy": acc, "columns": min(4, len(pairs))}
@@ -254,7 +263,7 @@ def read_class(
         "query": summary.get("query"),
         "init_word": summary.get("init_word"),
         "best_loss": to_number(summary.get("best_loss")),
-        "initial": _pick(summary.get("initial"), "loss", "target_prob", "accuracy"),
+        "initial": pick(summary.get("initial"), "loss", "target_prob", "accuracy"),
         "timings": summary.get("timings") or {},
         "memory": summary.get("memory") or {},
         "n_images": summary.get("n_images"),
@@ -368,120 +377,3 @@ def _top_flagged(enrichment: list | None) -> dict[int, list]:
                 {"attribute": e["attribute"], "diff": e["diff"], "q_value": e["q_value"]}
             )
     return out
-
-
-# ----------------------------------------------------------------------------------------------------
-# Optional analysis files: None when absent, a one-line error when malformed
-# ----------------------------------------------------------------------------------------------------
-
-
-def read_enrichment(run_dir: str | os.PathLike) -> list[dict] | None:
-    """Rows of ``enrichment.csv`` (see the module docstring), or ``None`` when the run has none."""
-    path = Path(run_dir) / rundir.ENRICHMENT
-    if not path.is_file():
-        return None
-    rows = read_csv(path, ENRICHMENT_REQUIRED)
-    for r in rows:
-        r["class_index"] = to_int(r["class_index"])
-        for k in ("token_rate", "baseline_rate", "diff", "ci_low", "ci_high", "p_value", "q_value"):
-            r[k] = to_number(r[k])
-        r["flagged"] = bool(to_bool(r["flagged"]))
-    return rows
-
-
-def read_findings(run_dir: str | os.PathLike) -> list[dict] | None:
-    """The list in ``findings.json`` (see the module docstring), or ``None`` when the run has none."""
-    path = Path(run_dir) / rundir.FINDINGS
-    if not path.is_file():
-        return None
-    data = rundir.read_json_file(path)
-    if not isinstance(data, list) or not all(isinstance(f, dict) and "class_index" in f for f in data):
-        raise DctAuditError(f"{path} must be a list of objects with a class_index")
-    return data
-
-
-def read_tags(class_dir: str | os.PathLike, thresholds: dict | None = None) -> dict[tuple, list[str]] | None:
-    """``{(variant, context_index, seed): [present attributes]}`` from ``tags.csv``, or ``None``."""
-    path = Path(class_dir) / rundir.TAGS
-    if not path.is_file():
-        return None
-    thresholds = thresholds or {}
-    out: dict[tuple, list[str]] = {}
-    for r in read_csv(path, rundir.TAGS_KEYS[1:]):
-        present = out.setdefault((r["variant"], to_int(r["context_index"]), to_int(r["seed"])), [])
-        for attribute, score in r.items():
-            if attribute in rundir.TAGS_KEYS or attribute is None:
-                continue
-            value = to_number(score)
-            limit = to_number(thresholds.get(attribute))
-            if value is not None and value >= (rundir.PRESENCE_THRESHOLD if limit is None else limit):
-                present.append(attribute)
-    return out
-
-
-def read_attribution(class_dir: str | os.PathLike) -> dict | None:
-    """``attribution.json`` of a class (overlay paths relative to the class folder), or ``None``."""
-    path = Path(class_dir) / rundir.ATTRIBUTION
-    if not path.is_file():
-        return None
-    data = rundir.read_json_file(path)
-    if not isinstance(data, dict):
-        raise DctAuditError(f"{path} must be a JSON object with overlays")
-    return data
-
-
-def read_csv(path: Path, required: tuple[str, ...] = ()) -> list[dict]:
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            missing = [c for c in required if c not in (reader.fieldnames or [])]
-            if missing:
-                raise DctAuditError(f"{path} lacks the column(s) {', '.join(missing)}")
-            return list(reader)
-    except FileNotFoundError:
-        raise DctAuditError(f"{path} is missing; re-run the class to rewrite it") from None
-    except (csv.Error, UnicodeDecodeError) as e:
-        raise DctAuditError(f"{path} is not a readable CSV file ({e})") from None
-
-
-def to_number(x) -> float | int | None:
-    """A finite number from JSON or CSV text, else ``None`` (shown as a dash)."""
-    if x is None or isinstance(x, bool) or x == "":
-        return None
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return None
-    if not math.isfinite(v):
-        return None
-    return int(v) if isinstance(x, int) else v
-
-
-def to_int(x) -> int | None:
-    v = to_number(x)
-    return None if v is None else int(v)
-
-
-def to_bool(x) -> bool | None:
-    if isinstance(x, bool):
-        return x
-    text = str(x).strip().lower()
-    if text in ("true", "1", "1.0", "yes"):
-        return True
-    return False if text in ("false", "0", "0.0", "no") else None
-
-
-def _pick(record, *keys: str) -> dict:
-    """``record``'s ``keys`` (``None`` where missing): templates can rely on every key being there."""
-    record = record if isinstance(record, dict) else {}
-    return {k: record.get(k) for k in keys}
-
-
-def _mean(values) -> float | None:
-    vals = [float(v) for v in values if v is not None]
-    return sum(vals) / len(vals) if vals else None
-
-
-def relpath(path: Path, start: Path) -> str:
-    """``path`` relative to ``start``, with forward slashes (a URL path once quoted)."""
-    return Path(os.path.relpath(Path(path).resolve(), Path(start).resolve())).as_posix()

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
-from dct_audit.adapters.generator import DEFAULTS_FILE, SHARED_FILE
+from dct_audit.adapters.generator_load import DEFAULTS_FILE, SHARED_FILE
 from dct_audit.world import scenes as S
 from dct_audit.world.captions import training_caption
 from dct_audit.world.fidelity import (

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dct_audit.adapters.generator import DEFAULTS_FILE
+from dct_audit.adapters.generator_load import DEFAULTS_FILE
 from dct_audit.world import scenes as S
 from dct_audit.world.captions import describe, full_caption
 from dct_audit.world.paths import CHECKER as CHECKER_FOLDER
@@ -99,7 +99,7 @@ def measure_fidelity(
     unprompted background and context, which should stay diverse). ``steps``/``guidance`` default to the
     folder's ``dct_audit_defaults.json``. ``grid`` saves the plain samples as one PNG.
     """
-    from dct_audit.adapters.generator import load_generator
+    from dct_audit.adapters.generator_load import load_generator
 
     t0 = time.time()
     folder = Path(pipeline_folder)

@@ -25,9 +25,9 @@ def main(argv=None) -> None:
             continue
         print(f"== {step}", flush=True)
         if step == "clip":
-            from . import clip
+            from . import clip_train
 
-            clip.main([])
+            clip_train.main([])
         elif step == "checker":
             from . import checker
 
