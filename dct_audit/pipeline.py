@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as _dt
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -100,13 +101,37 @@ def run_with_options(opts: RunOptions, classifier: Classifier | None = None) -> 
         from .scale import run_on_ray
 
         return run_on_ray(opts, classifier)
-    # 1. Check inputs and resolve names, before any weights load
+    plan = plan_run(opts, classifier)
+    lock = ".lock" if not opts.shard else ".lock-shard-{}-of-{}".format(*parse_shard(opts.shard))
+    with rundir.run_lock(plan.root, lock):
+        return _run_locked(opts, plan, classifier)
+
+
+@dataclass
+class Plan:
+    """What the up-front checks resolved, before any weights load (a serial run and ``--ray`` share them)."""
+
+    device: torch.device
+    batch: int | str  # "auto": measured once the models are loaded
+    clf_record: object  # the classifier's record (``ClassifierRecord``)
+    targets: list  # ``ResolvedClass`` per class asked for
+    root: Path
+    settings: dict
+    run_dir: rundir.RunDir
+    previous: dict | None  # the manifest of an earlier run in the folder
+    say: Callable[[str], None]
+
+
+def plan_run(opts: RunOptions, classifier: Classifier | None = None) -> Plan:
+    """Check the options, resolve the classes and check the run folder; one clear line on bad input, and
+    nothing written and no weights loaded."""
+    # 1. Check inputs and resolve names
     opts.check()
     device = opts.resolved_device()
     from .adapters.generator_load import resolve_dtype
 
     resolve_dtype(opts.dtype, device)  # a dtype the device cannot run: one line, before anything loads
-    batch = opts.default_batch(device)  # "auto": measured once the models are loaded
+    batch = opts.default_batch(device)
     if classifier is not None:
         clf_record, labels = classifier.spec, classifier.labels
     else:
@@ -122,16 +147,12 @@ def run_with_options(opts: RunOptions, classifier: Classifier | None = None) -> 
     run_dir, previous = rundir.open_run_dir(root, settings, opts.overwrite)
     check_generator_spec(opts.generator)  # a local folder or hub index that cannot work: before anything
     rundir.check_free_space(root, _estimated_bytes(opts, len(targets)))
-    lock = ".lock" if not opts.shard else ".lock-shard-{}-of-{}".format(*parse_shard(opts.shard))
-    with rundir.run_lock(root, lock):
-        return _run_locked(
-            opts, device, batch, clf_record, targets, say, root, settings, run_dir, previous, classifier
-        )
+    return Plan(device, batch, clf_record, targets, root, settings, run_dir, previous, say)
 
 
-def _run_locked(
-    opts, device, batch, clf_record, targets, say, root, settings, run_dir, previous, classifier=None
-) -> RunResult:
+def _run_locked(opts: RunOptions, plan: Plan, classifier: Classifier | None = None) -> RunResult:
+    device, batch, targets, say = plan.device, plan.batch, plan.targets, plan.say
+    root, settings, run_dir = plan.root, plan.settings, plan.run_dir
     mine = shard_classes(targets, opts.shard)  # every class, or this shard's share
     states = {c.index: run_dir.verify_class(c.index, c.name) for c in mine}
     todo = [c for c in mine if opts.overwrite or states[c.index][0] != "done"]
@@ -164,7 +185,9 @@ def _run_locked(
         batch = 4 if device.type == "cuda" else 2
     rundir.create_run_dir(run_dir, opts.overwrite)
     # the manifest lists every class of the run (a shard's too); class records are merged, never replaced
-    manifest = build_manifest(previous or {}, opts, settings, device, clf_record, models.generator, targets)
+    manifest = build_manifest(
+        plan.previous or {}, opts, settings, device, plan.clf_record, models.generator, targets
+    )
     if batch_record is not None:
         manifest["batch_auto"] = batch_record
     if vocabulary is not None:

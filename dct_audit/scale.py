@@ -11,8 +11,6 @@ on how the work was spread (``tests/test_ray.py``: serial, Ray and shards give i
 from __future__ import annotations
 
 import dataclasses
-import sys
-from pathlib import Path
 
 from . import rundir
 from .errors import DctAuditError
@@ -46,23 +44,11 @@ def run_on_ray(opts: RunOptions, classifier=None):
         import ray
     except ImportError:
         raise DctAuditError('--ray needs Ray: pip install "dct-audit[ray]" (or pip install ray)') from None
-    from .adapters.classifier import describe_classifier
-    from .adapters.generator_load import check_generator_spec, resolve_dtype
-    from .pipeline import default_run_name, finish_run
-    from .resolve import resolve_classes
+    from .pipeline import finish_run, plan_run
 
     # 1. Everything a serial run checks, before a worker starts
-    opts.check()
-    resolve_dtype(opts.dtype, opts.resolved_device())
-    _, labels = describe_classifier(opts.classifier, opts.labels)
-    targets, notes = resolve_classes(opts.classes, labels)
-    say = (lambda msg: None) if opts.quiet else (lambda msg: print(msg, file=sys.stderr))
-    for note in notes:
-        say(note)
-    root = Path(opts.out) / (opts.name or default_run_name(opts.classifier))
-    batch = opts.default_batch(opts.resolved_device())
-    run_dir, _ = rundir.open_run_dir(root, opts.settings(batch), opts.overwrite)
-    check_generator_spec(opts.generator)
+    plan = plan_run(opts)
+    root, run_dir, targets, say = plan.root, plan.run_dir, plan.targets, plan.say
     if opts.overwrite:  # cleared once here; the tasks then resume into the empty folder
         rundir.create_run_dir(run_dir, overwrite=True)
     todo = [c for c in targets if run_dir.verify_class(c.index, c.name)[0] != "done"]

@@ -20,6 +20,29 @@ from .clip_vocab import write_clip_tokenizer
 SCHEDULER_KINDS = ("epsilon", "v", "turbo")
 
 
+# the tiny text towers' shared config (Stable Diffusion's token ids and vocabulary, 32 wide) and SD's betas
+TINY_TEXT = dict(
+    bos_token_id=49406,
+    eos_token_id=49407,
+    pad_token_id=49407,
+    hidden_size=32,
+    intermediate_size=37,
+    num_attention_heads=4,
+    layer_norm_eps=1e-5,
+    vocab_size=49408,
+    max_position_embeddings=77,
+)
+SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+
+
+def _save_tiny(pipe, folder: Path) -> None:
+    """Save a tiny pipeline and drop the temporary tokenizer folder it was built from."""
+    import shutil
+
+    pipe.save_pretrained(folder)
+    shutil.rmtree(folder / "_tok")
+
+
 def _tiny_vae(sample_size: int):
     """A tiny ``AutoencoderKL`` (downsamples by 2, 4 latent channels)."""
     from diffusers import AutoencoderKL
@@ -86,22 +109,9 @@ def make_tiny_pipeline(
     torch.manual_seed(seed)
     vae = _tiny_vae(sample_size)
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-            hidden_size=32,
-            intermediate_size=37,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            layer_norm_eps=1e-5,
-            vocab_size=49408,
-            max_position_embeddings=77,
-        )
-    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_TEXT, num_hidden_layers=2))
     tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(folder / "_tok"))
-    common = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+    common = SD_BETAS
     if kind == "epsilon":
         scheduler = DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     elif kind == "v":
@@ -125,10 +135,7 @@ def make_tiny_pipeline(
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.save_pretrained(folder)
-    import shutil
-
-    shutil.rmtree(folder / "_tok")
+    _save_tiny(pipe, folder)
     if kind == "turbo":
         (folder / "dct_audit_family.txt").write_text("sd-turbo\n")
     return folder
@@ -173,33 +180,14 @@ def make_tiny_sdxl_pipeline(
     _sharpen_cross_attention(unet, 4.0)  # a prompt that visibly changes the image
     torch.manual_seed(seed)
     vae = _tiny_vae(sample_size)
-    config = dict(
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=49407,
-        hidden_size=32,
-        intermediate_size=37,
-        num_attention_heads=4,
-        num_hidden_layers=3,
-        layer_norm_eps=1e-5,
-        vocab_size=49408,
-        max_position_embeddings=77,
-        projection_dim=32,
-    )
+    config = dict(TINY_TEXT, num_hidden_layers=3, projection_dim=32)
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(CLIPTextConfig(**config))
     torch.manual_seed(seed + 1)
     text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**config))
     tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(folder / "_tok"))
     spacing = "trailing" if kind == "turbo" else "leading"
-    scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        timestep_spacing=spacing,
-        steps_offset=1,
-    )
+    scheduler = EulerDiscreteScheduler(**SD_BETAS, timestep_spacing=spacing, steps_offset=1)
     pipe = StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -209,10 +197,7 @@ def make_tiny_sdxl_pipeline(
         unet=unet,
         scheduler=scheduler,
     )
-    pipe.save_pretrained(folder)
-    import shutil
-
-    shutil.rmtree(folder / "_tok")
+    _save_tiny(pipe, folder)
     return folder
 
 

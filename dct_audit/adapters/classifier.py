@@ -384,16 +384,20 @@ def load_classifier(
             ) from None
         pre = _preprocess_from_sidecar(Path(model_id))
         rec.extra["preprocess"] = asdict(pre)
-    clf = Classifier(model, pre, labels, rec).to(device)
-    n_out = probe_num_classes(clf)
-    if n_out is not None and n_out != len(labels):
-        raise DctAuditError(
-            f"classifier '{spec}' outputs {n_out} classes but its labels list {len(labels)}; check --labels"
-        )
-    return clf
+    return checked_outputs(Classifier(model, pre, labels, rec).to(device), f"classifier '{spec}'", "--labels")
 
 
 IN_MEMORY = "in-memory:"  # the spec prefix of a classifier given in memory (adapters/in_memory.py)
+
+
+def checked_outputs(clf: Classifier, what: str, labels_from: str) -> Classifier:
+    """``clf``, once a probe forward pass shows as many outputs as it has labels (else one clear line)."""
+    n_out = probe_num_classes(clf)
+    if n_out is not None and n_out != len(clf.labels):
+        raise DctAuditError(
+            f"{what} outputs {n_out} classes but its labels list {len(clf.labels)}; check {labels_from}"
+        )
+    return clf
 
 
 def probe_num_classes(clf: Classifier) -> int | None:

@@ -16,8 +16,8 @@ from .classifier import (
     ClassifierSpec,
     LabelSet,
     Preprocess,
+    checked_outputs,
     labels_from_timm_cfg,
-    probe_num_classes,
     read_labels_file,
 )
 
@@ -99,10 +99,6 @@ def wrap_classifier(
     )
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    clf = Classifier(model, preprocess, labels, rec).to(device)
-    n_out = probe_num_classes(clf)
-    if n_out is not None and n_out != len(labels):
-        raise DctAuditError(
-            f"the in-memory classifier {name} outputs {n_out} classes but labels= lists {len(labels)}"
-        )
-    return clf
+    return checked_outputs(
+        Classifier(model, preprocess, labels, rec).to(device), f"the in-memory classifier {name}", "labels="
+    )

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ from torch import nn
 
 from dct_audit.world import scenes as S
 from dct_audit.world.paths import CHECKER
-from dct_audit.world.trainloop import cosine_lr, prefetched, run_record, train_loop
+from dct_audit.world.trainloop import conv_stages, cosine, prefetched, progress, run_record, train_loop
 
 EVAL_SEED = 2_000_003  # held-out scene stream of the checker and the world classifiers
 SHIPPED = CHECKER
@@ -113,17 +112,7 @@ class AttributeChecker(nn.Module):
     def __init__(self, config: CheckerConfig | None = None):
         super().__init__()
         self.config = config or CheckerConfig()
-        layers, c_in = [], 3
-        for i, c in enumerate(self.config.channels):
-            for j in range(2 if i > 0 else 1):  # one conv at full resolution, two per later stage
-                stride = 2 if (i > 0 and j == 0) else 1
-                layers += [
-                    nn.Conv2d(c_in, c, 3, stride, 1, bias=False),
-                    nn.BatchNorm2d(c),
-                    nn.ReLU(inplace=True),
-                ]
-                c_in = c
-        self.trunk = nn.Sequential(*layers)
+        self.trunk, c_in = conv_stages(self.config.channels)
         self.heads = nn.ModuleDict({a: nn.Linear(c_in, len(v)) for a, v in self.config.vocab.items()})
         self.info: dict = {}  # training record, filled by the trainer or from config.json
 
@@ -223,15 +212,7 @@ def train_checker(
         logits = model(images)
         return sum(F.cross_entropy(logits[a], torch.from_numpy(sc.labels(a))) for a in model.vocab)
 
-    t0 = time.time()
-    run = train_loop(
-        opt,
-        step,
-        tc.steps,
-        lambda t: cosine_lr(t, tc.steps, tc.lr, tc.warmup),
-        log_line=lambda t, loss: f"checker step {t:4d}  loss {loss:.4f}  {time.time() - t0:6.0f}s",
-        log=log,
-    )
+    run = train_loop(opt, step, tc.steps, cosine(tc), log_line=progress("checker"), log=log)
     loss_val, wall = run.final_loss, run.seconds
     model = model.to(memory_format=torch.contiguous_format).eval()
     accuracy = {}

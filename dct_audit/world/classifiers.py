@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -46,7 +45,7 @@ from dct_audit.world import scenes as S
 from dct_audit.world import truth as T
 from dct_audit.world.checker import EVAL_SEED, augment, images_to_tensor
 from dct_audit.world.paths import CLASSIFIERS
-from dct_audit.world.trainloop import cosine_lr, prefetched, run_record, train_loop
+from dct_audit.world.trainloop import cosine, prefetched, progress, run_record, train_loop
 
 ARCHITECTURE = "resnet10t"
 MODEL_ARGS = {"channels": [16, 32, 64, 128], "stem_width": 16}
@@ -152,15 +151,7 @@ def train_classifier(
         images = pre(images).contiguous(memory_format=torch.channels_last)
         return F.cross_entropy(model(images), torch.from_numpy(sc.shape))
 
-    t0 = time.time()
-    run = train_loop(
-        opt,
-        step,
-        tc.steps,
-        lambda t: cosine_lr(t, tc.steps, tc.lr, tc.warmup),
-        log_line=lambda t, loss: f"classifier step {t:4d}  loss {loss:.4f}  {time.time() - t0:6.0f}s",
-        log=log,
-    )
+    run = train_loop(opt, step, tc.steps, cosine(tc), log_line=progress("classifier"), log=log)
     loss_val, wall = run.final_loss, run.seconds
     model = model.to(memory_format=torch.contiguous_format).eval()  # safetensors stores contiguous tensors
     record = {

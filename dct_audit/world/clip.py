@@ -34,6 +34,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from dct_audit.clip_vocab import clip_tokenizer, write_clip_tokenizer
 from dct_audit.world import scenes as S
 from dct_audit.world.paths import CLIP
+from dct_audit.world.trainloop import conv_stages
 
 BOS_ID, EOS_ID = 49406, 49407
 EVAL_SEED = 1_000_003  # the held-out scene stream (training uses data_seed, 0 by default)
@@ -85,17 +86,7 @@ class ImageTower(nn.Module):
 
     def __init__(self, channels: Sequence[int]):
         super().__init__()
-        layers, c_in = [], 3
-        for i, c in enumerate(channels):
-            for j in range(2 if i > 0 else 1):
-                stride = 2 if (i > 0 and j == 0) else 1
-                layers += [
-                    nn.Conv2d(c_in, c, 3, stride, 1, bias=False),
-                    nn.BatchNorm2d(c),
-                    nn.ReLU(inplace=True),
-                ]
-                c_in = c
-        self.net = nn.Sequential(*layers)
+        self.net, c_in = conv_stages(channels)
         self.out_dim = 2 * c_in
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -27,9 +27,35 @@ def cosine_lr(t: int, steps: int, lr: float, warmup: int) -> float:
     return lr * 0.5 * (1 + math.cos(math.pi * (t - warmup) / max(1, steps - warmup)))
 
 
+def cosine(tc) -> Callable[[int], float]:
+    """The cosine schedule of a training config with ``steps``, ``lr`` and ``warmup``."""
+    return lambda t: cosine_lr(t, tc.steps, tc.lr, tc.warmup)
+
+
+def progress(name: str) -> Callable[[int, float], str]:
+    """The plain log line "<name> step t  loss x  <seconds since this call>s"."""
+    t0 = time.time()
+    return lambda t, loss: f"{name} step {t:4d}  loss {loss:.4f}  {time.time() - t0:6.0f}s"
+
+
 def constant_lr(t: int, lr: float, warmup: int) -> float:
     """Linear warm-up, then constant (any checkpoint is as usable as the last)."""
     return lr * min(1.0, (t + 1) / warmup)
+
+
+def conv_stages(channels) -> tuple[torch.nn.Sequential, int]:
+    """The conv trunk the world's small image models share: one stage per entry of ``channels`` (one 3x3
+    conv at full resolution, then two per stage, the first with stride 2), BatchNorm and ReLU after each.
+    Returns the trunk and its output channels."""
+    from torch import nn
+
+    layers, c_in = [], 3
+    for i, c in enumerate(channels):
+        for j in range(2 if i > 0 else 1):
+            stride = 2 if (i > 0 and j == 0) else 1
+            layers += [nn.Conv2d(c_in, c, 3, stride, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
+            c_in = c
+    return nn.Sequential(*layers), c_in
 
 
 def decay_groups(
