@@ -8,7 +8,7 @@ No vocabulary decides what is looked for. The default list is WordNet's 21,844 c
 Per class, the stored image features (``embeddings.npy``, written by the run; no image is generated again)
 give each image's cosine similarity to every concept. Each token image and its baseline twin (same
 context, same seed) form a pair; the per-pair difference is the statistic. Selection bias is guarded by
-splitting the seeds: concepts are ranked on half of them (paired t statistic), near-synonyms are merged
+splitting the seeds: concepts are ranked on half of them (mean paired difference), near-synonyms are merged
 (a shared WordNet lemma, or text embeddings closer than ``DEDUPE_COS``), the top ``top_k`` per class are
 tested on the other half (one-sided paired t-test), and Benjamini-Hochberg runs over every class x tested
 concept. A significant concept then gets the counterfactual check of vocabulary attributes: the plain class
@@ -177,17 +177,6 @@ def paired_differences(
     return np.array([s for _, s in keys]), sims[ti] - sims[bi]
 
 
-def _t(d: np.ndarray) -> np.ndarray:
-    """Paired t statistic per column (0 where the spread is 0)."""
-    n = d.shape[0]
-    if n < 2:
-        return np.zeros(d.shape[1])
-    sd = d.std(axis=0, ddof=1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        t = d.mean(0) / (sd / np.sqrt(n))
-    return np.where(sd > 0, t, 0.0)
-
-
 def discover_class(
     seeds: np.ndarray, d: np.ndarray, concepts: list[Concept], feats: np.ndarray, top_k: int = TOP_K
 ) -> tuple[list[dict], list[int]]:
@@ -290,7 +279,7 @@ def discover_run(
         )
     classes = manifest.get("classes") or []
     run = rundir.RunDir(root)
-    done = [c for c in classes if run.verify_class(c["index"], c["name"])[0] == "done"]
+    done = [c for c in classes if run.is_done(c["index"], c["name"])]
     if not done:
         raise DctAuditError(f"'{root}' has no finished class to discover on")
     opts = RunOptions(classes=[str(c["index"]) for c in done], out=str(root.parent), name=root.name, **kwargs)

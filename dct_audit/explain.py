@@ -36,12 +36,6 @@ def attributions(
     return (maps / maps.flatten(1).sum(-1).clamp_min(1e-12)[:, None, None]).detach().cpu()
 
 
-def share_outside(maps: torch.Tensor, masks: torch.Tensor) -> np.ndarray:
-    """Per image, the share of attribution mass outside the object mask (masks: (B, H, W) bool)."""
-    inside = (maps * masks.float()).flatten(1).sum(-1)
-    return (1.0 - inside / maps.flatten(1).sum(-1).clamp_min(1e-12)).numpy()
-
-
 def overlay(image: torch.Tensor, amap: torch.Tensor) -> np.ndarray:
     """(H, W, 3) uint8: the image darkened, with the attribution map as a heat colour on top."""
     from matplotlib import colormaps
@@ -60,7 +54,7 @@ def explain_class(folder: Path, classifier: Classifier, images: torch.Tensor, ta
     maps = attributions(classifier, images, target)
     paths = []
     for i, (image, amap) in enumerate(zip(images, maps, strict=True)):
-        rel = f"attribution/token_{i}.png"
+        rel = f"{rundir.ATTRIBUTION_DIR}/token_{i}.png"
         rundir.write_png(folder / rel, overlay(image, amap))
         paths.append(rel)
     rundir.write_json(

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import rundir
 from .adapters.generator import Generator
 from .options import DEFAULT_CONTEXTS  # noqa: F401  (the defaults live with the options)
 
@@ -25,7 +26,7 @@ class Job:
 
     @property
     def filename(self) -> str:
-        return f"images/{self.variant}/c{self.context_index}_s{self.seed}.png"
+        return f"{rundir.IMAGES_DIR}/{self.variant}/c{self.context_index}_s{self.seed}.png"
 
 
 def twin(job: Job, variant: str) -> Job:

@@ -285,7 +285,7 @@ def finish_run(run_dir: str | Path, classifier=None, **overrides) -> RunResult:
         raise DctAuditError(f"finish cannot change {', '.join(unknown)}: those are the run's own settings")
     run = rundir.RunDir(root)
     classes = manifest.get("classes") or []
-    missing = [c for c in classes if run.verify_class(c["index"], c["name"])[0] != "done"]
+    missing = [c for c in classes if not run.is_done(c["index"], c["name"])]
     if missing:
         names = ", ".join(f"{c['name']} ({c['index']})" for c in missing[:5])
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
@@ -384,7 +384,7 @@ def audit_class(
         save_sdxl_token(folder / rundir.TOKEN_SDXL, inv.vector, models.generator.dims)
     rundir.write_csv(folder / rundir.HISTORY, pd.DataFrame(inv.history))
     for update, seed, image in inv.snapshots:
-        rundir.write_png(folder / "evolution" / f"update_{update:04d}_s{seed}.png", image)
+        rundir.write_png(folder / rundir.EVOLUTION_DIR / f"update_{update:04d}_s{seed}.png", image)
 
     # 4. Paired images (token vs baseline, same held-out seeds), scored and tagged as they come
     features: list = []

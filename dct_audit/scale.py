@@ -51,7 +51,7 @@ def run_on_ray(opts: RunOptions, classifier=None):
     root, run_dir, targets, say = plan.root, plan.run_dir, plan.targets, plan.say
     if opts.overwrite:  # cleared once here; the tasks then resume into the empty folder
         rundir.create_run_dir(run_dir, overwrite=True)
-    todo = [c for c in targets if run_dir.verify_class(c.index, c.name)[0] != "done"]
+    todo = [c for c in targets if not run_dir.is_done(c.index, c.name)]
     if len(todo) < len(targets):
         say(f"resuming {root}: {len(targets) - len(todo)} class(es) already finished")
 

@@ -285,24 +285,24 @@ def with_unfinished(run: Path, dest: Path) -> Path:
     shutil.copytree(run, dest)
     half = dest / "classes" / "0001-spiny-lobster"
     shutil.copytree(dest / "classes" / "0000-american-lobster", half)
-    (half / "DONE").unlink()
-    (half / "class.json").unlink()
-    manifest = rundir.read_json(dest / "manifest.json")
+    (half / rundir.MARKER).unlink()
+    (half / rundir.CLASS_SUMMARY).unlink()
+    manifest = rundir.read_json(dest / rundir.MANIFEST)
     manifest["classes"] += [
         {"index": 1, "name": "spiny lobster", "placeholder": "<dct-1>"},
         {"index": 3, "name": "plate", "placeholder": "<dct-3>"},
     ]
-    rundir.write_json(dest / "manifest.json", manifest)
+    rundir.write_json(dest / rundir.MANIFEST, manifest)
     return dest
 
 
 def add_analysis(run: Path, attributes=(("plate", "food"), ("person", "people"), ("snow", "scene"))) -> None:
     """Write ``enrichment.csv``, ``findings.json`` and each class's ``tags.csv`` as the analysis would."""
-    manifest = rundir.read_json(run / "manifest.json")
+    manifest = rundir.read_json(run / rundir.MANIFEST)
     rows, findings = [], []
     for c in manifest["classes"]:
         folder = run / "classes" / f"{c['index']:04d}-{rundir.slugify(c['name'])}"
-        if not (folder / "DONE").exists():
+        if not (folder / rundir.MARKER).exists():
             continue
         for k, (attr, group) in enumerate(attributes):
             diff = 0.6 - 0.3 * k
@@ -321,9 +321,9 @@ def add_analysis(run: Path, attributes=(("plate", "food"), ("person", "people"),
                     "flagged": diff >= 0.25,
                 }
             )
-        overlay = folder.relative_to(run) / "attribution" / "token_0.png"
+        overlay = folder.relative_to(run) / rundir.ATTRIBUTION_DIR / "token_0.png"
         if not (run / overlay).is_file():
-            overlay = folder.relative_to(run) / "images" / "token" / "c0_s1000.png"
+            overlay = folder.relative_to(run) / rundir.IMAGES_DIR / "token" / "c0_s1000.png"
         findings.append(
             {
                 "class_index": c["index"],
@@ -350,19 +350,19 @@ def add_analysis(run: Path, attributes=(("plate", "food"), ("person", "people"),
                 r["seed"],
                 *(0.9 - 0.6 * (i % 2) for i in range(len(attributes))),
             ]
-            for r in read_csv(folder / "scores.csv")
+            for r in read_csv(folder / rundir.SCORES)
         ]
         header = ["file", "variant", "context_index", "seed", *(a for a, _ in attributes)]
-        write_csv(folder / "tags.csv", header, tags)
-    write_csv(run / "enrichment.csv", list(rows[0]), [list(r.values()) for r in rows])
-    rundir.write_json(run / "findings.json", findings)
+        write_csv(folder / rundir.TAGS, header, tags)
+    write_csv(run / rundir.ENRICHMENT, list(rows[0]), [list(r.values()) for r in rows])
+    rundir.write_json(run / rundir.FINDINGS, findings)
 
 
 def synthetic_run(source: Path, dest: Path, classes: list[tuple[int, str]]) -> Path:
     """A run of ``classes`` whose folders are hard-linked copies of ``source``'s first class."""
-    manifest = rundir.read_json(source / "manifest.json")
+    manifest = rundir.read_json(source / rundir.MANIFEST)
     template = source / "classes" / "0000-american-lobster"
-    summary = rundir.read_json(template / "class.json")
+    summary = rundir.read_json(template / rundir.CLASS_SUMMARY)
     manifest["classes"], manifest["class_runs"] = [], {}
     for index, name in classes:
         folder = dest / "classes" / f"{index:04d}-{rundir.slugify(name)}"
@@ -370,10 +370,10 @@ def synthetic_run(source: Path, dest: Path, classes: list[tuple[int, str]]) -> P
         # rewritten files are replaced (new inode), never written through the hard link
         acc = (index % 97) / 96
         rundir.write_json(
-            folder / "class.json", {**summary, "index": index, "name": name, "token_accuracy": acc}
+            folder / rundir.CLASS_SUMMARY, {**summary, "index": index, "name": name, "token_accuracy": acc}
         )
         manifest["classes"].append({"index": index, "name": name, "placeholder": f"<dct-{index}>"})
-    rundir.write_json(dest / "manifest.json", manifest)
+    rundir.write_json(dest / rundir.MANIFEST, manifest)
     return dest
 
 
@@ -427,12 +427,12 @@ def hostile_run(tiny_run: Path, dest: Path, text: str) -> Path:
     """One class named ``text``, with ``text`` also as label, context, prompt, attribute and group."""
     run = synthetic_run(tiny_run, dest, [(7, text)])
     folder = next((run / "classes").iterdir())
-    scores = read_csv(folder / "scores.csv")
+    scores = read_csv(folder / rundir.SCORES)
     for r in scores:
         r.update(prompt=f"{r['prompt']} {text}", context=text, pred_name=text, class_name=text)
-    write_csv(folder / "scores.csv", list(scores[0]), [list(r.values()) for r in scores])
-    manifest = rundir.read_json(run / "manifest.json")
+    write_csv(folder / rundir.SCORES, list(scores[0]), [list(r.values()) for r in scores])
+    manifest = rundir.read_json(run / rundir.MANIFEST)
     manifest["settings"]["contexts"] = [text]
-    rundir.write_json(run / "manifest.json", manifest)
+    rundir.write_json(run / rundir.MANIFEST, manifest)
     add_analysis(run, attributes=((text, text), ("plate", "food")))
     return run

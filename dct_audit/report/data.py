@@ -236,14 +236,14 @@ def read_class(
         for h in read_csv(folder / rundir.HISTORY)
     ]
     evolution = []
-    for p in sorted((folder / "evolution").glob("update_*.png")):
+    for p in sorted((folder / rundir.EVOLUTION_DIR).glob("update_*.png")):
         parts = p.stem.split("_")  # update_0005_s0
         seed = parts[2][1:] if len(parts) > 2 else ""
         evolution.append(
             {
                 "update": to_int(parts[1]),
                 "seed": to_int(seed),
-                "file": posixpath.join(base, "evolution", p.name),
+                "file": posixpath.join(base, rundir.EVOLUTION_DIR, p.name),
             }
         )
 
