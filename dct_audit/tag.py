@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .adapters import hub
+from .adapters import hub, registry
 from .adapters.classifier import Preprocess
 from .errors import DctAuditError
 from .options import DEFAULT_TAGGER  # noqa: F401  (the defaults live with the options)
@@ -208,7 +208,7 @@ class Tagger:
 def check_tagger(spec: str) -> None:
     """Check cheaply, before any model loads or any file is written, that the tagger can be had: a known
     architecture, and offline, its weights in the cache. Raises one line naming the fix."""
-    if any(spec == p or spec.startswith(p + ":") for p in TAGGER_PLUGINS):
+    if registry.matches("tagger", spec):
         return  # a plugin checks its own spec when it loads
     if spec.startswith("hf:"):
         hub.hf_config(spec[3:], what="tagger", flag=f"--tagger {spec}")
@@ -241,27 +241,15 @@ def check_tagger(spec: str) -> None:
 # Taggers that other packages provide: a spec prefix ("world", "world:PATH") -> "module:function" that loads
 # one as ``function(spec, device) -> Tagger``. Resolved by name when first used, so the core imports none of
 # them; ``register_tagger`` adds more.
-TAGGER_PLUGINS: dict[str, str] = {"world": "dct_audit.world.clip:load_world_tagger"}
-
-
 def register_tagger(prefix: str, target: str) -> None:
-    """Make ``--tagger PREFIX`` and ``--tagger PREFIX:ARG`` load through ``target`` ("module:function")."""
-    TAGGER_PLUGINS[prefix] = target
-
-
-def _plugin(spec: str):
-    for prefix, target in TAGGER_PLUGINS.items():
-        if spec == prefix or spec.startswith(prefix + ":"):
-            import importlib
-
-            module, _, name = target.partition(":")
-            return getattr(importlib.import_module(module), name)
-    return None
+    """Make ``--tagger PREFIX`` and ``--tagger PREFIX:ARG`` load through ``target`` ("module:function"); see
+    ``dct_audit.adapters.registry``."""
+    registry.register("tagger", prefix, target)
 
 
 def load_tagger(spec: str = DEFAULT_TAGGER, device: str | torch.device = "cpu") -> Tagger:
     device = torch.device(device)
-    plugin = _plugin(spec)
+    plugin = registry.find("tagger", spec)
     if plugin is not None:
         return plugin(spec, device)
     if spec.startswith("hf:"):

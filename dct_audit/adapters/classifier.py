@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import DctAuditError
-from . import hub
+from . import hub, registry
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -305,7 +305,12 @@ def _labels_from_categories(categories: list[str], source: str) -> LabelSet:
 
 
 def describe_classifier(spec: str, labels_file: str | None = None) -> tuple[ClassifierSpec, LabelSet]:
-    """Resolve a classifier spec to its record and label set without loading any weights."""
+    """Resolve a classifier spec to its record and label set without loading any weights (a registered
+    plugin's classifier is loaded, on the CPU: only it knows its labels)."""
+    plugin = registry.find("classifier", spec or "")
+    if plugin is not None:
+        clf = plugin(spec, torch.device("cpu"), labels_file)
+        return clf.spec, clf.labels
     kind, model_id = parse_spec(spec)
     if kind == "torchscript":
         path = Path(model_id)
@@ -343,6 +348,10 @@ def load_classifier(
     spec: str, labels_file: str | None = None, device: str | torch.device = "cpu"
 ) -> Classifier:
     """Load a classifier with its weights and preprocessing, frozen, on ``device``."""
+    plugin = registry.find("classifier", spec or "")
+    if plugin is not None:
+        clf = plugin(spec, torch.device(device), labels_file)
+        return checked_outputs(clf, f"classifier '{spec}'", "its plugin's labels")
     rec, labels = describe_classifier(spec, labels_file)
     kind, model_id = rec.kind, rec.model_id
     if kind == "timm":

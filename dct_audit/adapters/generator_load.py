@@ -13,7 +13,7 @@ import torch
 
 from ..errors import DctAuditError
 from ..options import DEFAULT_GENERATOR
-from . import hub
+from . import hub, registry
 from .generator import FAMILY_DEFAULTS, SDXL_FAMILIES, Generator, GeneratorSpec
 
 
@@ -42,6 +42,8 @@ def detect_family(model_id: str, pipe) -> str:
 
 def check_generator_spec(spec: str) -> str:
     """Validate a local generator folder cheaply (before anything is written); returns the spec to load."""
+    if spec and registry.matches("generator", spec):
+        return spec  # a plugin checks its own spec when it loads
     if not spec or not spec.strip():
         raise DctAuditError("--generator is empty; give a hub id (stabilityai/sd-turbo) or a pipeline folder")
     if not hub.looks_like_path(spec):
@@ -191,7 +193,11 @@ def load_generator(
     resolution: int | None = None,
     family: str | None = None,
 ) -> Generator:
-    """Load a Stable Diffusion pipeline by hub id or local folder through diffusers' own loader."""
+    """Load a Stable Diffusion pipeline by hub id or local folder through diffusers' own loader (or through
+    a registered plugin: ``dct_audit.adapters.registry``)."""
+    plugin = registry.find("generator", spec or "")
+    if plugin is not None:
+        return plugin(spec, torch.device(device), dtype)
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
