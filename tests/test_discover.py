@@ -99,3 +99,54 @@ def test_text_embeddings_are_cached_per_tagger_and_list(tmp_path):
     assert Tagger.calls == 1 and np.allclose(first, again, atol=1e-3) and len(list(tmp_path.iterdir())) == 1
     D.concept_features(Tagger(), concepts[:2], cache=tmp_path)  # another list: computed and cached apart
     assert Tagger.calls == 2 and len(list(tmp_path.iterdir())) == 2
+
+
+def test_discover_on_a_finished_run_keeps_every_tested_concept_and_only_confirmed_findings(
+    tiny_run_options, tiny_classifier, tmp_path, monkeypatch
+):
+    """``dct-audit discover RUN_DIR`` end to end on tiny models: discovered.csv lists every tested concept;
+    without the check the significant concepts become findings, unconfirmed; with it only confirmed ones do
+    (a rerun replaces the earlier discovery's findings); too few seeds is one clear error."""
+    import json
+
+    import dct_audit
+    from dct_audit import rundir
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # the concept-embedding cache
+    model, _ = tiny_classifier
+    opts = dict(tiny_run_options, out=str(tmp_path), n_images=4)
+    run_dir = dct_audit.run(f"file:{model}", "0", name="d", **opts).run_dir  # its token moves
+    words = tmp_path / "concepts.txt"
+    words.write_text("grass\nwater\nsnow\nplate\nperson\nbrick\nfork\ncandle\n")
+
+    def discovered(root):
+        return [f for f in rundir.read_json(root / rundir.FINDINGS) if f.get("source") == "discovered"]
+
+    table = D.discover_run(run_dir, str(words), "{}", top_k=4, alpha=0.5, check=False, quiet=True)
+    csv = pd.read_csv(run_dir / rundir.DISCOVERED)
+    assert list(csv.columns) == list(D.DISCOVERED_COLUMNS) and 1 <= len(csv) <= 4
+    assert {f["attribute"] for f in discovered(run_dir)} == set(table.loc[table["significant"], "concept"])
+    assert not any(f["confirmed"] for f in discovered(run_dir))
+
+    table = D.discover_run(run_dir, str(words), "{}", top_k=4, alpha=0.5, check=True, quiet=True)
+    found = discovered(run_dir)
+    assert {f["attribute"] for f in found} == set(table.loc[table["confirmed"], "concept"])
+    assert all(f["confirmed"] and f["counterfactual"]["n"] == 8 for f in found)
+    assert not (table["confirmed"] & ~table["significant"]).any()
+    checked = table[table["significant"]]
+    assert checked["cf_change"].notna().all() and table.loc[~table["significant"], "cf_change"].isna().all()
+    # the findings path of a confirmed concept (tiny random models confirm nothing): the significant concept
+    # ranked first is declared confirmed; it alone becomes a finding, once, with its counterfactual
+    assert len(checked), "no significant concept at alpha 0.5 on the tiny run"
+    first = checked.sort_values("rank")["concept"].iloc[0]
+    monkeypatch.setattr(D, "confirmed", lambda eff: eff["with_prompt"].endswith(f" with {first}"))
+    D.discover_run(run_dir, str(words), "{}", top_k=4, alpha=0.5, check=True, quiet=True)
+    found = discovered(run_dir)
+    assert [f["attribute"] for f in found] == [first] and found[0]["confirmed"]
+    assert found[0]["counterfactual"]["with_prompt"].endswith(f" with {first}")
+    record = json.loads((run_dir / rundir.MANIFEST).read_text())["discovery"]
+    assert record["checked"] and record["findings"] == "confirmed concepts"
+
+    few = dct_audit.run(f"file:{model}", "0", name="few", **dict(opts, n_images=2)).run_dir
+    with pytest.raises(DctAuditError, match="at least 4 seeds"):
+        D.discover_run(few, str(words), "{}", check=False, quiet=True)
