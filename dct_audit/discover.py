@@ -260,7 +260,7 @@ def discover_run(
     """
     from .analyse import ALPHA, counterfactual_sweep
     from .generate import eval_seeds
-    from .pipeline import Models, RunOptions, _load_models
+    from .pipeline import Models, RunOptions, load_models
     from .records import manifest_options
     from .resolve import ResolvedClass
     from .tag import AttributeBank, load_tagger, load_vocabulary
@@ -344,7 +344,7 @@ def discover_run(
             for r in rows.itertuples():
                 prompts[with_template.format("{}", r.concept)] = r.concept
             sweep = counterfactual_sweep(
-                lambda: _load_models(models, opts, torch_device, vocabulary),
+                lambda: load_models(models, opts, torch_device, vocabulary),
                 root / rundir.COUNTERFACTUAL_DIR / f"{folder.name}.json",
                 ResolvedClass(c["index"], c["name"], c["name"]),
                 prompts,

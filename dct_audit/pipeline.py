@@ -7,9 +7,7 @@ outside its class folder except the manifest, so classes can resume, retry or ru
 from __future__ import annotations
 
 import datetime as _dt
-import sys
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -17,7 +15,7 @@ import pandas as pd
 import torch
 
 from . import rundir
-from .adapters.classifier import Classifier, describe_classifier, load_classifier
+from .adapters.classifier import Classifier, load_classifier
 from .adapters.generator import Generator
 from .adapters.generator_load import check_generator_spec, load_generator
 from .analyse import CONFIRM_MIN_CHANGE, analyse_run
@@ -26,8 +24,9 @@ from .explain import explain_class
 from .generate import eval_seeds, generate, plan_jobs, twin
 from .invert import invert_class, save_token
 from .options import CONFIRM_MODES, RunOptions, parse_shard, shard_classes  # noqa: F401  (re-exported)
+from .plan import Plan, plan_run
 from .records import build_manifest, manifest_options, peak_memory_mb, placeholder_for  # noqa: F401
-from .resolve import ResolvedClass, resolve_classes
+from .resolve import ResolvedClass
 from .score import holdout_accuracy, score_images
 from .tag import AttributeBank, Vocabulary, load_tagger, load_vocabulary
 
@@ -51,10 +50,6 @@ class Models:
     holdout: Classifier | None = None
 
 
-def default_run_name(classifier: str) -> str:
-    return f"{rundir.slugify(classifier.split('/')[-1].split(':')[-1])}-{_dt.date.today().isoformat()}"
-
-
 def run(classifier, classes: str | list[str], *, preprocess=None, **kwargs) -> RunResult:
     """Audit ``classes`` of ``classifier``: a token, paired images and scores per class, in a run folder.
 
@@ -76,24 +71,6 @@ def run(classifier, classes: str | list[str], *, preprocess=None, **kwargs) -> R
     return run_with_options(opts, classifier=clf)
 
 
-def _estimated_bytes(opts: RunOptions, n_classes: int) -> int:
-    """What a run's images take on disk, roughly: PNGs of about 1.5 bytes per pixel."""
-    size = opts.resolution
-    if size is None:
-        config = Path(opts.generator) / "unet" / "config.json"
-        try:
-            import json
-
-            size = int(json.loads(config.read_text())["sample_size"]) * 8
-        except (OSError, ValueError, KeyError, TypeError):
-            size = 512
-    per_image = int(size * size * 1.5) + 2048
-    images = n_classes * (
-        2 * len(opts.contexts) * opts.n_images + opts.max_updates // max(1, opts.snapshot_every) + 1
-    )
-    return images * per_image + 10 * 2**20
-
-
 def run_with_options(opts: RunOptions, classifier: Classifier | None = None) -> RunResult:
     """Run an audit as ``opts`` says; ``classifier``: a model already in memory (``opts.classifier`` is then
     its record's name)."""
@@ -105,49 +82,6 @@ def run_with_options(opts: RunOptions, classifier: Classifier | None = None) -> 
     lock = ".lock" if not opts.shard else ".lock-shard-{}-of-{}".format(*parse_shard(opts.shard))
     with rundir.run_lock(plan.root, lock):
         return _run_locked(opts, plan, classifier)
-
-
-@dataclass
-class Plan:
-    """What the up-front checks resolved, before any weights load (a serial run and ``--ray`` share them)."""
-
-    device: torch.device
-    batch: int | str  # "auto": measured once the models are loaded
-    clf_record: object  # the classifier's record (``ClassifierRecord``)
-    targets: list  # ``ResolvedClass`` per class asked for
-    root: Path
-    settings: dict
-    run_dir: rundir.RunDir
-    previous: dict | None  # the manifest of an earlier run in the folder
-    say: Callable[[str], None]
-
-
-def plan_run(opts: RunOptions, classifier: Classifier | None = None) -> Plan:
-    """Check the options, resolve the classes and check the run folder; one clear line on bad input, and
-    nothing written and no weights loaded."""
-    # 1. Check inputs and resolve names
-    opts.check()
-    device = opts.resolved_device()
-    from .adapters.generator_load import resolve_dtype
-
-    resolve_dtype(opts.dtype, device)  # a dtype the device cannot run: one line, before anything loads
-    batch = opts.default_batch(device)
-    if classifier is not None:
-        clf_record, labels = classifier.spec, classifier.labels
-    else:
-        clf_record, labels = describe_classifier(opts.classifier, opts.labels)
-    targets, notes = resolve_classes(opts.classes, labels)
-    say = (lambda msg: None) if opts.quiet else (lambda msg: print(msg, file=sys.stderr))
-    for note in notes:
-        say(note)
-
-    # 2. Check the run folder (refuses other settings unless --overwrite); nothing is written yet
-    root = Path(opts.out) / (opts.name or default_run_name(opts.classifier))
-    settings = opts.settings(batch)
-    run_dir, previous = rundir.open_run_dir(root, settings, opts.overwrite)
-    check_generator_spec(opts.generator)  # a local folder or hub index that cannot work: before anything
-    rundir.check_free_space(root, _estimated_bytes(opts, len(targets)))
-    return Plan(device, batch, clf_record, targets, root, settings, run_dir, previous, say)
 
 
 def _run_locked(opts: RunOptions, plan: Plan, classifier: Classifier | None = None) -> RunResult:
@@ -174,7 +108,7 @@ def _run_locked(opts: RunOptions, plan: Plan, classifier: Classifier | None = No
     batch_record = None
     if todo:
         check_generator_spec(opts.generator)
-        _load_models(models, opts, device, vocabulary)
+        load_models(models, opts, device, vocabulary)
         if batch == "auto":  # one measured update at batch 1 decides (dct_audit/memory.py)
             from .memory import auto_batch
 
@@ -230,7 +164,7 @@ def _run_locked(opts: RunOptions, plan: Plan, classifier: Classifier | None = No
     findings = []
     if vocabulary is not None:
         findings = analyse_run(
-            run_dir, targets, vocabulary, lambda: _load_models(models, opts, device, vocabulary), opts, batch
+            run_dir, targets, vocabulary, lambda: load_models(models, opts, device, vocabulary), opts, batch
         )
         manifest["analysis"] = {
             "alpha": opts.alpha,
@@ -310,7 +244,7 @@ def finish_run(run_dir: str | Path, classifier=None, **overrides) -> RunResult:
     return run_with_options(opts, classifier=clf)
 
 
-def _load_models(
+def load_models(
     models: Models, opts: RunOptions, device: torch.device, vocabulary: Vocabulary | None
 ) -> Models:
     if models.classifier is None:

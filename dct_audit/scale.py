@@ -44,7 +44,8 @@ def run_on_ray(opts: RunOptions, classifier=None):
         import ray
     except ImportError:
         raise DctAuditError('--ray needs Ray: pip install "dct-audit[ray]" (or pip install ray)') from None
-    from .pipeline import finish_run, plan_run
+    from .pipeline import finish_run
+    from .plan import plan_run
 
     # 1. Everything a serial run checks, before a worker starts
     plan = plan_run(opts)

@@ -11,7 +11,12 @@ Specs (what ``--classifier`` accepts):
 
 Preprocessing always comes from the model's own config (timm's data config, torchvision's weights
 transforms, the transformers image processor) and runs as torch code so gradients reach the image.
-ImageNet label names come from ``timm.data.ImageNetInfo``.
+ImageNet label names come from ``timm.data.ImageNetInfo``. A classifier from another package loads through
+``dct_audit.adapters.registry``; a model in memory through ``adapters/in_memory.py``.
+
+Why it is over 450 lines: four model sources (timm, torchvision, transformers, TorchScript), each with its
+labels and its preprocessing read from the model's own config; one source per module would spread the one
+``Preprocess`` and ``LabelSet`` they share.
 """
 
 from __future__ import annotations
