@@ -251,33 +251,33 @@ def analyse_run(
             if not (row.flagged or is_confirmed):
                 continue
             findings.append(
-                {
-                    "class_index": cls.index,
-                    "class_name": cls.name,
-                    "attribute": row.attribute,
-                    "group": row.group,
+                rundir.Finding(
+                    class_index=cls.index,
+                    class_name=cls.name,
+                    attribute=row.attribute,
+                    group=row.group,
                     # "token": the token brings it in (flagged); "sweep": not flagged, but the counterfactual
                     # check of every attribute found that the classifier depends on it
-                    "source": "token" if row.flagged else "sweep",
-                    "flagged": bool(row.flagged),
-                    "token_rate": row.token_rate,
-                    "baseline_rate": row.baseline_rate,
-                    "effect": row.diff,
-                    "ci": [row.ci_low, row.ci_high],
-                    "p": row.p_value,
-                    "q": row.q_value,
-                    "counterfactual": cf,
+                    source="token" if row.flagged else "sweep",
+                    flagged=bool(row.flagged),
+                    token_rate=row.token_rate,
+                    baseline_rate=row.baseline_rate,
+                    effect=row.diff,
+                    ci=[row.ci_low, row.ci_high],
+                    p=row.p_value,
+                    q=row.q_value,
+                    counterfactual=cf,
                     # an absence attribute ("plain background") says the token removes other contexts
-                    "absence": attribute.absence,
-                    # the classifier's confidence depends on the attribute against every replacement, with the
-                    # interval of the smallest change at or above CONFIRM_MIN_CHANGE
-                    "confirmed": is_confirmed,
-                    "attribution_outside_object": attribution.get("outside_object"),
-                    "overlays": [f"classes/{folder.name}/{p}" for p in attribution.get("overlays", [])],
-                }
+                    absence=attribute.absence,
+                    # the classifier's confidence depends on the attribute against every replacement, with
+                    # the interval of the smallest change at or above CONFIRM_MIN_CHANGE
+                    confirmed=is_confirmed,
+                    attribution_outside_object=attribution.get("outside_object"),
+                    overlays=[f"classes/{folder.name}/{p}" for p in attribution.get("overlays", [])],
+                )
             )
-    rundir.write_json(run_dir.root / rundir.FINDINGS, findings)
-    return findings
+    rundir.write_findings(run_dir.root, findings)
+    return [f.to_dict() for f in findings]
 
 
 def _effect(attribute, vocabulary: Vocabulary, sweep: dict, class_name: str) -> dict:

@@ -383,11 +383,7 @@ def discover_run(
     # 3. discovered.csv, and the significant concepts in findings.json
     out = table[list(DISCOVERED_COLUMNS)].sort_values(["class_index", "rank"]).reset_index(drop=True)
     rundir.write_csv(root / rundir.DISCOVERED, out)
-    findings = [
-        f
-        for f in (rundir.read_json(root / rundir.FINDINGS) if (root / rundir.FINDINGS).is_file() else [])
-        if f.get("source") != "discovered"
-    ]
+    findings = [f for f in rundir.read_findings(root) if f.source != "discovered"]
     # Significance alone is weak evidence: a token shifts its images systematically, so the held-out half
     # nearly always agrees with the ranking half on the top concepts (measured on the truth benchmark's worlds:
     # 7-8 significant concepts per class, unbiased controls included; benchmarks/bench_discover.py). When the
@@ -395,20 +391,23 @@ def discover_run(
     keep = out["significant"] & (out["confirmed"] if check else True)
     for r in out[keep].itertuples():
         findings.append(
-            {
-                "class_index": int(r.class_index),
-                "class_name": r.class_name,
-                "attribute": r.concept,
-                "group": "discovered",
-                "source": "discovered",
-                "flagged": True,
-                "token_rate": None,
-                "baseline_rate": None,
-                "effect": r.effect,
-                "ci": [r.ci_low, r.ci_high],
-                "p": r.p_value,
-                "q": r.q_value,
-                "discovered": {
+            rundir.Finding(
+                class_index=int(r.class_index),
+                class_name=r.class_name,
+                attribute=r.concept,
+                group="discovered",
+                source="discovered",
+                flagged=True,
+                token_rate=None,
+                baseline_rate=None,
+                effect=r.effect,
+                ci=[r.ci_low, r.ci_high],
+                p=r.p_value,
+                q=r.q_value,
+                counterfactual=findings_cf.get((int(r.class_index), r.concept)),
+                absence=False,
+                confirmed=bool(r.confirmed),
+                discovered={
                     "lemma_id": r.lemma_id,
                     "rank": int(r.rank),
                     "t_discovery": r.t_discovery,
@@ -416,14 +415,9 @@ def discover_run(
                     "n_pairs": int(r.n_pairs),
                     "statistic": "cosine similarity to the concept, token image minus its baseline twin",
                 },
-                "counterfactual": findings_cf.get((int(r.class_index), r.concept)),
-                "absence": False,
-                "confirmed": bool(r.confirmed),
-                "attribution_outside_object": None,
-                "overlays": [],
-            }
+            )
         )
-    rundir.write_json(root / rundir.FINDINGS, findings)
+    rundir.write_findings(root, findings)
     run.update_manifest(
         {
             "discovery": {

@@ -190,7 +190,7 @@ def _run_locked(opts: RunOptions, plan: Plan, classifier: Classifier | None = No
             device=opts.device,
             quiet=opts.quiet,
         )
-        findings = rundir.read_json(root / rundir.FINDINGS)
+        findings = [f.to_dict() for f in rundir.read_findings(root)]
 
     # 7. The HTML report (reads the run folder only)
     report = None

@@ -107,3 +107,40 @@ def test_replacements_that_all_bring_in_another_context_cannot_confirm():
     # ... and a confounded replacement still refutes: every effective replacement must show the change
     refuting = {"frame": _rep(low, 0.0), "plate": {**_rep(with_probs, 0.0), "confounders": {"water": 0.6}}}
     assert not counterfactual_effect(with_probs, refuting, with_rate=1.0)["depends"]
+
+
+def test_findings_file_round_trips_and_a_broken_one_is_one_clear_error(tmp_path):
+    import pytest
+
+    from dct_audit import rundir
+    from dct_audit.errors import DctAuditError
+
+    f = rundir.Finding(
+        0,
+        "star",
+        "water",
+        "background",
+        "token",
+        True,
+        0.9,
+        0.1,
+        0.8,
+        [0.7, 0.9],
+        1e-4,
+        1e-3,
+        {"diff": 0.5},
+        False,
+        True,
+    )
+    rundir.write_findings(tmp_path, [f])
+    assert rundir.read_findings(tmp_path) == [f]
+    assert "discovered" not in rundir.read_json(tmp_path / rundir.FINDINGS)[0]
+    for text, match in (
+        ("{not json", "not valid"),
+        ("[1, 2]", "not a list of findings"),
+        ('[{"class_index": 0}]', "lacks a field"),
+    ):
+        (tmp_path / rundir.FINDINGS).write_text(text)
+        with pytest.raises(DctAuditError, match=match):
+            rundir.read_findings(tmp_path)
+    assert rundir.read_findings(tmp_path / "none") == []
