@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from dct_audit import rundir
-from dct_audit.analyse import _effect, confirmed
+from dct_audit.analyse import attribute_effect, confirmed
 from dct_audit.stats import mean_diff_ci
 from dct_audit.tag import load_vocabulary
 from dct_audit.world import truth as T
@@ -44,7 +44,7 @@ def rows_of_run(run: Path, planted: dict, world: str, vocabulary) -> list[dict]:
         for a in vocabulary.attributes:
             if a.absence or a.with_context not in sweep:
                 continue
-            e = _effect(a, vocabulary, sweep, cls)
+            e = attribute_effect(a, vocabulary, sweep, cls)
             effective = {r["name"] for r in e["replacements"] if r["effective"]}
             reps = [np.array(sweep[t]["probs"]) for n, t in vocabulary.replacements(a) if n in effective]
             with_probs = np.array(sweep[a.with_context]["probs"])

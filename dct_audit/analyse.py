@@ -240,7 +240,7 @@ def analyse_run(
             opts,
             batch,
         )
-        cfs = {a.name: _effect(a, vocabulary, sweep, cls.name) for a in checked}
+        cfs = {a.name: attribute_effect(a, vocabulary, sweep, cls.name) for a in checked}
         attribution = (
             rundir.read_json(folder / rundir.ATTRIBUTION) if (folder / rundir.ATTRIBUTION).is_file() else {}
         )
@@ -280,7 +280,7 @@ def analyse_run(
     return [f.to_dict() for f in findings]
 
 
-def _effect(attribute, vocabulary: Vocabulary, sweep: dict, class_name: str) -> dict:
+def attribute_effect(attribute, vocabulary: Vocabulary, sweep: dict, class_name: str) -> dict:
     """The counterfactual check of one attribute from the class's scored prompts."""
     column = attribute.name
 

@@ -157,7 +157,7 @@ def _run_locked(opts: RunOptions, plan: Plan, classifier: Classifier | None = No
     bar.close()
 
     if opts.shard:  # the analysis needs every class: `dct-audit finish` runs it once all shards are done
-        results = [rundir.read_json(run_dir.class_dir(c.index, c.name) / rundir.CLASS_SUMMARY) for c in mine]
+        results = [rundir.read_class_summary(run_dir.class_dir(c.index, c.name)).to_dict() for c in mine]
         return RunResult(run_dir=root, classes=results, skipped=skipped, findings=[], report=None)
 
     # 5. Across classes: q-values, flags, counterfactual checks of the flagged attributes
@@ -176,7 +176,7 @@ def _run_locked(opts: RunOptions, plan: Plan, classifier: Classifier | None = No
             "finished": _dt.datetime.now().isoformat(timespec="seconds"),
         }
         manifest = run_dir.update_manifest({"analysis": manifest["analysis"]})
-    results = [rundir.read_json(run_dir.class_dir(c.index, c.name) / rundir.CLASS_SUMMARY) for c in targets]
+    results = [rundir.read_class_summary(run_dir.class_dir(c.index, c.name)).to_dict() for c in targets]
 
     # 6. Open-vocabulary discovery over the finished classes (stored image features; checks generate images)
     if opts.discover and vocabulary is not None:
@@ -375,39 +375,39 @@ def audit_class(
     hist = inv.history
     acc = scores.groupby("variant")["correct"].mean().to_dict()
     prob = scores.groupby("variant")["target_prob"].mean().to_dict()
-    summary = {
-        "index": cls.index,
-        "name": cls.name,
-        "query": cls.query,
-        "placeholder": placeholder,
-        "token_file": rundir.TOKEN,
-        "init_word": opts.init_word,
-        "updates": len(hist),
-        "token_unchanged": unchanged,
-        "stop_reason": inv.stop_reason,
-        "restarts": inv.restarts,
-        "best_val_accuracy": inv.best_val_accuracy,
-        "best_update": inv.best_update,
-        "best_loss": inv.best_loss,
-        "initial": {
+    summary = rundir.ClassSummary(
+        index=cls.index,
+        name=cls.name,
+        query=cls.query,
+        placeholder=placeholder,
+        token_file=rundir.TOKEN,
+        init_word=opts.init_word,
+        updates=len(hist),
+        token_unchanged=unchanged,
+        stop_reason=inv.stop_reason,
+        restarts=inv.restarts,
+        best_val_accuracy=inv.best_val_accuracy,
+        best_update=inv.best_update,
+        best_loss=inv.best_loss,
+        initial={
             "loss": hist[0]["loss"],
             "target_prob": hist[0]["target_prob"],
             "accuracy": hist[0]["accuracy"],
         },
-        "token_accuracy": acc.get("token"),
-        "baseline_accuracy": acc.get("baseline"),
-        "token_target_prob": prob.get("token"),
-        "baseline_target_prob": prob.get("baseline"),
+        token_accuracy=acc.get("token"),
+        baseline_accuracy=acc.get("baseline"),
+        token_target_prob=prob.get("token"),
+        baseline_target_prob=prob.get("baseline"),
         **holdout_accuracy(scores),
-        "n_images": int(len(scores)),
-        "timings": {
+        n_images=int(len(scores)),
+        timings={
             "invert_s": round(t_invert, 3),
             "generate_s": round(t_total - t_invert, 3),
             "total_s": round(t_total, 3),
             "seconds_per_update": round(t_invert / max(1, len(hist)), 4),
         },
-        "memory": peak_memory_mb(device),
-    }
-    rundir.write_json(folder / rundir.CLASS_SUMMARY, summary)
+        memory=peak_memory_mb(device),
+    )
+    rundir.write_class_summary(folder, summary)
     run_dir.mark_done(cls.index, cls.name)
-    return summary
+    return summary.to_dict()

@@ -15,7 +15,7 @@ No other module spells a run-folder file name: they use the constants below. Lay
         tags.csv                    TAGS: TAGS_KEYS, then one column per attribute (tagger score in [0, 1])
         embeddings.npy              EMBEDDINGS: the tagger's image features (float16), rows as scores.csv
         attribution.json            ATTRIBUTION: captum overlays (ATTRIBUTION_DIR/*.png) and their summary
-        class.json                  CLASS_SUMMARY: the class summary
+        class.json                  CLASS_SUMMARY: the class summary (``ClassSummary``)
         DONE                        MARKER, written last: JSON listing every file of the class with its size
                                     and SHA-256
       counterfactual/<class folder>.json   COUNTERFACTUAL_DIR: scored counterfactual prompts, keyed by seeds
@@ -129,6 +129,61 @@ class Finding:
     def from_dict(cls, d: dict) -> Finding:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass
+class ClassSummary:
+    """``class.json``: what a finished class's job measured (``pipeline.audit_class`` writes it)."""
+
+    index: int
+    name: str
+    query: str
+    placeholder: str
+    token_file: str
+    init_word: str
+    updates: int
+    token_unchanged: bool
+    stop_reason: str
+    restarts: int
+    best_val_accuracy: float | None
+    best_update: int
+    best_loss: float
+    initial: dict  # loss, target_prob, accuracy before the first update
+    token_accuracy: float | None  # held-out seeds, by the audited classifier
+    baseline_accuracy: float | None
+    token_target_prob: float | None
+    baseline_target_prob: float | None
+    n_images: int
+    timings: dict  # invert_s, generate_s, total_s, seconds_per_update
+    memory: dict  # process_peak_rss_mb (and cuda_peak_allocated_mb)
+    holdout_token_accuracy: float | None = None  # with --holdout-classifier only
+    holdout_baseline_accuracy: float | None = None
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        for key in ("holdout_token_accuracy", "holdout_baseline_accuracy"):
+            if out[key] is None:
+                del out[key]
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ClassSummary:
+        """Unknown keys are dropped; a key an older version did not write reads as None."""
+        return cls(**{f.name: d.get(f.name) for f in fields(cls)})
+
+
+def write_class_summary(folder: str | os.PathLike, summary: ClassSummary) -> None:
+    write_json(Path(folder) / CLASS_SUMMARY, summary.to_dict())
+
+
+def read_class_summary(folder: str | os.PathLike) -> ClassSummary:
+    """A class's ``class.json``; a broken or incomplete one is one ``DctAuditError`` line."""
+    path = Path(folder) / CLASS_SUMMARY
+    fix = "redo the class: dct-audit run with the same settings"
+    data = read_json_file(path, "class summary", fix)
+    if not isinstance(data, dict):
+        raise DctAuditError(f"{path} is not a class summary; {fix}")
+    return ClassSummary.from_dict(data)
 
 
 def write_findings(root: str | os.PathLike, findings: list[Finding]) -> None:

@@ -144,3 +144,43 @@ def test_findings_file_round_trips_and_a_broken_one_is_one_clear_error(tmp_path)
         with pytest.raises(DctAuditError, match=match):
             rundir.read_findings(tmp_path)
     assert rundir.read_findings(tmp_path / "none") == []
+
+
+def test_class_summary_round_trips_and_reads_older_or_broken_files(tmp_path):
+    import pytest
+
+    from dct_audit import rundir
+    from dct_audit.errors import DctAuditError
+
+    s = rundir.ClassSummary(
+        3,
+        "star",
+        "star",
+        "<c3>",
+        rundir.TOKEN,
+        "a",
+        12,
+        False,
+        "accuracy",
+        0,
+        1.0,
+        10,
+        0.1,
+        {"loss": 2.0},
+        0.9,
+        0.2,
+        0.8,
+        0.3,
+        64,
+        {"total_s": 1.0},
+        {},
+    )
+    rundir.write_class_summary(tmp_path, s)
+    assert rundir.read_class_summary(tmp_path) == s
+    assert "holdout_token_accuracy" not in rundir.read_json(tmp_path / rundir.CLASS_SUMMARY)
+    older = {k: v for k, v in s.to_dict().items() if k != "restarts"}  # a field an older version lacked
+    rundir.write_json(tmp_path / rundir.CLASS_SUMMARY, {**older, "extra": 1})
+    assert rundir.read_class_summary(tmp_path).restarts is None
+    (tmp_path / rundir.CLASS_SUMMARY).write_text("[]")
+    with pytest.raises(DctAuditError, match="not a class summary"):
+        rundir.read_class_summary(tmp_path)
