@@ -59,6 +59,21 @@ def tiny_run_options(tiny_pipelines, tiny_classifier, tiny_clip):
     )
 
 
+@pytest.fixture
+def quick_run_kwargs(tmp_path):
+    """Keyword arguments for the quickest ``dct_audit.run`` (no tagger, one image, two updates) into
+    ``tmp_path``; add the classifier, classes, generator and name."""
+    return dict(
+        out=str(tmp_path),
+        max_updates=2,
+        n_images=1,
+        contexts=("a photo of {}",),
+        tagger=None,
+        explain_images=0,
+        quiet=True,
+    )
+
+
 @pytest.fixture(scope="session")
 def tiny_run_command(tiny_pipelines, tiny_classifier, tiny_clip):
     """The start of a ``dct-audit run`` command line on the tiny models (add classes, out, settings)."""

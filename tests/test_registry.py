@@ -55,19 +55,13 @@ def test_registered_plugins_load_classifier_and_generator_by_prefix(plugins, tin
     assert registry.find("classifier", "acmex:tiny") is None  # a prefix matches whole names only
 
 
-def test_an_audit_runs_through_registered_plugins(plugins, tiny_classifier, tiny_pipelines, tmp_path):
+def test_an_audit_runs_through_registered_plugins(
+    plugins, tiny_classifier, tiny_pipelines, tmp_path, quick_run_kwargs
+):
     import dct_audit
 
     model, labels = tiny_classifier
-    common = dict(
-        out=str(tmp_path),
-        max_updates=2,
-        n_images=1,
-        contexts=("a photo of {}",),
-        tagger=None,
-        explain_images=0,
-        quiet=True,
-    )
+    common = quick_run_kwargs
     via_plugin = dct_audit.run("acme:tiny", "plate", generator="acme:sd", name="acme", **common)
     direct = dct_audit.run(
         f"file:{model}", "plate", labels=labels, generator=tiny_pipelines["turbo"], name="file", **common

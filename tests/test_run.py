@@ -254,7 +254,7 @@ def test_classes_command_lists_matches_without_weights(capsys):
 
 
 def test_a_classifier_in_memory_audits_like_the_same_model_loaded_from_its_file(
-    tiny_pipelines, tiny_classifier, tmp_path
+    tiny_pipelines, tiny_classifier, tmp_path, quick_run_kwargs
 ):
     """A notebook's model (a torch module with its labels and preprocessing) gives the run the same token
     and scores as the same model named by its file; the manifest records it by class and weight hash, a
@@ -264,16 +264,7 @@ def test_a_classifier_in_memory_audits_like_the_same_model_loaded_from_its_file(
 
     model, labels = tiny_classifier
     names = [line.strip() for line in open(labels, encoding="utf-8") if line.strip()]
-    common = dict(
-        generator=tiny_pipelines["turbo"],
-        out=str(tmp_path),
-        max_updates=2,
-        n_images=1,
-        contexts=("a photo of {}",),
-        tagger=None,
-        explain_images=0,
-        quiet=True,
-    )
+    common = dict(quick_run_kwargs, generator=tiny_pipelines["turbo"])
     dct_audit.run(f"file:{model}", "plate", labels=labels, name="file", **common)
     loaded = load_classifier(f"file:{model}", labels)
     module, preprocess = loaded.model, loaded.preprocess
