@@ -17,7 +17,7 @@ import torch
 from . import rundir
 from .adapters.classifier import Classifier, load_classifier
 from .adapters.generator import Generator
-from .adapters.generator_load import check_generator_spec, load_generator
+from .adapters.generator_load import load_generator
 from .analyse import CONFIRM_MIN_CHANGE, analyse_run
 from .errors import DctAuditError
 from .explain import explain_class
@@ -81,10 +81,10 @@ def run_with_options(opts: RunOptions, classifier: Classifier | None = None) -> 
     plan = plan_run(opts, classifier)
     lock = ".lock" if not opts.shard else ".lock-shard-{}-of-{}".format(*parse_shard(opts.shard))
     with rundir.run_lock(plan.root, lock):
-        return _run_locked(opts, plan, classifier)
+        return _run_locked(opts, plan)
 
 
-def _run_locked(opts: RunOptions, plan: Plan, classifier: Classifier | None = None) -> RunResult:
+def _run_locked(opts: RunOptions, plan: Plan) -> RunResult:
     device, batch, targets, say = plan.device, plan.batch, plan.targets, plan.say
     root, settings, run_dir = plan.root, plan.settings, plan.run_dir
     mine = shard_classes(targets, opts.shard)  # every class, or this shard's share
@@ -104,10 +104,9 @@ def _run_locked(opts: RunOptions, plan: Plan, classifier: Classifier | None = No
         from .tag import check_tagger
 
         check_tagger(opts.tagger)  # before the classifier and generator load: fail fast and cheaply
-    models = Models(classifier=classifier.to(device) if classifier is not None else None)
+    models = Models(classifier=plan.classifier.to(device) if plan.classifier is not None else None)
     batch_record = None
     if todo:
-        check_generator_spec(opts.generator)
         load_models(models, opts, device, vocabulary)
         if batch == "auto":  # one measured update at batch 1 decides (dct_audit/memory.py)
             from .memory import auto_batch

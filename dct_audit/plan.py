@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from . import rundir
-from .adapters.classifier import Classifier, describe_classifier
+from .adapters import registry
+from .adapters.classifier import Classifier, ClassifierSpec, describe_classifier, load_classifier
 from .adapters.generator_load import check_generator_spec, resolve_dtype
 from .options import RunOptions
 from .resolve import resolve_classes
@@ -51,23 +52,27 @@ class Plan:
 
     device: torch.device
     batch: int | str  # "auto": measured once the models are loaded
-    clf_record: object  # the classifier's record (``ClassifierRecord``)
+    clf_record: ClassifierSpec  # the classifier's record (the manifest's)
     targets: list  # ``ResolvedClass`` per class asked for
     root: Path
     settings: dict
     run_dir: rundir.RunDir
     previous: dict | None  # the manifest of an earlier run in the folder
     say: Callable[[str], None]
+    classifier: Classifier | None = None  # already loaded: a model in memory, or a registered plugin's
 
 
 def plan_run(opts: RunOptions, classifier: Classifier | None = None) -> Plan:
     """Check the options, resolve the classes and check the run folder; one clear line on bad input, and
-    nothing written and no weights loaded."""
+    nothing written and no weights loaded (except a registered plugin's classifier: only it knows its labels,
+    so it is loaded here, once, and the run uses it)."""
     # 1. Check inputs and resolve names
     opts.check()
     device = opts.resolved_device()
     resolve_dtype(opts.dtype, device)  # a dtype the device cannot run: one line, before anything loads
     batch = opts.default_batch(device)
+    if classifier is None and registry.matches("classifier", opts.classifier):
+        classifier = load_classifier(opts.classifier, opts.labels)
     if classifier is not None:
         clf_record, labels = classifier.spec, classifier.labels
     else:
@@ -83,4 +88,4 @@ def plan_run(opts: RunOptions, classifier: Classifier | None = None) -> Plan:
     run_dir, previous = rundir.open_run_dir(root, settings, opts.overwrite)
     check_generator_spec(opts.generator)  # a local folder or hub index that cannot work: before anything
     rundir.check_free_space(root, estimated_bytes(opts, len(targets)))
-    return Plan(device, batch, clf_record, targets, root, settings, run_dir, previous, say)
+    return Plan(device, batch, clf_record, targets, root, settings, run_dir, previous, say, classifier)

@@ -238,18 +238,9 @@ def check_tagger(spec: str) -> None:
             )
 
 
-# Taggers that other packages provide: a spec prefix ("world", "world:PATH") -> "module:function" that loads
-# one as ``function(spec, device) -> Tagger``. Resolved by name when first used, so the core imports none of
-# them; ``register_tagger`` adds more.
-def register_tagger(prefix: str, target: str) -> None:
-    """Make ``--tagger PREFIX`` and ``--tagger PREFIX:ARG`` load through ``target`` ("module:function"); see
-    ``dct_audit.adapters.registry``."""
-    registry.register("tagger", prefix, target)
-
-
 def load_tagger(spec: str = DEFAULT_TAGGER, device: str | torch.device = "cpu") -> Tagger:
     device = torch.device(device)
-    plugin = registry.find("tagger", spec)
+    plugin = registry.find("tagger", spec)  # another package's tagger (the world's): adapters/registry.py
     if plugin is not None:
         return plugin(spec, device)
     if spec.startswith("hf:"):

@@ -32,6 +32,15 @@ TINY_TEXT = dict(
     vocab_size=49408,
     max_position_embeddings=77,
 )
+# the tiny UNets' two levels (8x8 latents: no attention at the finest level, cross-attention at the coarser)
+TINY_UNET = dict(
+    block_out_channels=(8, 16),
+    layers_per_block=1,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+)
 SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
 
 
@@ -94,13 +103,8 @@ def make_tiny_pipeline(
     folder = Path(folder)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        block_out_channels=(8, 16),
-        layers_per_block=1,
+        **TINY_UNET,
         sample_size=sample_size,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=32,
         attention_head_dim=4,
         norm_num_groups=4,
@@ -161,13 +165,8 @@ def make_tiny_sdxl_pipeline(
     folder = Path(folder)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        block_out_channels=(8, 16),
-        layers_per_block=1,
+        **TINY_UNET,
         sample_size=sample_size,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=(2, 4),
         use_linear_projection=True,
         addition_embed_type="text_time",

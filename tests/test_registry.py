@@ -63,6 +63,7 @@ def test_an_audit_runs_through_registered_plugins(
     model, labels = tiny_classifier
     common = quick_run_kwargs
     via_plugin = dct_audit.run("acme:tiny", "plate", generator="acme:sd", name="acme", **common)
+    assert [c[0] for c in plugins] == ["classifier", "generator"]  # each loaded once for the run
     direct = dct_audit.run(
         f"file:{model}", "plate", labels=labels, generator=tiny_pipelines["turbo"], name="file", **common
     )
