@@ -75,18 +75,16 @@ def demo_run(
     **overrides,
 ):
     """One audit of the world classes (default all) with a world classifier (a key of ``world_models()`` or a
-    folder)."""
+    folder). ``overrides``: run options, the generator and tagger included (names or loaded models)."""
     from .pipeline import run
     from .world.scenes import SHAPES
 
     models = world_models()
-    settings = {**DEMO_SETTINGS, **overrides}
+    settings = {"generator": models["generator"], "tagger": "world", **DEMO_SETTINGS, **overrides}
     return run(
         models.get(classifier, classifier),
         classes or ",".join(SHAPES),
         name=name,
-        generator=models["generator"],
-        tagger="world",
         attributes=models["attributes"],
         out=out,
         device="cpu",
@@ -146,9 +144,21 @@ def audit_world_classifier(  # noqa: D417
 
 
 def demo(out: str = "reports", compare_unbiased: bool = True, quiet: bool = False, **overrides):
-    """Audit every world class with the biased classifier (and the unbiased one, then compare them)."""
+    """Audit every world class with the biased classifier (and the unbiased one, then compare them).
+
+    The two runs share one loaded generator and tagger: the second reuses the first's images of token-free
+    prompts (the baseline grids and counterfactual prompts, the same for both classifiers; ``SampleMemo``)."""
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
+    if compare_unbiased and "generator" not in overrides and "tagger" not in overrides:
+        from .adapters.generator_load import load_generator
+        from .tag import load_tagger
+
+        overrides = {
+            **overrides,
+            "generator": load_generator(world_models()["generator"], "cpu"),
+            "tagger": load_tagger("world", "cpu"),
+        }
     biased = demo_run("biased", "demo-biased", out, quiet, **overrides)
     seconds["biased run"] = time.perf_counter() - t0
     result = {"biased": biased, "seconds": seconds, "truth": score_truth(biased, world_models()["biased"])}

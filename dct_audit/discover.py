@@ -250,6 +250,7 @@ def discover_run(
     check: bool = True,
     device: str = "auto",
     quiet: bool = False,
+    models=None,
 ) -> pd.DataFrame:
     """Discovery on a finished run (``dct-audit discover RUN_DIR``; ``run --discover`` calls it at the end).
 
@@ -288,7 +289,10 @@ def discover_run(
     if not 0 < alpha < 1:
         alpha = ALPHA
     torch_device = opts.resolved_device()
-    tagger = load_tagger(opts.tagger, torch_device)
+    given = models or Models()
+    tagger = (
+        given.tagger or (given.bank.tagger if given.bank else None) or load_tagger(opts.tagger, torch_device)
+    )
     if concept_template.count("{}") != 1:
         raise DctAuditError(
             f"--concept-template {concept_template!r} needs one {{}} (where the concept goes)"
@@ -328,7 +332,11 @@ def discover_run(
     findings_cf: dict[tuple[int, str], dict] = {}
     if check and table["significant"].any():
         vocabulary = load_vocabulary(opts.attributes)
-        models = Models(bank=AttributeBank.build(tagger, vocabulary))
+        models = Models(
+            classifier=given.classifier,
+            generator=given.generator,
+            bank=AttributeBank.build(tagger, vocabulary),
+        )
         others = [a.name for a in vocabulary.attributes if not a.absence]
         seeds = eval_seeds(opts.seed, opts.confirm_seeds)
         batch = opts.batch if isinstance(opts.batch, int) else (4 if torch_device.type == "cuda" else 2)

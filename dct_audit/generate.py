@@ -61,7 +61,8 @@ def plan_jobs(
 def generate(
     generator: Generator, jobs: list[Job], batch: int, steps: int | None, guidance: float | None
 ) -> Iterator[tuple[list[Job], torch.Tensor]]:
-    """Yield ``(jobs, images (b, 3, H, W))`` in batches, without autograd."""
+    """Yield ``(jobs, images (b, 3, H, W))`` in batches, without autograd. Batches of token-free prompts
+    come from the generator's memo when it keeps one and made them before (``SampleMemo``)."""
     uncond = None
     g = generator.spec.default_guidance if guidance is None else guidance
     with torch.no_grad():
@@ -69,7 +70,16 @@ def generate(
             uncond = generator.encode([""])
         for i in range(0, len(jobs), batch):
             chunk = jobs[i : i + batch]
-            images = generator.sample(
-                [j.prompt for j in chunk], [j.seed for j in chunk], steps, guidance, uncond=uncond
+            prompts, seeds = [j.prompt for j in chunk], [j.seed for j in chunk]
+            memo = (
+                generator.memo
+                if generator.memo is not None and not generator.has_added_token(prompts)
+                else None
             )
-            yield chunk, images.float()
+            key = (tuple(prompts), tuple(seeds), steps, guidance)
+            images = memo.get(key) if memo is not None else None
+            if images is None:
+                images = generator.sample(prompts, seeds, steps, guidance, uncond=uncond).float()
+                if memo is not None:
+                    memo.put(key, images)
+            yield chunk, images.to(generator.device)

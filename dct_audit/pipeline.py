@@ -28,7 +28,7 @@ from .plan import Plan, plan_run
 from .records import build_manifest, manifest_options, peak_memory_mb, placeholder_for  # noqa: F401
 from .resolve import ResolvedClass
 from .score import holdout_accuracy, score_images
-from .tag import AttributeBank, Vocabulary, load_tagger, load_vocabulary
+from .tag import AttributeBank, Tagger, Vocabulary, load_tagger, load_vocabulary
 
 
 @dataclass
@@ -48,6 +48,7 @@ class Models:
     classifier: Classifier | None = None
     bank: AttributeBank | None = None
     holdout: Classifier | None = None
+    tagger: Tagger | None = None  # given in memory (else loaded by name when the bank is built)
 
 
 def run(classifier, classes: str | list[str], *, preprocess=None, **kwargs) -> RunResult:
@@ -56,29 +57,52 @@ def run(classifier, classes: str | list[str], *, preprocess=None, **kwargs) -> R
     ``classifier`` is a name (as ``--classifier``) or a model in memory: a torch ``nn.Module`` (a timm
     model carries its preprocessing and, for ImageNet weights, its labels; any other module needs
     ``labels=`` (a list of names or a file) and ``preprocess=`` (a ``Preprocess``)), or a ``Classifier``.
-    Other keyword arguments are the fields of :class:`RunOptions` (the CLI flags). Finished classes of an
-    existing run with the same settings are kept (an in-memory model is the same when its weights, labels
-    and preprocessing hash the same); a half-finished class is redone.
+    ``generator=`` and ``tagger=`` also take models in memory: a loaded diffusers pipeline (or a
+    ``Generator``) and a ``Tagger`` (``dct_audit.adapters.in_memory``). Other keyword arguments are the
+    fields of :class:`RunOptions` (the CLI flags). Finished classes of an existing run with the same
+    settings are kept (an in-memory model is the same when its weights, labels and preprocessing hash the
+    same); a half-finished class is redone.
     """
+    generator, tagger = _models_in_memory(kwargs)
     if isinstance(classifier, str):
         if preprocess is not None:
             raise DctAuditError("preprocess= is for a classifier given in memory; a named one brings its own")
-        return run_with_options(RunOptions(classifier=classifier, classes=classes, **kwargs))
+        opts = RunOptions(classifier=classifier, classes=classes, **kwargs)
+        return run_with_options(opts, generator=generator, tagger=tagger)
     from .adapters.in_memory import wrap_classifier
 
     clf = wrap_classifier(classifier, kwargs.pop("labels", None), preprocess)
     opts = RunOptions(classifier=clf.spec.spec, classes=classes, **kwargs)
-    return run_with_options(opts, classifier=clf)
+    return run_with_options(opts, classifier=clf, generator=generator, tagger=tagger)
 
 
-def run_with_options(opts: RunOptions, classifier: Classifier | None = None) -> RunResult:
-    """Run an audit as ``opts`` says; ``classifier``: a model already in memory (``opts.classifier`` is then
-    its record's name)."""
+def _models_in_memory(kwargs: dict) -> tuple[Generator | None, Tagger | None]:
+    """Take a generator or tagger given in memory out of ``kwargs``, leaving its record name there."""
+    from .adapters.in_memory import wrap_generator, wrap_tagger
+
+    generator = tagger = None
+    if kwargs.get("generator") is not None and not isinstance(kwargs["generator"], str):
+        generator = wrap_generator(kwargs["generator"])
+        kwargs["generator"] = generator.spec.spec
+    if kwargs.get("tagger") is not None and not isinstance(kwargs["tagger"], str):
+        tagger = wrap_tagger(kwargs["tagger"])
+        kwargs["tagger"] = tagger.spec
+    return generator, tagger
+
+
+def run_with_options(
+    opts: RunOptions,
+    classifier: Classifier | None = None,
+    generator: Generator | None = None,
+    tagger: Tagger | None = None,
+) -> RunResult:
+    """Run an audit as ``opts`` says; ``classifier``, ``generator``, ``tagger``: models already in memory
+    (``opts.classifier``, ``opts.generator`` and ``opts.tagger`` are then their records' names)."""
     if opts.ray:  # each class a Ray task, then the analysis here (dct_audit/scale.py)
         from .scale import run_on_ray
 
-        return run_on_ray(opts, classifier)
-    plan = plan_run(opts, classifier)
+        return run_on_ray(opts, classifier, generator, tagger)
+    plan = plan_run(opts, classifier, generator, tagger)
     lock = ".lock" if not opts.shard else ".lock-shard-{}-of-{}".format(*parse_shard(opts.shard))
     with rundir.run_lock(plan.root, lock):
         return _run_locked(opts, plan)
@@ -103,8 +127,13 @@ def _run_locked(opts: RunOptions, plan: Plan) -> RunResult:
     if opts.tagger:
         from .tag import check_tagger
 
-        check_tagger(opts.tagger)  # before the classifier and generator load: fail fast and cheaply
-    models = Models(classifier=plan.classifier.to(device) if plan.classifier is not None else None)
+        if plan.tagger is None:
+            check_tagger(opts.tagger)  # before the classifier and generator load: fail fast and cheaply
+    models = Models(
+        classifier=plan.classifier.to(device) if plan.classifier is not None else None,
+        generator=plan.generator,
+        tagger=plan.tagger,
+    )
     batch_record = None
     if todo:
         load_models(models, opts, device, vocabulary)
@@ -188,6 +217,7 @@ def _run_locked(opts: RunOptions, plan: Plan) -> RunResult:
             alpha=opts.alpha,
             device=opts.device,
             quiet=opts.quiet,
+            models=models,
         )
         findings = [f.to_dict() for f in rundir.read_findings(root)]
 
@@ -200,12 +230,12 @@ def _run_locked(opts: RunOptions, plan: Plan) -> RunResult:
     return RunResult(run_dir=root, classes=results, skipped=skipped, findings=findings, report=report)
 
 
-def finish_run(run_dir: str | Path, classifier=None, **overrides) -> RunResult:
+def finish_run(run_dir: str | Path, classifier=None, generator=None, tagger=None, **overrides) -> RunResult:
     """Analyse and report a run whose classes were audited elsewhere (``--shard K/N`` job arrays): the same
     settings as the run, read from its manifest; ``overrides`` may set the device, ``quiet``, ``report``
     and the analysis options (alpha, min_effect, confirm, confirm_seeds). Refuses while classes of the run
-    are unfinished, naming them. ``classifier``: the model of a run audited with one in memory (it must
-    hash the same as the run's)."""
+    are unfinished, naming them. ``classifier``, ``generator``, ``tagger``: the models of a run audited with
+    them in memory (each must be recorded as the run's was)."""
     root = Path(run_dir)
     manifest = rundir.RunDir(root).read_manifest() if root.is_dir() else None
     if manifest is None or "settings" not in manifest:
@@ -227,6 +257,12 @@ def finish_run(run_dir: str | Path, classifier=None, **overrides) -> RunResult:
             "(or `dct-audit run` with the same settings), then finish"
         )
     kwargs = manifest_options(manifest, overrides)
+    given = {"generator": generator, "tagger": tagger}
+    wanted = {k: kwargs.get(k) for k in given if given[k] is not None}
+    gen, tg = _models_in_memory(given)
+    for k, name in wanted.items():
+        if given[k] != name:
+            raise DctAuditError(f"the {k} given ({given[k]}) is not the run's ({name})")
     clf = None
     if classifier is not None:
         from .adapters.in_memory import wrap_classifier
@@ -240,7 +276,7 @@ def finish_run(run_dir: str | Path, classifier=None, **overrides) -> RunResult:
     opts = RunOptions(
         classes=[str(c["index"]) for c in classes], out=str(root.parent), name=root.name, **kwargs
     )
-    return run_with_options(opts, classifier=clf)
+    return run_with_options(opts, classifier=clf, generator=gen, tagger=tg)
 
 
 def load_models(
@@ -248,14 +284,14 @@ def load_models(
 ) -> Models:
     if models.classifier is None:
         models.classifier = load_classifier(opts.classifier, opts.labels, device)
+    if opts.holdout_classifier and models.holdout is None:
+        models.holdout = load_classifier(opts.holdout_classifier, opts.labels, device)
+        if models.holdout.labels.names != models.classifier.labels.names:
+            raise DctAuditError(
+                f"--holdout-classifier {opts.holdout_classifier} has other classes than {opts.classifier}; "
+                "a held-out classifier must share the label list"
+            )
     if models.generator is None:
-        if opts.holdout_classifier:
-            models.holdout = load_classifier(opts.holdout_classifier, opts.labels, device)
-            if models.holdout.labels.names != models.classifier.labels.names:
-                raise DctAuditError(
-                    f"--holdout-classifier {opts.holdout_classifier} has other classes than {opts.classifier}; "
-                    "a held-out classifier must share the label list"
-                )
         from .adapters.generator_load import resolve_dtype
 
         models.generator = load_generator(
@@ -264,7 +300,7 @@ def load_models(
         if opts.grad_checkpointing:
             models.generator.enable_gradient_checkpointing()
     if vocabulary is not None and models.bank is None:
-        models.bank = AttributeBank.build(load_tagger(opts.tagger, device), vocabulary)
+        models.bank = AttributeBank.build(models.tagger or load_tagger(opts.tagger, device), vocabulary)
     return models
 
 

@@ -19,9 +19,12 @@ import torch
 from . import rundir
 from .adapters import registry
 from .adapters.classifier import Classifier, ClassifierSpec, describe_classifier, load_classifier
+from .adapters.generator import Generator
 from .adapters.generator_load import check_generator_spec, resolve_dtype
+from .errors import DctAuditError
 from .options import RunOptions
 from .resolve import resolve_classes
+from .tag import Tagger
 
 
 def default_run_name(classifier: str) -> str:
@@ -60,12 +63,20 @@ class Plan:
     previous: dict | None  # the manifest of an earlier run in the folder
     say: Callable[[str], None]
     classifier: Classifier | None = None  # already loaded: a model in memory, or a registered plugin's
+    generator: Generator | None = None  # a pipeline given in memory
+    tagger: Tagger | None = None  # a tagger given in memory
 
 
-def plan_run(opts: RunOptions, classifier: Classifier | None = None) -> Plan:
+def plan_run(
+    opts: RunOptions,
+    classifier: Classifier | None = None,
+    generator: Generator | None = None,
+    tagger: Tagger | None = None,
+) -> Plan:
     """Check the options, resolve the classes and check the run folder; one clear line on bad input, and
     nothing written and no weights loaded (except a registered plugin's classifier: only it knows its labels,
-    so it is loaded here, once, and the run uses it)."""
+    so it is loaded here, once, and the run uses it). ``classifier``, ``generator``, ``tagger``: models given
+    in memory (their names in ``opts`` are their records)."""
     # 1. Check inputs and resolve names
     opts.check()
     device = opts.resolved_device()
@@ -86,6 +97,25 @@ def plan_run(opts: RunOptions, classifier: Classifier | None = None) -> Plan:
     root = Path(opts.out) / (opts.name or default_run_name(opts.classifier))
     settings = opts.settings(batch)
     run_dir, previous = rundir.open_run_dir(root, settings, opts.overwrite)
-    check_generator_spec(opts.generator)  # a local folder or hub index that cannot work: before anything
+    if generator is None:
+        check_generator_spec(opts.generator)  # a local folder or hub index that cannot work: before anything
+    elif generator.device.type != device.type:
+        raise DctAuditError(
+            f"the generator given is on {generator.device} but the run's device is {device}; move it, or pass "
+            f"device='{generator.device.type}'"
+        )
     rundir.check_free_space(root, estimated_bytes(opts, len(targets)))
-    return Plan(device, batch, clf_record, targets, root, settings, run_dir, previous, say, classifier)
+    return Plan(
+        device,
+        batch,
+        clf_record,
+        targets,
+        root,
+        settings,
+        run_dir,
+        previous,
+        say,
+        classifier,
+        generator,
+        tagger,
+    )

@@ -31,11 +31,11 @@ def _task(values: dict, k: int, n: int, threads: int) -> list[int]:
     return [c["index"] for c in result.classes]
 
 
-def run_on_ray(opts: RunOptions, classifier=None):
+def run_on_ray(opts: RunOptions, classifier=None, generator=None, tagger=None):
     """``dct-audit run ... --ray [ADDRESS]``: see the module docstring. Returns ``finish_run``'s result."""
-    if classifier is not None:
+    if classifier is not None or generator is not None or tagger is not None:
         raise DctAuditError(
-            "--ray audits a classifier named by --classifier (workers load it themselves); a model in memory "
+            "--ray audits models named by their flags (workers load them themselves); a model in memory "
             "runs in this process: drop ray="
         )
     if opts.shard:

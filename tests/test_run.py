@@ -290,3 +290,58 @@ def test_a_classifier_in_memory_audits_like_the_same_model_loaded_from_its_file(
     # a module that carries no preprocessing (not a timm model) is refused with the fix
     with pytest.raises(DctAuditError, match="preprocess="):
         dct_audit.run(torch.nn.Linear(3, 4), "plate", labels=names, name="bad", **common)
+
+
+def test_a_generator_and_tagger_in_memory_audit_like_the_same_models_named(
+    tiny_pipelines, tiny_classifier, tiny_clip, tmp_path, quick_run_kwargs
+):
+    """A loaded diffusers pipeline and a loaded tagger give the run the same token, scores and tags as the
+    same models named by folder; the manifest records the pipeline by class and weight hash; a second
+    audit with the same pipeline reuses its token-free images and gets the same numbers; a resume keeps the
+    finished class, and other weights are refused."""
+    import dct_audit
+    from diffusers import StableDiffusionPipeline
+
+    from dct_audit.invert import load_token
+    from dct_audit.tag import load_tagger
+
+    model, labels = tiny_classifier
+    common = dict(quick_run_kwargs, tagger=f"hf:{tiny_clip}", confirm="flagged", labels=labels)
+    dct_audit.run(f"file:{model}", "plate", generator=tiny_pipelines["turbo"], name="named", **common)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_pipelines["turbo"], safety_checker=None)
+    tagger = load_tagger(f"hf:{tiny_clip}")
+    mem = dict(common, generator=pipe, tagger=tagger)
+    dct_audit.run(f"file:{model}", "plate", name="mem", **mem)
+    folders = {n: next((tmp_path / n / "classes").iterdir()) for n in ("named", "mem")}
+    assert torch.equal(*(load_token(f / "token.safetensors")[1] for f in folders.values()))
+    for table in ("scores.csv", "tags.csv"):
+        pd.testing.assert_frame_equal(*(pd.read_csv(f / table) for f in folders.values()))
+    manifest = json.loads((tmp_path / "mem" / "manifest.json").read_text())
+    assert manifest["models"]["generator"]["spec"].startswith("in-memory:StableDiffusionPipeline@")
+    assert manifest["tagging"]["tagger"] == f"hf:{tiny_clip}"
+
+    # the same pipeline again: its baseline images come from its memo, and the numbers are the same
+    memo = pipe._dct_audit_memo
+    assert memo.hits == 0 and memo.batches
+    dct_audit.run(f"file:{model}", "plate", name="again", **mem)
+    assert memo.hits > 0
+    again = next((tmp_path / "again" / "classes").iterdir())
+    pd.testing.assert_frame_equal(
+        pd.read_csv(folders["mem"] / "scores.csv"), pd.read_csv(again / "scores.csv")
+    )
+
+    assert dct_audit.run(f"file:{model}", "plate", name="mem", **mem).skipped == [3]
+    with torch.no_grad():
+        next(pipe.unet.parameters()).add_(1.0)
+    with pytest.raises(DctAuditError, match="other settings"):
+        dct_audit.run(f"file:{model}", "plate", name="mem", **mem)
+    assert pipe._dct_audit_memo is not memo and not pipe._dct_audit_memo.batches  # stale images dropped
+    with pytest.raises(DctAuditError, match="StableDiffusionPipeline"):
+        dct_audit.run(f"file:{model}", "plate", name="bad", **dict(mem, generator=42))
+    with pytest.raises(DctAuditError, match="passed in memory"):
+        dct_audit.run(
+            f"file:{model}",
+            "plate",
+            name="bad",
+            **dict(mem, generator=manifest["models"]["generator"]["spec"]),
+        )

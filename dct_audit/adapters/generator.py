@@ -85,8 +85,49 @@ class GeneratorSpec:
         return asdict(self)
 
 
+class SampleMemo:
+    """Images a generator made for prompts without a learned token, by (prompts, seeds, steps, guidance).
+
+    A generator given in memory keeps one (``adapters.in_memory.wrap_generator``): the next audit with the
+    same loaded generator (the demo's unbiased run, a notebook auditing a second classifier) reuses its
+    baseline grids and counterfactual prompts instead of making them again. The key is the whole batch, so
+    a reused batch is the one the sampler would make again: no number changes. Kept on the CPU, at most
+    ``max_bytes``; the least recently used batch goes first.
+    """
+
+    def __init__(self, digest: str, max_bytes: int = 1 << 30):
+        from collections import OrderedDict
+
+        self.digest = digest  # the weights the images were made with (``in_memory.pipeline_hash``)
+        self.max_bytes = max_bytes
+        self.batches: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self.bytes = 0
+        self.hits = 0
+
+    def get(self, key: tuple) -> torch.Tensor | None:
+        images = self.batches.get(key)
+        if images is None:
+            return None
+        self.batches.move_to_end(key)
+        self.hits += 1
+        return images.clone()
+
+    def put(self, key: tuple, images: torch.Tensor) -> None:
+        images = images.detach().cpu().clone()
+        size = images.numel() * images.element_size()
+        if size > self.max_bytes or key in self.batches:
+            return
+        while self.bytes + size > self.max_bytes:
+            _, old = self.batches.popitem(last=False)
+            self.bytes -= old.numel() * old.element_size()
+        self.batches[key] = images
+        self.bytes += size
+
+
 class Generator:
     """A loaded Stable Diffusion pipeline with learned-token injection and a gradient-skipping sampler."""
+
+    memo: SampleMemo | None = None  # images of token-free prompts, for a generator given in memory
 
     def __init__(self, pipe, spec: GeneratorSpec, device: torch.device):
         self.pipe = pipe
@@ -136,6 +177,11 @@ class Generator:
                 f"--init-word '{word}' is {len(ids)} tokens for this tokenizer; choose a one-token word"
             )
         return self.embedding.base.weight[ids[0]].detach().float().clone()
+
+    def has_added_token(self, prompts: list[str]) -> bool:
+        """Whether any of ``prompts`` uses a token added to the vocabulary (a learned token)."""
+        n = self.embedding.base.num_embeddings
+        return any(i >= n for ids in self.tokenizer(prompts, add_special_tokens=False).input_ids for i in ids)
 
     def set_token(self, placeholder: str, vector: torch.Tensor) -> None:
         """Make ``placeholder`` in prompts mean ``vector`` (a tensor or a trainable parameter)."""

@@ -14,6 +14,7 @@ import torch
 from ..errors import DctAuditError
 from ..options import DEFAULT_GENERATOR
 from . import hub, registry
+from .classifier import IN_MEMORY
 from .generator import FAMILY_DEFAULTS, SDXL_FAMILIES, Generator, GeneratorSpec
 
 
@@ -46,6 +47,11 @@ def check_generator_spec(spec: str) -> str:
         return spec  # a plugin checks its own spec when it loads
     if not spec or not spec.strip():
         raise DctAuditError("--generator is empty; give a hub id (stabilityai/sd-turbo) or a pipeline folder")
+    if spec.startswith(IN_MEMORY):
+        raise DctAuditError(
+            f"generator '{spec}' was passed in memory (a loaded pipeline), so it cannot be loaded from its name; "
+            "pass the same pipeline again from Python: dct_audit.run(..., generator=pipe)"
+        )
     if not hub.looks_like_path(spec):
         check_hub_generator(spec)
         return spec
@@ -229,7 +235,14 @@ def load_generator(
             **shared,
             **hub.hf_kwargs(spec),
         )
-    pipe = pipe.to(device)
+    return adapt_pipeline(pipe.to(device), spec, device, dtype, resolution, family)
+
+
+def adapt_pipeline(
+    pipe, spec: str, device: torch.device, dtype: torch.dtype, resolution: int | None, family: str | None
+) -> Generator:
+    """The adapter around a loaded ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` (on ``device``):
+    its family (from its own config unless given), default steps and guidance, and its record ``spec``."""
     pipe.set_progress_bar_config(disable=True)
     family = family or detect_family(spec, pipe)
     steps, guidance = FAMILY_DEFAULTS[family]
@@ -248,7 +261,7 @@ def load_generator(
         default_guidance=guidance,
         dtype=str(dtype).replace("torch.", ""),
     )
-    if xl:
+    if getattr(pipe, "text_encoder_2", None) is not None:
         from .sdxl import SDXLGenerator
 
         return SDXLGenerator(pipe, gspec, device)

@@ -1,5 +1,12 @@
-"""A classifier given in memory (a notebook's ``nn.Module``, a timm model or a ``Classifier``) as the audit's
-``Classifier``, recorded by its class and a hash of its weights, labels and preprocessing."""
+"""Models given in memory (a notebook's) as the audit's adapters, each recorded so a resume can tell whether
+it is the same model:
+
+- a classifier (an ``nn.Module``, a timm model or a ``Classifier``): by its class and a hash of its weights,
+  labels and preprocessing (``wrap_classifier``);
+- a generator (a loaded diffusers ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline``, or a
+  ``Generator``): by the pipeline's class and a hash of its weights and scheduler (``wrap_generator``);
+- a tagger (a ``dct_audit.tag.Tagger``, what ``load_tagger`` returns): by its name (``wrap_tagger``).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import DctAuditError
+from ..tag import Tagger
 from .classifier import (
     IN_MEMORY,
     Classifier,
@@ -20,14 +28,21 @@ from .classifier import (
     labels_from_timm_cfg,
     read_labels_file,
 )
+from .generator import Generator, SampleMemo
 
 
-def weights_hash(model: nn.Module) -> str:
-    """SHA-256 of a module's parameters and buffers (names, dtypes, shapes and values), in state-dict order."""
+def weights_hash(model: nn.Module, h=None) -> str:
+    """SHA-256 of a module's parameters and buffers (names, dtypes, shapes and values), in state-dict order.
+    A text encoder's token-injecting embedding (added by a ``Generator``) hashes as the embedding it wraps."""
     import hashlib
 
-    h = hashlib.sha256()
+    from .generator import TokenInjectingEmbedding
+
+    h = h or hashlib.sha256()
+    wrapped = [n for n, m in model.named_modules() if isinstance(m, TokenInjectingEmbedding)]
     for name, t in model.state_dict().items():
+        for w in wrapped:
+            name = name.replace(f"{w}.base.", f"{w}.", 1) if name.startswith(f"{w}.base.") else name
         t = t.detach().cpu().contiguous().reshape(-1)  # 0-d tensors cannot be viewed as bytes
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
@@ -102,3 +117,75 @@ def wrap_classifier(
     return checked_outputs(
         Classifier(model, preprocess, labels, rec).to(device), f"the in-memory classifier {name}", "labels="
     )
+
+
+PIPELINE_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+
+
+def pipeline_hash(pipe) -> str:
+    """SHA-256 of a pipeline's scheduler config and its UNet, VAE and text encoders' weights."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256(json.dumps(dict(pipe.scheduler.config), sort_keys=True, default=str).encode())
+    for part in PIPELINE_PARTS:
+        module = getattr(pipe, part, None)
+        if module is not None:
+            h.update(part.encode())
+            weights_hash(module, h)
+    return h.hexdigest()
+
+
+def wrap_generator(
+    pipe, device: str | torch.device | None = None, resolution: int | None = None, family: str | None = None
+) -> Generator:
+    """A generator given in memory as the audit's :class:`Generator`.
+
+    ``pipe``: a loaded diffusers ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` (used in place:
+    it is moved to ``device``, its models are frozen, and its text encoder's input embedding gets the
+    pass-through wrapper that injects learned tokens), or a ``Generator`` (one from ``load_generator``
+    keeps the name it was loaded by). A pipeline is recorded as ``in-memory:CLASS@HASH`` (``pipeline_hash``),
+    so a resume with other weights is refused like other settings.
+
+    The pipeline keeps the images of token-free prompts (baseline grids, counterfactual prompts; up to
+    1 GiB on the CPU), so the next audit with it reuses them (``SampleMemo``); they are dropped when its
+    weights have changed since (the hash is taken at every call: seconds for a full-size pipeline).
+    """
+    if isinstance(pipe, Generator):
+        generator = pipe
+        if device is not None and torch.device(device).type != generator.device.type:
+            raise DctAuditError(
+                f"the generator given is on {generator.device} but the run's device is {device}; load it "
+                f"there or pass device='{generator.device.type}'"
+            )
+        digest = pipeline_hash(generator.pipe)
+    else:
+        name = type(pipe).__name__
+        if not all(hasattr(pipe, part) for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")):
+            raise DctAuditError(
+                f"a generator given in memory must be a diffusers StableDiffusionPipeline or "
+                f"StableDiffusionXLPipeline (or a dct_audit Generator), not {name}; or pass a hub id or folder"
+            )
+        from .generator_load import adapt_pipeline
+
+        digest = pipeline_hash(pipe)
+        device = torch.device(device) if device is not None else pipe.unet.device
+        spec = f"{IN_MEMORY}{name}@{digest[:16]}"
+        generator = adapt_pipeline(pipe.to(device), spec, device, pipe.unet.dtype, resolution, family)
+    memo = getattr(generator.pipe, "_dct_audit_memo", None)
+    if memo is None or memo.digest != digest:  # new, or the weights changed: earlier images are stale
+        memo = SampleMemo(digest)
+        generator.pipe._dct_audit_memo = memo
+    generator.memo = memo
+    return generator
+
+
+def wrap_tagger(tagger) -> Tagger:
+    """A tagger given in memory: a ``dct_audit.tag.Tagger`` (what ``load_tagger`` returns, or one built
+    around any CLIP-like model's image and text encoders). It is recorded by its ``spec``."""
+    if not isinstance(tagger, Tagger):
+        raise DctAuditError(
+            f"a tagger given in memory must be a dct_audit.tag.Tagger (see dct_audit.tag.load_tagger), not "
+            f"{type(tagger).__name__}; or pass a name (open_clip ARCH/TAG, hf:ORG/MODEL, world)"
+        )
+    return tagger
