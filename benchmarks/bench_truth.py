@@ -54,9 +54,9 @@ def train(folder: Path, planted: PlantedSet | None, seed: int, steps: int) -> di
     return remeasure(folder)
 
 
-def audit(folder: Path, runs: Path, overrides: dict) -> tuple[dict, float, Path]:
+def audit(folder: Path, runs: Path, overrides: dict, models: dict) -> tuple[dict, float, Path]:
     t0 = time.perf_counter()
-    result = audit_world_classifier(str(folder), str(runs), quiet=True, **overrides)
+    result = audit_world_classifier(str(folder), str(runs), quiet=True, **overrides, **models)
     return result["truth"], time.perf_counter() - t0, Path(result["run"].run_dir)
 
 
@@ -159,6 +159,16 @@ def main(argv=None) -> int:
     from dct_audit.world.checker import AttributeChecker
 
     checker = AttributeChecker.from_pretrained().eval()
+    # one loaded generator and tagger for every audit: the generator's memo keeps the images of token-free
+    # prompts (baseline grids, counterfactual prompts), the same for every classifier (README "Python API")
+    from dct_audit.adapters.generator_load import load_generator
+    from dct_audit.demo import world_models
+    from dct_audit.tag import load_tagger
+
+    models = {
+        "generator": load_generator(world_models()["generator"], "cpu"),
+        "tagger": load_tagger("world", "cpu"),
+    }
     rows, controls = [], []
     jobs = [(f"w{args.seed}-{w}", random_planted_set(rng)) for w in range(args.worlds)]
     jobs += [(f"c{args.seed}-{k}", None) for k in range(args.controls)]
@@ -167,7 +177,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         train(folder, planted, seed=args.seed * 1000 + j, steps=args.steps)
         train_s = time.perf_counter() - t0
-        score, audit_s, run_dir = audit(folder, out / "runs", overrides)
+        score, audit_s, run_dir = audit(folder, out / "runs", overrides, models)
         if planted is None:
             controls.append(
                 {"world": name, "n_confirmed": score["n_confirmed"], "audit_s": audit_s, "train_s": train_s}

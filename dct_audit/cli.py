@@ -321,20 +321,15 @@ def _cmd_verify(args) -> int:
     manifest = run.read_manifest()
     if manifest is None:
         raise DctAuditError(f"'{root}' is not a dct-audit run folder (no manifest.json)")
-    classes = manifest.get("classes") or []
-    if not isinstance(classes, list) or not all(
-        isinstance(c, dict) and "index" in c and "name" in c for c in classes
-    ):
-        raise DctAuditError(f"{run.manifest_path} lists no valid classes; rerun the audit with --overwrite")
     bad = 0
-    for c in classes:
-        state, detail = run.verify_class(int(c["index"]), str(c["name"]))
+    for c in manifest.classes:
+        state, detail = run.verify_class(c.index, c.name)
         bad += state != "done"
-        print(f"{state:10s} {int(c['index']):5d} {c['name']}: {detail}")
+        print(f"{state:10s} {c.index:5d} {c.name}: {detail}")
     for name in (rundir.ENRICHMENT, rundir.FINDINGS):
         print(f"{'present' if (root / name).is_file() else 'missing':10s} {name}")
     print(
-        f"{len(classes) - bad}/{len(classes)} classes finished and intact"
+        f"{len(manifest.classes) - bad}/{len(manifest.classes)} classes finished and intact"
         + ("" if not bad else "; run the same `dct-audit run` command to redo the others")
     )
     return 0 if not bad else 1

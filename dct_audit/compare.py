@@ -49,7 +49,7 @@ class CompareResult:
     flagged: list[dict] = field(default_factory=list)
 
 
-def _open(run: str | Path) -> tuple[rundir.RunDir, dict]:
+def _open(run: str | Path) -> tuple[rundir.RunDir, rundir.Manifest]:
     run_dir = rundir.RunDir(run)
     manifest = run_dir.read_manifest()
     if manifest is None:
@@ -59,17 +59,19 @@ def _open(run: str | Path) -> tuple[rundir.RunDir, dict]:
     return run_dir, manifest
 
 
-def check_comparable(ma: dict, mb: dict, name_a: str, name_b: str) -> list[dict]:
-    """The classes both runs finished; a one-line error naming what differs otherwise."""
-    sa, sb = ma.get("settings", {}), mb.get("settings", {})
+def check_comparable(
+    ma: rundir.Manifest, mb: rundir.Manifest, name_a: str, name_b: str
+) -> list[rundir.ManifestClass]:
+    """The classes both runs list; a one-line error naming what differs otherwise."""
+    sa, sb = ma.settings, mb.settings
     diffs = [k for k in MUST_MATCH if sa.get(k) != sb.get(k)]
     if diffs:
         shown = "; ".join(f"{k}: {sa.get(k)!r} vs {sb.get(k)!r}" for k in diffs[:3])
         raise DctAuditError(
             f"runs '{name_a}' and '{name_b}' cannot be paired: {shown}; rerun one with the other's settings"
         )
-    ca = {c["index"]: c for c in ma.get("classes", [])}
-    cb = {c["index"]: c for c in mb.get("classes", [])}
+    ca = {c.index: c for c in ma.classes}
+    cb = {c.index: c for c in mb.classes}
     if set(ca) != set(cb):
         only_a = sorted(set(ca) - set(cb))[:5]
         only_b = sorted(set(cb) - set(ca))[:5]
@@ -107,11 +109,11 @@ def _confirmed_in(row, confirmed_a: set | None, confirmed_b: set | None) -> str:
     return "both" if a and b else "a" if a else "b" if b else ""
 
 
-def _class_folder(run_dir: rundir.RunDir, c: dict) -> Path:
-    folder = run_dir.class_dir(c["index"], c["name"])
+def _class_folder(run_dir: rundir.RunDir, c: rundir.ManifestClass) -> Path:
+    folder = run_dir.class_dir(c.index, c.name)
     if not (folder / rundir.MARKER).is_file():
         raise DctAuditError(
-            f"class {c['name']} ({c['index']}) is not finished in '{run_dir.root}'; resume that run first"
+            f"class {c.name} ({c.index}) is not finished in '{run_dir.root}'; resume that run first"
         )
     return folder
 
@@ -185,7 +187,7 @@ def compare(
     rb, mb = _open(run_b)
     classes = check_comparable(ma, mb, str(run_a), str(run_b))
     out_dir = Path(out) if out else ra.root.parent / f"compare-{ra.root.name}-vs-{rb.root.name}"
-    thresholds = (ma.get("tagging") or {}).get("thresholds", {})
+    thresholds = (ma.tagging or {}).get("thresholds", {})
 
     confirmed_a, confirmed_b = _confirmed_findings(ra.root), _confirmed_findings(rb.root)
 
@@ -199,7 +201,7 @@ def compare(
         clf_a, clf_b = (
             wrap_classifier(g, device=device)
             if g is not None
-            else load_classifier(m["settings"]["classifier"], m["settings"].get("labels"), device)
+            else load_classifier(m.settings["classifier"], m.settings.get("labels"), device)
             for g, m in zip(given, (ma, mb), strict=True)
         )
 
@@ -216,8 +218,8 @@ def compare(
                 r = paired_rates(a, b)
                 attr_rows.append(
                     {
-                        "class_index": c["index"],
-                        "class_name": c["name"],
+                        "class_index": c.index,
+                        "class_name": c.name,
                         "attribute": attr,
                         "n_pairs": r.n,
                         "rate_a": r.rate_a,
@@ -231,8 +233,8 @@ def compare(
         ea, eb = _embeddings(fa, sa, "token"), _embeddings(fb, sb, "token")
         base = _embeddings(fa, sa, "baseline")
         row = {
-            "class_index": c["index"],
-            "class_name": c["name"],
+            "class_index": c.index,
+            "class_name": c.name,
             "accuracy_a": float(sa.loc[sa.variant == "token", "correct"].mean()),
             "accuracy_b": float(sb.loc[sb.variant == "token", "correct"].mean()),
             "token_cosine": _token_cosine(fa, fb),
@@ -242,8 +244,8 @@ def compare(
             row["concept_distance"] = concept_distance(ea, eb)
             row["reference_distance"] = concept_distance(base[:half], base[half:])
         if clf_a is not None:
-            row["a_images_scored_by_b"] = _cross_scores(fa, sa, c["index"], clf_b)
-            row["b_images_scored_by_a"] = _cross_scores(fb, sb, c["index"], clf_a)
+            row["a_images_scored_by_b"] = _cross_scores(fa, sa, c.index, clf_b)
+            row["b_images_scored_by_a"] = _cross_scores(fb, sb, c.index, clf_a)
         class_rows.append(row)
 
     # 4. FDR over all class x attribute tests, flags in either direction, ranking by divergence
@@ -287,8 +289,8 @@ def compare(
         out_dir / "compare.json",
         {
             "created": _dt.datetime.now().isoformat(timespec="seconds"),
-            "run_a": {"path": str(ra.root), "classifier": ma["settings"]["classifier"]},
-            "run_b": {"path": str(rb.root), "classifier": mb["settings"]["classifier"]},
+            "run_a": {"path": str(ra.root), "classifier": ma.settings["classifier"]},
+            "run_b": {"path": str(rb.root), "classifier": mb.settings["classifier"]},
             "alpha": alpha,
             "min_effect": min_effect,
             "flagged": flagged,

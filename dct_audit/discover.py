@@ -268,7 +268,7 @@ def discover_run(
 
     root = Path(run_dir)
     manifest = rundir.RunDir(root).read_manifest() if root.is_dir() else None
-    if manifest is None or "settings" not in manifest:
+    if manifest is None or not manifest.settings:
         raise DctAuditError(
             f"'{root}' is not a dct-audit run folder (no manifest.json); give the folder of the run"
         )
@@ -279,12 +279,11 @@ def discover_run(
         raise DctAuditError(
             f"'{root}' was audited with --tagger none: discovery needs the tagger's image features"
         )
-    classes = manifest.get("classes") or []
     run = rundir.RunDir(root)
-    done = [c for c in classes if run.is_done(c["index"], c["name"])]
+    done = [c for c in manifest.classes if run.is_done(c.index, c.name)]
     if not done:
         raise DctAuditError(f"'{root}' has no finished class to discover on")
-    opts = RunOptions(classes=[str(c["index"]) for c in done], out=str(root.parent), name=root.name, **kwargs)
+    opts = RunOptions(classes=[str(c.index) for c in done], out=str(root.parent), name=root.name, **kwargs)
     alpha = opts.alpha if alpha is None else alpha
     if not 0 < alpha < 1:
         alpha = ALPHA
@@ -309,7 +308,7 @@ def discover_run(
     # 1. Rank and test per class, from the stored image features
     tested, controls = [], {}
     for c in done:
-        folder = run.class_dir(c["index"], c["name"])
+        folder = run.class_dir(c.index, c.name)
         if not (folder / rundir.EMBEDDINGS).is_file():
             raise DctAuditError(f"{folder} has no {rundir.EMBEDDINGS}; run the class again with a tagger")
         scores = pd.read_csv(folder / rundir.SCORES)
@@ -317,8 +316,8 @@ def discover_run(
         if emb.shape[1] != feats.shape[1]:
             raise DctAuditError(f"{folder / rundir.EMBEDDINGS} was made by another tagger than {opts.tagger}")
         seeds, d = paired_differences(scores, emb, feats)
-        rows, controls[c["index"]] = discover_class(seeds, d, concepts, feats, top_k)
-        tested += [{"class_index": c["index"], "class_name": c["name"], **r} for r in rows]
+        rows, controls[c.index] = discover_class(seeds, d, concepts, feats, top_k)
+        tested += [{"class_index": c.index, "class_name": c.name, **r} for r in rows]
     table = pd.DataFrame(tested)
     if table.empty:
         table = pd.DataFrame(columns=[*DISCOVERED_COLUMNS, "index"])
@@ -341,12 +340,12 @@ def discover_run(
         seeds = eval_seeds(opts.seed, opts.confirm_seeds)
         batch = opts.batch if isinstance(opts.batch, int) else (4 if torch_device.type == "cuda" else 2)
         for c in done:
-            rows = table[(table["class_index"] == c["index"]) & table["significant"]]
+            rows = table[(table["class_index"] == c.index) & table["significant"]]
             if rows.empty:
                 continue
-            folder = run.class_dir(c["index"], c["name"])
+            folder = run.class_dir(c.index, c.name)
             prompts = {"{}": "plain"}
-            neutral = [k for k in controls[c["index"]] if k not in set(rows["index"])][:N_CONTROLS]
+            neutral = [k for k in controls[c.index] if k not in set(rows["index"])][:N_CONTROLS]
             for k in neutral:
                 prompts[with_template.format("{}", concepts[k].name)] = concepts[k].name
             for r in rows.itertuples():
@@ -354,7 +353,7 @@ def discover_run(
             sweep = counterfactual_sweep(
                 lambda: load_models(models, opts, torch_device, vocabulary),
                 root / rundir.COUNTERFACTUAL_DIR / f"{folder.name}.json",
-                ResolvedClass(c["index"], c["name"], c["name"]),
+                ResolvedClass(c.index, c.name, c.name),
                 prompts,
                 seeds,
                 opts,
@@ -364,7 +363,7 @@ def discover_run(
                 with_entry = sweep[with_template.format("{}", r.concept)]
                 reps = {
                     name: {
-                        "prompt": template.format(c["name"]),
+                        "prompt": template.format(c.name),
                         "probs": sweep[template]["probs"],
                         "attribute_rate": None,
                         "confounders": confounders(
@@ -377,7 +376,7 @@ def discover_run(
                 eff = counterfactual_effect(with_entry["probs"], reps)
                 worst = next(x for x in eff["replacements"] if x["name"] == eff["worst_replacement"])
                 eff.update(
-                    with_prompt=with_template.format(c["name"], r.concept), without_prompt=worst["prompt"]
+                    with_prompt=with_template.format(c.name, r.concept), without_prompt=worst["prompt"]
                 )
                 ok = confirmed(eff)
                 table.loc[r.Index, ["cf_change", "cf_ci_low", "worst_replacement", "confirmed"]] = [
@@ -386,7 +385,7 @@ def discover_run(
                     eff["worst_replacement"],
                     ok,
                 ]
-                findings_cf[(c["index"], r.concept)] = eff
+                findings_cf[(c.index, r.concept)] = eff
 
     # 3. discovered.csv, and the significant concepts in findings.json
     out = table[list(DISCOVERED_COLUMNS)].sort_values(["class_index", "rank"]).reset_index(drop=True)
@@ -427,18 +426,16 @@ def discover_run(
         )
     rundir.write_findings(root, findings)
     run.update_manifest(
-        {
-            "discovery": {
-                "concepts": concepts_file or "wordnet (timm imagenet_synset_to_lemma.txt)",
-                "n_concepts": len(concepts),
-                "concept_template": concept_template,
-                "top_k": top_k,
-                "alpha": alpha,
-                "with_template": with_template,
-                "checked": check,
-                "findings": "confirmed concepts" if check else "significant concepts, not checked",
-                "confirm_min_change": CONFIRM_MIN_CHANGE,
-            }
+        discovery={
+            "concepts": concepts_file or "wordnet (timm imagenet_synset_to_lemma.txt)",
+            "n_concepts": len(concepts),
+            "concept_template": concept_template,
+            "top_k": top_k,
+            "alpha": alpha,
+            "with_template": with_template,
+            "checked": check,
+            "findings": "confirmed concepts" if check else "significant concepts, not checked",
+            "confirm_min_change": CONFIRM_MIN_CHANGE,
         }
     )
     return out

@@ -148,12 +148,12 @@ def _run_locked(opts: RunOptions, plan: Plan) -> RunResult:
     rundir.create_run_dir(run_dir, opts.overwrite)
     # the manifest lists every class of the run (a shard's too); class records are merged, never replaced
     manifest = build_manifest(
-        plan.previous or {}, opts, settings, device, plan.clf_record, models.generator, targets
+        plan.previous, opts, settings, device, plan.clf_record, models.generator, targets
     )
     if batch_record is not None:
-        manifest["batch_auto"] = batch_record
+        manifest.batch_auto = batch_record
     if vocabulary is not None:
-        manifest["tagging"] = {
+        manifest.tagging = {
             "tagger": opts.tagger,
             "vocabulary": vocabulary.source,
             "attributes_file": opts.attributes,  # the --attributes given (None: the shipped vocabulary)
@@ -163,7 +163,7 @@ def _run_locked(opts: RunOptions, plan: Plan) -> RunResult:
         }
     if opts.overwrite:
         run_dir.write_manifest(manifest)
-    manifest = run_dir.update_manifest(manifest)
+    run_dir.update_manifest(manifest)
 
     # 4. One class at a time
     from tqdm.auto import tqdm
@@ -181,7 +181,7 @@ def _run_locked(opts: RunOptions, plan: Plan) -> RunResult:
         }
         if opts.shard:
             record["shard"] = opts.shard
-        manifest = run_dir.update_manifest({}, {str(cls.index): record})
+        run_dir.update_manifest(class_runs={str(cls.index): record})
     bar.close()
 
     if opts.shard:  # the analysis needs every class: `dct-audit finish` runs it once all shards are done
@@ -194,7 +194,7 @@ def _run_locked(opts: RunOptions, plan: Plan) -> RunResult:
         findings = analyse_run(
             run_dir, targets, vocabulary, lambda: load_models(models, opts, device, vocabulary), opts, batch
         )
-        manifest["analysis"] = {
+        analysis = {
             "alpha": opts.alpha,
             "min_effect": opts.min_effect,
             "confirm": opts.confirm,
@@ -203,7 +203,7 @@ def _run_locked(opts: RunOptions, plan: Plan) -> RunResult:
             "findings": len(findings),
             "finished": _dt.datetime.now().isoformat(timespec="seconds"),
         }
-        manifest = run_dir.update_manifest({"analysis": manifest["analysis"]})
+        run_dir.update_manifest(analysis=analysis)
     results = [rundir.read_class_summary(run_dir.class_dir(c.index, c.name)).to_dict() for c in targets]
 
     # 6. Open-vocabulary discovery over the finished classes (stored image features; checks generate images)
@@ -238,7 +238,7 @@ def finish_run(run_dir: str | Path, classifier=None, generator=None, tagger=None
     them in memory (each must be recorded as the run's was)."""
     root = Path(run_dir)
     manifest = rundir.RunDir(root).read_manifest() if root.is_dir() else None
-    if manifest is None or "settings" not in manifest:
+    if manifest is None or not manifest.settings:
         raise DctAuditError(
             f"'{root}' is not a dct-audit run folder (no manifest.json); give the folder of the run"
         )
@@ -247,10 +247,10 @@ def finish_run(run_dir: str | Path, classifier=None, generator=None, tagger=None
     if unknown:
         raise DctAuditError(f"finish cannot change {', '.join(unknown)}: those are the run's own settings")
     run = rundir.RunDir(root)
-    classes = manifest.get("classes") or []
-    missing = [c for c in classes if not run.is_done(c["index"], c["name"])]
+    classes = manifest.classes
+    missing = [c for c in classes if not run.is_done(c.index, c.name)]
     if missing:
-        names = ", ".join(f"{c['name']} ({c['index']})" for c in missing[:5])
+        names = ", ".join(f"{c.name} ({c.index})" for c in missing[:5])
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise DctAuditError(
             f"{len(missing)} class(es) of '{root}' are not finished: {names}{more}; run their shards again "
@@ -273,9 +273,7 @@ def finish_run(run_dir: str | Path, classifier=None, generator=None, tagger=None
                 f"the classifier given ({clf.spec.spec}) is not the run's ({kwargs.get('classifier')}): "
                 "other weights, labels or preprocessing"
             )
-    opts = RunOptions(
-        classes=[str(c["index"]) for c in classes], out=str(root.parent), name=root.name, **kwargs
-    )
+    opts = RunOptions(classes=[str(c.index) for c in classes], out=str(root.parent), name=root.name, **kwargs)
     return run_with_options(opts, classifier=clf, generator=gen, tagger=tg)
 
 

@@ -60,7 +60,7 @@ class Plan:
     root: Path
     settings: dict
     run_dir: rundir.RunDir
-    previous: dict | None  # the manifest of an earlier run in the folder
+    previous: rundir.Manifest | None  # the manifest of an earlier run in the folder
     say: Callable[[str], None]
     classifier: Classifier | None = None  # already loaded: a model in memory, or a registered plugin's
     generator: Generator | None = None  # a pipeline given in memory

@@ -7,6 +7,7 @@ import datetime as _dt
 import platform
 import resource
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,6 +16,7 @@ import torch
 from . import __version__
 from .generate import eval_seeds
 from .options import RunOptions
+from .rundir import Manifest, ManifestClass
 
 if TYPE_CHECKING:
     from .adapters.generator import Generator
@@ -48,16 +50,16 @@ def peak_memory_mb(device: torch.device) -> dict:
     return out
 
 
-def manifest_options(manifest: dict, overrides: dict | None = None) -> dict:
+def manifest_options(manifest: Manifest, overrides: dict | None = None) -> dict:
     """The ``RunOptions`` keyword arguments of a run, from its manifest (settings, tagger, vocabulary file,
     analysis options), with ``overrides`` on top; ``classes``, ``out`` and ``name`` are the caller's."""
     fields = set(RunOptions.__dataclass_fields__)
-    settings = {k: v for k, v in manifest["settings"].items() if k in fields}
+    settings = {k: v for k, v in manifest.settings.items() if k in fields}
     for key in ("templates", "contexts", "restart_words"):
         if key in settings:
             settings[key] = tuple(settings[key])
-    tagging = manifest.get("tagging") or {}
-    analysis = manifest.get("analysis") or {}
+    tagging = manifest.tagging or {}
+    analysis = manifest.analysis or {}
     return {
         "tagger": tagging.get("tagger"),
         "attributes": tagging.get("attributes_file"),
@@ -68,34 +70,36 @@ def manifest_options(manifest: dict, overrides: dict | None = None) -> dict:
 
 
 def build_manifest(
-    old: dict, opts: RunOptions, settings: dict, device, clf_record, generator: Generator | None, targets
-) -> dict:
-    m = dict(old)
-    m.setdefault("created", _dt.datetime.now().isoformat(timespec="seconds"))
-    m["tool"] = "dct-audit"
-    m["settings"] = settings
-    m["command"] = sys.argv if sys.argv and "dct-audit" in Path(sys.argv[0]).name else None
-    m["device"] = {
+    old: Manifest | None,
+    opts: RunOptions,
+    settings: dict,
+    device,
+    clf_record,
+    generator: Generator | None,
+    targets,
+) -> Manifest:
+    """The run's manifest: ``old``'s (a resumed run's) with this call's settings, environment, models and
+    classes (every class asked for; a class already listed keeps its record)."""
+    m = replace(old) if old is not None else Manifest()
+    m.created = m.created or _dt.datetime.now().isoformat(timespec="seconds")
+    m.settings = settings
+    m.command = sys.argv if sys.argv and "dct-audit" in Path(sys.argv[0]).name else None
+    m.device = {
         "type": device.type,
         "name": torch.cuda.get_device_name(device)
         if device.type == "cuda"
         else platform.processor() or platform.machine(),
         "torch_threads": torch.get_num_threads(),
     }
-    m["versions"] = package_versions()
-    models = m.setdefault("models", {})
-    models["classifier"] = clf_record.to_dict()
+    m.versions = package_versions()
+    m.models = {**m.models, "classifier": clf_record.to_dict()}
     if generator is not None:
-        models["generator"] = generator.spec.to_dict()
-    known = {c["index"]: c for c in m.get("classes", [])}
+        m.models["generator"] = generator.spec.to_dict()
+    known = {c.index: c for c in m.classes}
     for c in targets:
-        known.setdefault(
-            c.index,
-            {"index": c.index, "name": c.name, "query": c.query, "placeholder": placeholder_for(c.index)},
-        )
-    m["classes"] = sorted(known.values(), key=lambda c: c["index"])
-    m.setdefault("class_runs", {})
-    m["eval_seeds"] = eval_seeds(opts.seed, opts.n_images)
+        known.setdefault(c.index, ManifestClass(c.index, c.name, c.query, placeholder_for(c.index)))
+    m.classes = sorted(known.values(), key=lambda c: c.index)
+    m.eval_seeds = eval_seeds(opts.seed, opts.n_images)
     return m
 
 

@@ -44,7 +44,7 @@ import shutil
 import tempfile
 import unicodedata
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +170,74 @@ class ClassSummary:
     def from_dict(cls, d: dict) -> ClassSummary:
         """Unknown keys are dropped; a key an older version did not write reads as None."""
         return cls(**{f.name: d.get(f.name) for f in fields(cls)})
+
+
+@dataclass
+class ManifestClass:
+    """One class of a run as the manifest lists it (every class asked for, finished or not)."""
+
+    index: int
+    name: str
+    query: str | None = None  # what the user typed
+    placeholder: str | None = None  # the learned token's text
+
+
+_SECTIONS = ("batch_auto", "tagging", "analysis", "discovery")  # written once their stage has run
+
+
+@dataclass
+class Manifest:
+    """``manifest.json``: the run's settings (a resume must match them), resolved models, environment,
+    classes, one record per finished class, and one per run-level stage. Keys this version does not know
+    are kept in ``extra`` and written back as they were."""
+
+    settings: dict = field(default_factory=dict)  # ``RunOptions.settings``: every option that changes results
+    created: str | None = None
+    tool: str = "dct-audit"
+    command: list[str] | None = None  # the command line, when run from the CLI
+    device: dict | None = None  # type, name, torch_threads
+    versions: dict | None = None  # python and package versions
+    models: dict = field(default_factory=dict)  # classifier and generator records (their ``to_dict``)
+    classes: list[ManifestClass] = field(default_factory=list)
+    class_runs: dict[str, dict] = field(
+        default_factory=dict
+    )  # str(index) -> folder, seconds, memory, finished
+    eval_seeds: list[int] | None = None  # the seeds of the image grids
+    batch_auto: dict | None = None  # ``--batch auto``: the measurement that chose the batch
+    tagging: dict | None = None  # tagger, vocabulary, presence thresholds
+    analysis: dict | None = None  # alpha, min_effect, confirm settings, number of findings
+    discovery: dict | None = None  # ``dct-audit discover``: concepts and settings
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        out["classes"] = [asdict(c) for c in self.classes]
+        for key in _SECTIONS:
+            if out[key] is None:
+                del out[key]
+        return {**self.extra, **out}
+
+    @classmethod
+    def from_dict(cls, data, source: str | os.PathLike = MANIFEST) -> Manifest:
+        """A manifest from its JSON; anything that is not one is one ``DctAuditError`` line naming the fix."""
+        fix = "use --overwrite to start the run again"
+        if not isinstance(data, dict) or not isinstance(data.get("settings", {}), dict):
+            raise DctAuditError(f"{source} is not a dct-audit manifest; {fix}")
+        classes = data.get("classes") or []
+        if not isinstance(classes, list) or not all(
+            isinstance(c, dict) and isinstance(c.get("index"), int) and isinstance(c.get("name"), str)
+            for c in classes
+        ):
+            raise DctAuditError(f"{source} lists a class without an index and a name; {fix}")
+        known = {f.name for f in fields(cls)} - {"extra", "classes"}
+        return cls(
+            **{k: v for k, v in data.items() if k in known},
+            classes=[
+                ManifestClass(**{k: c.get(k) for k in ("index", "name", "query", "placeholder")})
+                for c in classes
+            ],
+            extra={k: v for k, v in data.items() if k not in known and k != "classes"},
+        )
 
 
 def write_class_summary(folder: str | os.PathLike, summary: ClassSummary) -> None:
@@ -372,35 +440,45 @@ class RunDir:
         if folder.exists():
             shutil.rmtree(folder)
 
-    def read_manifest(self) -> dict | None:
+    def read_manifest(self) -> Manifest | None:
+        """The run's manifest (None when there is none); a broken one is one ``DctAuditError`` line."""
         if not self.manifest_path.is_file():
             return None
-        return read_json_file(self.manifest_path, fix="use --overwrite to start the run again")
+        data = read_json_file(self.manifest_path, fix="use --overwrite to start the run again")
+        return Manifest.from_dict(data, self.manifest_path)
 
-    def write_manifest(self, manifest: dict) -> None:
-        write_json(self.manifest_path, manifest)
+    def write_manifest(self, manifest: Manifest) -> None:
+        write_json(self.manifest_path, manifest.to_dict())
 
-    def update_manifest(self, base: dict, class_runs: dict | None = None) -> dict:
+    def update_manifest(
+        self, base: Manifest | None = None, class_runs: dict | None = None, **sections
+    ) -> Manifest:
         """Merge into the manifest on disk under a short file lock, and return what was written.
 
-        ``base``'s keys replace the disk's, except ``class_runs``, which is the union (``base``'s, then the
-        disk's, then ``class_runs``, later ones winning): shards of one run finish classes concurrently, and none may
-        drop another's records.
+        ``base`` replaces the disk's manifest except its creation time, the stages ``base`` has not
+        recorded, and ``class_runs``, which is the union (``base``'s, then the disk's, then ``class_runs``, later ones winning): shards of one run finish
+        classes concurrently, and none may drop another's records. ``sections`` set single fields
+        (``analysis=...``).
         """
         import fcntl
 
         with open(self.root / ".manifest.lock", "a+") as handle:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
             try:
-                disk = self.read_manifest() or {}
-                merged = {**disk, **base}
-                merged["class_runs"] = {
-                    **(base.get("class_runs") or {}),
-                    **(disk.get("class_runs") or {}),
+                disk = self.read_manifest() or Manifest()
+                merged = replace(base) if base is not None else disk
+                merged.class_runs = {
+                    **(base.class_runs if base is not None else {}),
+                    **disk.class_runs,
                     **(class_runs or {}),
                 }
-                if disk.get("created"):
-                    merged["created"] = disk["created"]
+                merged.created = disk.created or merged.created
+                for key in _SECTIONS:  # a stage another process recorded meanwhile is kept
+                    if getattr(merged, key) is None:
+                        setattr(merged, key, getattr(disk, key))
+                merged.extra = {**disk.extra, **merged.extra}
+                for key, value in sections.items():
+                    setattr(merged, key, value)
                 self.write_manifest(merged)
             finally:
                 fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
@@ -478,7 +556,7 @@ def check_free_space(root: Path, needed_bytes: int) -> None:
         )
 
 
-def open_run_dir(root: Path, settings: dict, overwrite: bool) -> tuple[RunDir, dict | None]:
+def open_run_dir(root: Path, settings: dict, overwrite: bool) -> tuple[RunDir, Manifest | None]:
     """Check a run folder without writing anything: settings must match unless ``overwrite``.
 
     Returns the run dir and the previous manifest (``None`` for a fresh or overwritten run).
@@ -489,7 +567,7 @@ def open_run_dir(root: Path, settings: dict, overwrite: bool) -> tuple[RunDir, d
         return run, None
     previous = run.read_manifest()
     if previous is not None:
-        old = previous.get("settings", {})
+        old = previous.settings
         diffs = [k for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)]
         if diffs:
             shown = "; ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in diffs[:3])

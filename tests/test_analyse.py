@@ -184,3 +184,43 @@ def test_class_summary_round_trips_and_reads_older_or_broken_files(tmp_path):
     (tmp_path / rundir.CLASS_SUMMARY).write_text("[]")
     with pytest.raises(DctAuditError, match="not a class summary"):
         rundir.read_class_summary(tmp_path)
+
+
+def test_the_manifest_round_trips_keeps_unknown_keys_merges_shards_and_refuses_broken_files(tmp_path):
+    import pytest
+
+    from dct_audit import rundir
+    from dct_audit.errors import DctAuditError
+
+    run = rundir.RunDir(tmp_path)
+    m = rundir.Manifest(
+        settings={"seed": 0},
+        created="2026-01-01T00:00:00",
+        classes=[rundir.ManifestClass(3, "star", "star", "<dct-3>")],
+        tagging={"tagger": "world"},
+        extra={"written_by_a_later_version": [1]},
+    )
+    run.write_manifest(m)
+    assert run.read_manifest() == m
+    on_disk = rundir.read_json(run.manifest_path)
+    assert "analysis" not in on_disk and on_disk["written_by_a_later_version"] == [1]
+    assert on_disk["classes"] == [{"index": 3, "name": "star", "query": "star", "placeholder": "<dct-3>"}]
+
+    # two shards finish classes concurrently: neither drops the other's record, nor a stage recorded meanwhile
+    run.update_manifest(class_runs={"3": {"seconds": 1}}, analysis={"findings": 2})
+    later = rundir.Manifest(settings={"seed": 0}, created="2026-02-02", class_runs={"4": {"seconds": 2}})
+    merged = run.update_manifest(later)
+    assert merged == run.read_manifest()
+    assert merged.class_runs == {"3": {"seconds": 1}, "4": {"seconds": 2}}
+    assert merged.created == "2026-01-01T00:00:00" and merged.analysis == {"findings": 2}
+    assert merged.tagging == {"tagger": "world"} and merged.classes == []  # base's own fields win
+
+    for text, match in (
+        ("[]", "not a dct-audit manifest"),
+        ('{"settings": [1]}', "not a dct-audit manifest"),
+        ('{"settings": {}, "classes": [{"index": "3"}]}', "lists a class without an index and a name"),
+    ):
+        run.manifest_path.write_text(text)
+        with pytest.raises(DctAuditError, match=match) as err:
+            run.read_manifest()
+        assert "\n" not in str(err.value)

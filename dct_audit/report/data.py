@@ -6,6 +6,7 @@ import datetime as _dt
 import json
 import os
 import posixpath
+from dataclasses import asdict
 from pathlib import Path
 
 from .. import __version__, rundir
@@ -38,19 +39,18 @@ def read_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, self_contai
     enrichment = read_enrichment(run_dir)
     flagged = _top_flagged(enrichment)
     rows = [_class_row(run_dir, c, flagged, self_contained) for c in listed_classes(run_dir, manifest)]
-    runs = manifest.get("class_runs") or {}
+    runs = manifest.class_runs
     finished = sorted(r["finished"] for r in runs.values() if isinstance(r, dict) and r.get("finished"))
     done = [r for r in rows if r["status"] == "done"]
-    settings = manifest.get("settings") or {}
-    models = manifest.get("models") or {}
+    settings, models = manifest.settings, manifest.models
     run = {
         "name": run_dir.resolve().name,
         "path": str(run_dir),
-        "created": manifest.get("created"),
+        "created": manifest.created,
         "last_finished": finished[-1] if finished else None,
         "compute_seconds": sum(r["seconds"] or 0.0 for r in done),
-        "device": pick(manifest.get("device"), "type", "name"),
-        "versions": manifest.get("versions") or {},
+        "device": pick(manifest.device, "type", "name"),
+        "versions": manifest.versions or {},
         "classifier": pick(models.get("classifier"), "spec", "kind", "model_id", "weights"),
         "generator": pick(
             models.get("generator"),
@@ -66,13 +66,11 @@ def read_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, self_contai
             ),
         ),
         "settings": settings,
-        "tagging": pick(manifest.get("tagging"), "tagger", "vocabulary", "attributes", "thresholds")
-        if manifest.get("tagging")
+        "tagging": pick(manifest.tagging, "tagger", "vocabulary", "attributes", "thresholds")
+        if manifest.tagging
         else None,
-        "analysis": pick(manifest.get("analysis"), "alpha", "min_effect", "findings")
-        if manifest.get("analysis")
-        else None,
-        "command": " ".join(manifest["command"]) if manifest.get("command") else None,
+        "analysis": pick(manifest.analysis, "alpha", "min_effect", "findings") if manifest.analysis else None,
+        "command": " ".join(manifest.command) if manifest.command else None,
         "n_classes": len(rows),
         "n_done": len(done),
         "mean": {k: mean_of(r[k] for r in done) for k in _SUMMARY_KEYS},
@@ -123,28 +121,22 @@ def _finding_rows(findings: list | None, rows: list[dict]) -> dict | None:
 _SUMMARY_KEYS = ("token_accuracy", "baseline_accuracy", "token_target_prob", "baseline_target_prob")
 
 
-def read_manifest(run_dir: Path) -> dict:
+def read_manifest(run_dir: Path) -> rundir.Manifest:
     if not run_dir.is_dir():
         raise DctAuditError(f"no run folder at '{run_dir}'; give the folder that `dct-audit run` wrote")
-    path = run_dir / rundir.MANIFEST
-    if not path.is_file():
+    manifest = rundir.RunDir(run_dir).read_manifest()
+    if manifest is None:
         raise DctAuditError(f"'{run_dir}' is not a dct-audit run folder (no manifest.json)")
-    manifest = rundir.read_json_file(path)
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("classes", []), list):
-        raise DctAuditError(f"{path} is not a dct-audit manifest (no list of classes)")
     return manifest
 
 
-def listed_classes(run_dir: Path, manifest: dict) -> list[dict]:
+def listed_classes(run_dir: Path, manifest: rundir.Manifest) -> list[dict]:
     """Classes of the manifest, with their folder, plus any class folder the manifest does not list."""
-    runs = manifest.get("class_runs") or {}
     out, seen = [], set()
-    for c in manifest.get("classes", []):
-        if not isinstance(c, dict) or "index" not in c or "name" not in c:
-            raise DctAuditError(f"{run_dir / 'manifest.json'} lists a class without index and name: {c!r}")
-        known = runs.get(str(c["index"])) or {}
-        folder = known.get("folder") or rundir.RunDir(run_dir).class_dir(c["index"], c["name"]).name
-        out.append({**c, "folder": folder})
+    for c in manifest.classes:
+        known = manifest.class_runs.get(str(c.index)) or {}
+        folder = known.get("folder") or rundir.RunDir(run_dir).class_dir(c.index, c.name).name
+        out.append({**asdict(c), "folder": folder})
         seen.add(folder)
     classes_dir = run_dir / "classes"
     folders = sorted(classes_dir.iterdir()) if classes_dir.is_dir() else []
