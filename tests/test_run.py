@@ -299,9 +299,9 @@ def test_a_generator_and_tagger_in_memory_audit_like_the_same_models_named(
     same models named by folder; the manifest records the pipeline by class and weight hash; a second
     audit with the same pipeline reuses its token-free images and gets the same numbers; a resume keeps the
     finished class, and other weights are refused."""
-    import dct_audit
     from diffusers import StableDiffusionPipeline
 
+    import dct_audit
     from dct_audit.invert import load_token
     from dct_audit.tag import load_tagger
 

@@ -29,9 +29,17 @@ ABSENCE = set(T.ABSENCE_ATTRIBUTES)
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """The demo (biased run, unbiased run, their comparison) and a second unbiased classifier's run."""
+    from dct_audit.adapters.generator_load import load_generator
+    from dct_audit.demo import world_models
+    from dct_audit.tag import load_tagger
+
     out = tmp_path_factory.mktemp("demo")
-    result = demo(str(out), quiet=True)
-    result["unbiased_seed1"] = demo_run("unbiased_seed1", "demo-unbiased-seed1", str(out), quiet=True)
+    # one loaded generator for the three runs, as the demo does for its two (README "Python API")
+    models = {"generator": load_generator(world_models()["generator"], "cpu"), "tagger": load_tagger("world")}
+    result = demo(str(out), quiet=True, **models)
+    result["unbiased_seed1"] = demo_run(
+        "unbiased_seed1", "demo-unbiased-seed1", str(out), quiet=True, **models
+    )
     result["compare_unbiased"] = compare(
         result["unbiased"].run_dir, result["unbiased_seed1"].run_dir, out / "compare-unbiased"
     )
