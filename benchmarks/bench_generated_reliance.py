@@ -73,11 +73,14 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     for folder in map(Path, args.folders):
         worlds = pd.read_csv(folder / "worlds.csv")
+        classifiers: dict = {}
         for r in worlds.itertuples():
             if not isinstance(r.cls, str):
                 continue  # an unbiased control
             a = by_name[r.value]
-            classifier = load_classifier(str(folder / "classifiers" / r.world), None, "cpu")
+            if r.world not in classifiers:  # a world may plant several biases: one load per world
+                classifiers[r.world] = load_classifier(str(folder / "classifiers" / r.world), None, "cpu")
+            classifier = classifiers[r.world]
             reps = vocabulary.replacements(a)
             probs = probabilities(
                 generator, classifier, r.cls, [a.with_context, *(t for _, t in reps)], seeds

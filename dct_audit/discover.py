@@ -289,9 +289,7 @@ def discover_run(
         alpha = ALPHA
     torch_device = opts.resolved_device()
     given = models or Models()
-    tagger = (
-        given.tagger or (given.bank.tagger if given.bank else None) or load_tagger(opts.tagger, torch_device)
-    )
+    tagger = given.tagger or load_tagger(opts.tagger, torch_device)
     if concept_template.count("{}") != 1:
         raise DctAuditError(
             f"--concept-template {concept_template!r} needs one {{}} (where the concept goes)"

@@ -48,7 +48,7 @@ class Models:
     classifier: Classifier | None = None
     bank: AttributeBank | None = None
     holdout: Classifier | None = None
-    tagger: Tagger | None = None  # given in memory (else loaded by name when the bank is built)
+    tagger: Tagger | None = None  # given in memory, or loaded by name when the bank is built
 
 
 def run(classifier, classes: str | list[str], *, preprocess=None, **kwargs) -> RunResult:
@@ -258,11 +258,10 @@ def finish_run(run_dir: str | Path, classifier=None, generator=None, tagger=None
         )
     kwargs = manifest_options(manifest, overrides)
     given = {"generator": generator, "tagger": tagger}
-    wanted = {k: kwargs.get(k) for k in given if given[k] is not None}
-    gen, tg = _models_in_memory(given)
-    for k, name in wanted.items():
-        if given[k] != name:
-            raise DctAuditError(f"the {k} given ({given[k]}) is not the run's ({name})")
+    gen, tg = _models_in_memory(given)  # ``given`` now holds their record names
+    for k, name in given.items():
+        if name is not None and name != kwargs.get(k):
+            raise DctAuditError(f"the {k} given ({name}) is not the run's ({kwargs.get(k)})")
     clf = None
     if classifier is not None:
         from .adapters.in_memory import wrap_classifier
@@ -298,7 +297,8 @@ def load_models(
         if opts.grad_checkpointing:
             models.generator.enable_gradient_checkpointing()
     if vocabulary is not None and models.bank is None:
-        models.bank = AttributeBank.build(models.tagger or load_tagger(opts.tagger, device), vocabulary)
+        models.tagger = models.tagger or load_tagger(opts.tagger, device)
+        models.bank = AttributeBank.build(models.tagger, vocabulary)
     return models
 
 

@@ -136,28 +136,22 @@ def pipeline_hash(pipe) -> str:
     return h.hexdigest()
 
 
-def wrap_generator(
-    pipe, device: str | torch.device | None = None, resolution: int | None = None, family: str | None = None
-) -> Generator:
+def wrap_generator(pipe, resolution: int | None = None, family: str | None = None) -> Generator:
     """A generator given in memory as the audit's :class:`Generator`.
 
-    ``pipe``: a loaded diffusers ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` (used in place:
-    it is moved to ``device``, its models are frozen, and its text encoder's input embedding gets the
+    ``pipe``: a loaded diffusers ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` (used in place,
+    on the device it is on: its models are frozen, and its text encoder's input embedding gets the
     pass-through wrapper that injects learned tokens), or a ``Generator`` (one from ``load_generator``
     keeps the name it was loaded by). A pipeline is recorded as ``in-memory:CLASS@HASH`` (``pipeline_hash``),
-    so a resume with other weights is refused like other settings.
+    so a resume with other weights is refused like other settings. The run checks that it is on the run's
+    device (``plan.plan_run``).
 
     The pipeline keeps the images of token-free prompts (baseline grids, counterfactual prompts; up to
     1 GiB on the CPU), so the next audit with it reuses them (``SampleMemo``); they are dropped when its
-    weights have changed since (the hash is taken at every call: seconds for a full-size pipeline).
+    weights have changed since (the hash is taken at every call).
     """
     if isinstance(pipe, Generator):
         generator = pipe
-        if device is not None and torch.device(device).type != generator.device.type:
-            raise DctAuditError(
-                f"the generator given is on {generator.device} but the run's device is {device}; load it "
-                f"there or pass device='{generator.device.type}'"
-            )
         digest = pipeline_hash(generator.pipe)
     else:
         name = type(pipe).__name__
@@ -169,9 +163,8 @@ def wrap_generator(
         from .generator_load import adapt_pipeline
 
         digest = pipeline_hash(pipe)
-        device = torch.device(device) if device is not None else pipe.unet.device
         spec = f"{IN_MEMORY}{name}@{digest[:16]}"
-        generator = adapt_pipeline(pipe.to(device), spec, device, pipe.unet.dtype, resolution, family)
+        generator = adapt_pipeline(pipe, spec, pipe.unet.device, pipe.unet.dtype, resolution, family)
     memo = getattr(generator.pipe, "_dct_audit_memo", None)
     if memo is None or memo.digest != digest:  # new, or the weights changed: earlier images are stale
         memo = SampleMemo(digest)
