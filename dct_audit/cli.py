@@ -326,13 +326,23 @@ def _cmd_verify(args) -> int:
         state, detail = run.verify_class(c.index, c.name)
         bad += state != "done"
         print(f"{state:10s} {c.index:5d} {c.name}: {detail}")
+    analysed = True  # a run with a tagger ends with its analysis files, and they must be readable
     for name in (rundir.ENRICHMENT, rundir.FINDINGS):
-        print(f"{'present' if (root / name).is_file() else 'missing':10s} {name}")
+        state = "present" if (root / name).is_file() else "missing"
+        if state == "present" and name == rundir.FINDINGS:
+            try:
+                rundir.read_findings(root)
+            except DctAuditError:
+                state = "broken"
+        analysed &= state == "present"
+        print(f"{state:10s} {name}")
     print(
         f"{len(manifest.classes) - bad}/{len(manifest.classes)} classes finished and intact"
         + ("" if not bad else "; run the same `dct-audit run` command to redo the others")
     )
-    return 0 if not bad else 1
+    if manifest.tagging is not None and not analysed and not bad:
+        print(f"the analysis is missing or broken: run `dct-audit finish {root}`")
+    return 0 if not bad and (analysed or manifest.tagging is None) else 1
 
 
 def _cmd_report(args) -> int:

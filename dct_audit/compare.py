@@ -87,11 +87,17 @@ def _confirmed_findings(root: Path) -> set[tuple[int, str]] | None:
     file = Path(root) / rundir.FINDINGS
     if not file.is_file():
         return None
-    return {
-        (int(f["class_index"]), f["attribute"])
-        for f in rundir.read_json(file)
-        if f.get("confirmed", confirmed(f.get("counterfactual")))  # older runs: the same rule
-    }
+    data = rundir.read_json_file(file, "rerun the analysis: dct-audit finish RUN_DIR")
+    try:
+        return {
+            (int(f["class_index"]), f["attribute"])
+            for f in data
+            if f.get("confirmed", confirmed(f.get("counterfactual")))  # older runs: the same rule
+        }
+    except (TypeError, KeyError, ValueError, AttributeError):
+        raise DctAuditError(
+            f"{file} is not a list of findings; rerun the analysis: dct-audit finish {root}"
+        ) from None
 
 
 def _explained_by(row, confirmed_a: set | None, confirmed_b: set | None) -> str:
@@ -185,6 +191,8 @@ def compare(
     # 1. Check that the runs pair up
     ra, ma = _open(run_a)
     rb, mb = _open(run_b)
+    if ra.root.resolve() == rb.root.resolve():
+        raise DctAuditError(f"both runs are '{run_a}'; give the run folders of two classifiers")
     classes = check_comparable(ma, mb, str(run_a), str(run_b))
     out_dir = Path(out) if out else ra.root.parent / f"compare-{ra.root.name}-vs-{rb.root.name}"
     thresholds = (ma.tagging or {}).get("thresholds", {})

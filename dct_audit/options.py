@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import DctAuditError
@@ -355,6 +356,25 @@ class RunOptions:
             raise DctAuditError(f"--batch must be a whole number or auto, not {self.batch!r}")
         if isinstance(self.batch, int) and self.batch < 1:
             raise DctAuditError(f"--batch must be at least 1, not {self.batch}")
+        if self.name is not None and (Path(self.name).name != self.name or self.name in ("", ".", "..")):
+            raise DctAuditError(
+                f"--name {self.name!r} must be a plain folder name (no '/' or '..'); use --out for the parent folder"
+            )
+        if self.discover:  # discovery's inputs, before the audit it would otherwise follow
+            if not self.tagger:
+                raise DctAuditError("--discover needs a tagger (its image features); drop --tagger none")
+            if self.n_images < 4:
+                raise DctAuditError(
+                    "--discover needs at least 4 seeds per class (2 to rank, 2 to test); use --n-images 4 or more"
+                )
+            if self.discover_with.count("{}") != 2:
+                raise DctAuditError(
+                    f"--discover-with {self.discover_with!r} needs two {{}}: the class, then the concept"
+                )
+            if self.concepts is not None:
+                from .discover import read_concepts
+
+                read_concepts(self.concepts)
         for ctx in self.contexts:
             if ctx.count("{}") != 1:
                 raise DctAuditError(

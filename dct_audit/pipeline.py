@@ -137,6 +137,11 @@ def _run_locked(opts: RunOptions, plan: Plan) -> RunResult:
     batch_record = None
     if todo:
         load_models(models, opts, device, vocabulary)
+        for flag, word in [
+            ("--init-word", opts.init_word),
+            *(("--restart-words", w) for w in opts.restart_words),
+        ]:
+            models.generator.word_vector(word, flag)  # a word of several tokens: one line, nothing written
         if batch == "auto":  # one measured update at batch 1 decides (dct_audit/memory.py)
             from .memory import auto_batch
 

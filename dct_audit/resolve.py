@@ -86,6 +86,9 @@ def resolve_classes(classes: str | list[str], labels: LabelSet) -> tuple[list[Re
         if len(hits) > 1:
             listed = ", ".join(f"{labels.names[i]} ({i})" for i in hits)
             notes.append(f"'{query}' matches {len(hits)} classes: {listed}; auditing all of them")
+        if all(i in seen for i in hits):
+            named = ", ".join(f"{labels.names[i]} ({i})" for i in hits)
+            notes.append(f"'{query}' names {named} again; each class is audited once")
         for i in hits:
             if i not in seen:
                 seen.add(i)

@@ -220,7 +220,7 @@ class Manifest:
     @classmethod
     def from_dict(cls, data, source: str | os.PathLike = MANIFEST) -> Manifest:
         """A manifest from its JSON; anything that is not one is one ``DctAuditError`` line naming the fix."""
-        fix = "use --overwrite to start the run again"
+        fix = "start the run again with `dct-audit run ... --overwrite`"
         if not isinstance(data, dict) or not isinstance(data.get("settings", {}), dict):
             raise DctAuditError(f"{source} is not a dct-audit manifest; {fix}")
         classes = data.get("classes") or []
@@ -248,7 +248,7 @@ def read_class_summary(folder: str | os.PathLike) -> ClassSummary:
     """A class's ``class.json``; a broken or incomplete one is one ``DctAuditError`` line."""
     path = Path(folder) / CLASS_SUMMARY
     fix = "redo the class: dct-audit run with the same settings"
-    data = read_json_file(path, "class summary", fix)
+    data = read_json_file(path, fix)
     if not isinstance(data, dict):
         raise DctAuditError(f"{path} is not a class summary; {fix}")
     return ClassSummary.from_dict(data)
@@ -264,7 +264,7 @@ def read_findings(root: str | os.PathLike) -> list[Finding]:
     path = Path(root) / FINDINGS
     if not path.is_file():
         return []
-    data = read_json_file(path, "findings file", "rerun the analysis: dct-audit finish or run again")
+    data = read_json_file(path, "rerun the analysis: dct-audit finish or run again")
     if not isinstance(data, list) or not all(isinstance(d, dict) for d in data):
         raise DctAuditError(f"{path} is not a list of findings; rerun the analysis")
     try:
@@ -278,12 +278,12 @@ def attribute_columns(columns) -> list[str]:
     return [c for c in columns if c not in TAGS_KEYS]
 
 
-def read_json_file(path: str | os.PathLike, what: str = "JSON", fix: str = "") -> Any:
+def read_json_file(path: str | os.PathLike, fix: str = "") -> Any:
     """``read_json`` that turns a broken file into one clear ``DctAuditError`` line."""
     try:
         return read_json(path)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DctAuditError(f"{path} is not valid {what} ({e})" + (f"; {fix}" if fix else "")) from None
+        raise DctAuditError(f"{path} is not valid JSON ({e})" + (f"; {fix}" if fix else "")) from None
 
 
 @contextlib.contextmanager
@@ -444,7 +444,9 @@ class RunDir:
         """The run's manifest (None when there is none); a broken one is one ``DctAuditError`` line."""
         if not self.manifest_path.is_file():
             return None
-        data = read_json_file(self.manifest_path, fix="use --overwrite to start the run again")
+        data = read_json_file(
+            self.manifest_path, fix="start the run again with `dct-audit run ... --overwrite`"
+        )
         return Manifest.from_dict(data, self.manifest_path)
 
     def write_manifest(self, manifest: Manifest) -> None:

@@ -247,7 +247,7 @@ def load_tagger(spec: str = DEFAULT_TAGGER, device: str | torch.device = "cpu") 
         from transformers import AutoProcessor, CLIPModel
 
         model_id = spec[3:]
-        with hub.missing_model_guard("tagger", f"--tagger {spec}"):
+        with hub.missing_model_guard("tagger", f"--tagger {spec}", source=model_id):
             model = CLIPModel.from_pretrained(model_id, **hub.hf_kwargs(model_id)).to(device).eval()
             proc = AutoProcessor.from_pretrained(model_id, **hub.hf_kwargs(model_id))
         ip = proc.image_processor

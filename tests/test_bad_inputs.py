@@ -91,6 +91,27 @@ CASES = [
         2,
         "SDXL pipeline whose model_index.json lists no",
     ),
+    ("run-name-outside-out", RUN + " --name ../escape", 2, "must be a plain folder name"),
+    ("run-init-word-two-tokens", RUN + " --init-word 'hello world'", 2, "is 2 tokens"),
+    ("run-discover-without-tagger", RUN + " --discover", 2, "--discover needs a tagger"),
+    (
+        "run-discover-too-few-seeds",
+        RUN.replace("--tagger none", "--tagger world") + " --discover --n-images 2",
+        2,
+        "at least 4 seeds per class",
+    ),
+    (
+        "run-classifier-weights-corrupt",
+        RUN.replace("file:{MODEL} --labels {LABELS}", "{TMP}/corrupt-timm"),
+        2,
+        "could not be loaded (Error while deserializing header",
+    ),
+    (
+        "run-tagger-folder-not-a-model",
+        RUN.replace("--tagger none", "--tagger hf:{TMP}/empty-dir"),
+        2,
+        "must be a complete model folder",
+    ),
     ("run-class-no-match", RUN.replace("--classes 0", "--classes zebra"), 2, "zebra"),
     ("run-out-is-a-file", RUN.replace("{TMP}/out", "{TMP}/empty.txt/run"), 2, "is a file"),
     (
@@ -165,6 +186,10 @@ def files(tmp_path, tiny_classifier, tiny_pipelines):
     (tmp_path / "runs" / "damaged" / "manifest.json").write_text('{"settings": {')
     (tmp_path / "badclf").mkdir()
     (tmp_path / "badclf" / "config.json").write_text("{trunc")
+    (tmp_path / "corrupt-timm").mkdir()  # a timm folder whose weights are not a safetensors file
+    config = {"architecture": "resnet18", "num_classes": 4, "label_names": ["a", "b", "c", "d"]}
+    (tmp_path / "corrupt-timm" / "config.json").write_text(json.dumps(config))
+    (tmp_path / "corrupt-timm" / "model.safetensors").write_bytes(b"\xff" * 4000)
     (tmp_path / "worldclf").mkdir()
     (tmp_path / "worldclf" / "config.json").write_text("{}")
     (tmp_path / "worldclf" / "training.json").write_text("{trunc")

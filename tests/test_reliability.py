@@ -33,6 +33,44 @@ def test_a_classifier_file_that_is_not_torchscript_is_one_line(tmp_path, tiny_cl
         load_classifier(f"file:{junk}", tiny_classifier[1])
 
 
+class _Tuple(torch.nn.Module):  # logits and features, as some models return
+    def __init__(self, base):
+        super().__init__()
+        self.base = base
+
+    def forward(self, x) -> tuple[torch.Tensor, torch.Tensor]:
+        y = self.base(x)
+        return y, y * 0
+
+
+class _Dict(_Tuple):
+    def forward(self, x) -> dict[str, torch.Tensor]:
+        return {"logits": self.base(x)}
+
+
+class _Map(_Tuple):  # a segmentation-like output: not logits per image
+    def forward(self, x) -> torch.Tensor:
+        return self.base(x)[:, :, None, None].expand(-1, -1, 2, 2)
+
+
+def test_a_classifier_returning_a_tuple_or_dict_is_read_and_one_without_logits_is_one_line(
+    tmp_path, tiny_classifier
+):
+    model, labels = tiny_classifier
+    base = torch.jit.load(model)
+    ref = load_classifier(f"file:{model}", labels)
+    images = torch.rand(2, 3, 32, 32)
+    for wrapper in (_Tuple, _Dict, _Map):
+        path = tmp_path / f"{wrapper.__name__}.pt"
+        torch.jit.save(torch.jit.script(wrapper(base)), path)
+        shutil.copy(f"{model}.json", f"{path}.json")  # the same preprocessing
+        if wrapper is _Map:
+            with pytest.raises(DctAuditError, match="returned a 4-d tensor, not logits"):
+                load_classifier(f"file:{path}", labels)
+        else:
+            assert torch.equal(load_classifier(f"file:{path}", labels)(images), ref(images))
+
+
 def test_a_generator_whose_model_index_is_not_json_is_one_line(tmp_path):
     (tmp_path / "model_index.json").write_text("{broken")
     with pytest.raises(DctAuditError, match="model_index.json is not valid JSON"):
@@ -146,6 +184,10 @@ def test_a_damaged_finished_class_is_redone_and_verify_reports_it(run_args, tmp_
         in capsys.readouterr().err
     )
     assert (folder / "token.safetensors").stat().st_size > 2 and main(["verify", str(root)]) == 0
+    (root / "findings.json").write_text('{"x":')  # the classes are intact, the analysis is not
+    capsys.readouterr()
+    assert main(["verify", str(root)]) == 1
+    assert "broken     findings.json" in capsys.readouterr().out
 
 
 def test_two_runs_into_one_folder_at_once_are_refused(run_args, tmp_path, capsys):

@@ -24,6 +24,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -166,10 +168,7 @@ class Classifier(nn.Module):
         self.spec = spec
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        out = self.model(self.preprocess(images))
-        if hasattr(out, "logits"):  # transformers output
-            out = out.logits
-        return out  # (B, C)
+        return as_logits(self.model(self.preprocess(images)), self.spec.spec)  # (B, C)
 
     @property
     def device(self) -> torch.device:
@@ -178,6 +177,24 @@ class Classifier(nn.Module):
         for b in self.model.buffers():
             return b.device
         return torch.device("cpu")
+
+
+def as_logits(out, name: str = "the classifier") -> torch.Tensor:
+    """A model's output as logits (B, C): a tensor; ``.logits`` or ``["logits"]`` (transformers outputs,
+    dicts); the first element of a tuple or list (models that also return features)."""
+    if hasattr(out, "logits"):
+        out = out.logits
+    elif isinstance(out, dict):
+        out = out.get("logits")
+    elif isinstance(out, (tuple, list)) and out:
+        out = out[0]
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        what = f"a {out.dim()}-d tensor" if isinstance(out, torch.Tensor) else type(out).__name__
+        raise DctAuditError(
+            f"classifier '{name}' returned {what}, not logits (batch, classes); wrap it so that forward "
+            "returns a logits tensor, a tuple starting with one, or a dict with 'logits'"
+        )
+    return out
 
 
 def parse_spec(spec: str) -> tuple[str, str]:
@@ -321,6 +338,11 @@ def describe_classifier(spec: str, labels_file: str | None = None) -> tuple[Clas
         path = Path(model_id)
         if not path.is_file():
             raise DctAuditError(f"classifier file '{model_id}' does not exist")
+        if not zipfile.is_zipfile(path):  # every TorchScript archive is a zip: a cheap check before any load
+            raise DctAuditError(
+                f"classifier file '{model_id}' is not a TorchScript archive (not a zip file); save the model with "
+                "torch.jit.save(torch.jit.script(model), PATH) or pass a timm/torchvision/hf: name"
+            )
         if labels_file is None:
             raise DctAuditError(f"--classifier file:{model_id} needs --labels FILE (one class name per line)")
         labels = read_labels_file(labels_file)
@@ -363,7 +385,7 @@ def load_classifier(
         import timm
         from timm.data import resolve_data_config
 
-        with hub.missing_model_guard("classifier", f"--classifier {spec}"):
+        with hub.missing_model_guard("classifier", f"--classifier {spec}", source=model_id):
             model = timm.create_model(model_id, pretrained=True)
         cfg = resolve_data_config({}, model=model)
         pre = Preprocess.from_timm(cfg)
@@ -379,7 +401,7 @@ def load_classifier(
     elif kind == "transformers":
         from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-        with hub.missing_model_guard("classifier", f"--classifier {spec}"):
+        with hub.missing_model_guard("classifier", f"--classifier {spec}", source=model_id):
             # float32 whatever the checkpoint stores: the images we score are float32 (a half-precision
             # checkpoint loaded with transformers' dtype="auto" would fail on them, or score in half)
             model = AutoModelForImageClassification.from_pretrained(
@@ -389,7 +411,11 @@ def load_classifier(
         pre = _preprocess_from_hf(proc)
     else:  # torchscript
         try:
-            model = torch.jit.load(model_id, map_location="cpu")
+            with (
+                warnings.catch_warnings()
+            ):  # torch 2.10+ calls TorchScript deprecated; it is what file: loads
+                warnings.filterwarnings("ignore", category=FutureWarning, message=".*jit.*")
+                model = torch.jit.load(model_id, map_location="cpu")
         except (RuntimeError, ValueError, OSError) as e:
             first = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
             raise DctAuditError(
@@ -424,9 +450,10 @@ def probe_num_classes(clf: Classifier) -> int | None:
     with torch.no_grad():
         x = torch.rand(1, 3, *clf.preprocess.crop, device=clf.device)
         try:
-            return int(clf.model(x).shape[-1])
+            out = clf.model(x)
         except Exception:
             return None
+    return int(as_logits(out, clf.spec.spec).shape[-1])
 
 
 def _preprocess_from_hf(proc) -> Preprocess:

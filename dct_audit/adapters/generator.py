@@ -169,12 +169,12 @@ class Generator:
         """Mean norm of the vocabulary's rows (what ``--max-norm`` scales)."""
         return float(self.embedding.base.weight.detach().float().norm(dim=-1).mean())
 
-    def word_vector(self, word: str) -> torch.Tensor:
+    def word_vector(self, word: str, flag: str = "--init-word") -> torch.Tensor:
         """The frozen input embedding of a one-token word (the learned token's initialisation)."""
         ids = self.tokenizer(word, add_special_tokens=False).input_ids
         if len(ids) != 1:
             raise DctAuditError(
-                f"--init-word '{word}' is {len(ids)} tokens for this tokenizer; choose a one-token word"
+                f"{flag} '{word}' is {len(ids)} tokens for this tokenizer; choose a one-token word"
             )
         return self.embedding.base.weight[ids[0]].detach().float().clone()
 

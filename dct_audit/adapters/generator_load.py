@@ -57,8 +57,9 @@ def check_generator_spec(spec: str) -> str:
         return spec
     folder = Path(spec).expanduser()
     if not folder.is_dir():
+        state = "is a file, not a folder" if folder.exists() else "does not exist"
         raise DctAuditError(
-            f"generator folder '{spec}' does not exist; pass a diffusers pipeline folder or a hub id"
+            f"generator folder '{spec}' {state}; pass a diffusers pipeline folder or a hub id"
         )
     if not (folder / "model_index.json").is_file():
         raise DctAuditError(f"generator folder '{spec}' is not a diffusers pipeline (no model_index.json)")
@@ -225,7 +226,7 @@ def load_generator(
         from diffusers import StableDiffusionXLPipeline as pipeline_class
     else:
         pipeline_class = StableDiffusionPipeline
-    with hub.missing_model_guard("generator", f"--generator {spec}"):
+    with hub.missing_model_guard("generator", f"--generator {spec}", source=spec):
         shared = _load_shared(spec, dtype) if hub.looks_like_path(spec) else {}
         no_checker = {} if xl else {"safety_checker": None, "requires_safety_checker": False}
         pipe = pipeline_class.from_pretrained(

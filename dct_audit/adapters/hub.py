@@ -49,21 +49,55 @@ def _network_errors() -> tuple[type[BaseException], ...]:
     return tuple(errs)
 
 
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+
+
 @contextlib.contextmanager
-def missing_model_guard(what: str, flag: str, torch_hub: bool = False) -> Iterator[None]:
-    """Turn "not cached and no network" into a :class:`DctAuditError` naming ``dct-audit download``."""
+def missing_model_guard(
+    what: str, flag: str, torch_hub: bool = False, source: str | None = None
+) -> Iterator[None]:
+    """Turn a model that cannot be loaded into one :class:`DctAuditError` naming the fix.
+
+    ``source``: the folder or hub id being loaded. A local folder that fails to load (no weights, a
+    corrupt file, not a model of this kind) says so; a hub model that is not cached and cannot be
+    downloaded names ``dct-audit download``; a cached one that fails to load names its broken cache.
+    """
+    local = source.removeprefix("local-dir:") if source else None
     try:
         yield
     except DctAuditError:
         raise
-    except _network_errors() as e:
+    except Exception as e:
+        if local is not None and Path(local).expanduser().exists():
+            raise DctAuditError(
+                f"{what} '{local}' could not be loaded ({_first_line(e)}); it must be a complete model "
+                f"folder of the kind {flag.split()[0]} expects (config and weights, as save_pretrained writes it)"
+            ) from None
         where = "TORCH_HOME" if torch_hub else "HF_HOME"
-        state = "HF_HUB_OFFLINE=1 is set" if offline() else "the download failed"
-        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        raise DctAuditError(
-            f"{what} could not be loaded: it is not in the local cache ({where}) and {state} ({first}); "
-            f"on a connected machine run `dct-audit download {flag}`, or pass a local folder"
-        ) from None
+        if isinstance(e, _network_errors()):
+            state = "HF_HUB_OFFLINE=1 is set" if offline() else "the download failed"
+            raise DctAuditError(
+                f"{what} could not be loaded: it is not in the local cache ({where}) and {state} ({_first_line(e)}); "
+                f"on a connected machine run `dct-audit download {flag}`, or pass a local folder"
+            ) from None
+        if _is_broken_file(e):
+            raise DctAuditError(
+                f"{what} could not be loaded: its cached files are broken ({_first_line(e)}); delete its entry "
+                f"in {where} and run `dct-audit download {flag}` again"
+            ) from None
+        raise
+
+
+def _is_broken_file(e: BaseException) -> bool:
+    """A truncated or corrupt weights file: what a half-finished download leaves."""
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # pragma: no cover
+        SafetensorError = ()  # noqa: N806
+    import pickle
+
+    return isinstance(e, (SafetensorError, pickle.UnpicklingError, EOFError)) or "header" in str(e).lower()
 
 
 def hf_config(model_id: str, what: str, flag: str):
@@ -71,7 +105,7 @@ def hf_config(model_id: str, what: str, flag: str):
 
     if looks_like_path(model_id) and not Path(model_id).exists():
         raise DctAuditError(f"{what} folder '{model_id}' does not exist")
-    with missing_model_guard(what, flag):
+    with missing_model_guard(what, flag, source=model_id):
         return AutoConfig.from_pretrained(model_id, **hf_kwargs(model_id))
 
 

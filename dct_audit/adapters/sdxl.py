@@ -77,13 +77,13 @@ class SDXLGenerator(Generator):
     def add_token(self, placeholder: str) -> int:
         return self._ids(placeholder)[0]
 
-    def word_vector(self, word: str) -> torch.Tensor:
+    def word_vector(self, word: str, flag: str = "--init-word") -> torch.Tensor:
         parts = []
         for tok, emb in zip(self.tokenizers, self.embeddings, strict=True):
             ids = tok(word, add_special_tokens=False).input_ids
             if len(ids) != 1:
                 raise DctAuditError(
-                    f"--init-word '{word}' is {len(ids)} tokens for this tokenizer; choose a one-token word"
+                    f"{flag} '{word}' is {len(ids)} tokens for this tokenizer; choose a one-token word"
                 )
             parts.append(emb.base.weight[ids[0]].detach().float())
         return torch.cat(parts).clone()
