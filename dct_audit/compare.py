@@ -191,8 +191,6 @@ def compare(
     # 1. Check that the runs pair up
     ra, ma = _open(run_a)
     rb, mb = _open(run_b)
-    if ra.root.resolve() == rb.root.resolve():
-        raise DctAuditError(f"both runs are '{run_a}'; give the run folders of two classifiers")
     classes = check_comparable(ma, mb, str(run_a), str(run_b))
     out_dir = Path(out) if out else ra.root.parent / f"compare-{ra.root.name}-vs-{rb.root.name}"
     thresholds = (ma.tagging or {}).get("thresholds", {})
