@@ -274,6 +274,7 @@ def build_tiny_run(tmp_path_factory, pipelines, classifier, clip) -> Path:
         contexts=("a photo of {}", "{} in the snow"),
         snapshot_every=1,
         lr=0.2,
+        confirm_seeds=2,  # every attribute is still checked, on fewer seeds
         quiet=True,
     )
     return root / "tiny"

@@ -1,12 +1,15 @@
 """``dct-audit compare`` on tiny runs: a run against itself flags nothing; mismatched runs are refused."""
 
 import json
+import shutil
+from dataclasses import replace
 
 import pytest
 
 from dct_audit.cli import main
 from dct_audit.compare import compare
 from dct_audit.errors import DctAuditError
+from dct_audit.rundir import RunDir
 
 
 @pytest.fixture(scope="module")
@@ -17,9 +20,15 @@ def two_runs(tiny_classifier, tiny_run_options, tmp_path_factory):
     model = tiny_classifier[0]
     common = dict(tiny_run_options, out=str(out), n_images=4)
     a = dct_audit.run(f"file:{model}", "0,2", name="a", **common).run_dir
-    other_seed = dct_audit.run(f"file:{model}", "0,2", name="seed5", seed=5, **common).run_dir
-    other_classes = dct_audit.run(f"file:{model}", "0", name="one", **common).run_dir
-    return a, other_seed, other_classes
+    # the runs compare refuses differ from run a only in what compare reads first, their manifests: copies
+    # of it with another seed, and with class 2 dropped (auditing them would only make the same refusal slower)
+    other_seed, other_classes = (RunDir(shutil.copytree(a, out / name)) for name in ("seed5", "one"))
+    manifest = other_seed.read_manifest()
+    other_seed.write_manifest(replace(manifest, settings={**manifest.settings, "seed": 5}))
+    manifest = other_classes.read_manifest()
+    other_classes.write_manifest(replace(manifest, classes=[c for c in manifest.classes if c.index != 2]))
+    shutil.rmtree(other_classes.class_dir(2, "horizontal bar"))
+    return a, other_seed.root, other_classes.root
 
 
 def test_a_run_compared_with_itself_differs_nowhere(two_runs, tmp_path):
