@@ -26,6 +26,7 @@ Results: ``compare.json``, ``classes.csv`` (ranked by divergence), ``attributes.
 from __future__ import annotations
 
 import datetime as _dt
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -189,6 +190,11 @@ def compare(
     ``classifiers``: the two models in memory ``(a, b)`` for cross-scoring (needed when a run was audited
     with a model in memory; either may be None to load that run's classifier by its name)."""
     # 1. Check that the runs pair up
+    for run in (run_a, run_b, *([out] if out is not None else [])):
+        if not isinstance(run, (str, os.PathLike)):
+            raise DctAuditError(f"compare() takes run folders (paths), not {run!r}")
+    if classifiers is not None and not (isinstance(classifiers, (tuple, list)) and len(classifiers) == 2):
+        raise DctAuditError("classifiers= must be a pair (a, b) of models in memory (either may be None)")
     ra, ma = _open(run_a)
     rb, mb = _open(run_b)
     classes = check_comparable(ma, mb, str(run_a), str(run_b))

@@ -128,9 +128,10 @@ def audit_world_classifier(  # noqa: D417
     from .world.truth import PlantedSet
 
     path = Path(folder)
-    if not (path / "config.json").is_file():
+    missing = [f for f in ("config.json", "training.json") if not (path / f).is_file()]
+    if missing:
         raise DctAuditError(
-            f"--classifier {folder} is not a world classifier folder (no config.json); train one with "
+            f"--classifier {folder} is not a world classifier folder (no {missing[0]}); train one with "
             "`python -m dct_audit.world.classifiers --planted SPEC --out DIR`"
         )
     try:

@@ -10,13 +10,16 @@ def download(
     generator: str | None = None, classifier: str | None = None, tagger: str | None = None, say=print
 ) -> list[str]:
     """Prefetch the named models; returns what was fetched. Each lands where its library looks for it."""
-    if hub.offline():
-        raise DctAuditError(
-            "HF_HUB_OFFLINE=1 is set, so nothing can be downloaded; unset it on a connected machine"
-        )
     if not (generator or classifier or tagger):
         raise DctAuditError(
             "name something to fetch: --generator ID, --classifier NAME and/or --tagger ARCH/TAG"
+        )
+    for flag, name in (("--classifier", classifier), ("--generator", generator)):
+        if name and (name.startswith("file:") or hub.looks_like_path(name.removeprefix("local-dir:"))):
+            raise DctAuditError(f"{flag} {name} is a local file or folder: there is nothing to download")
+    if hub.offline():
+        raise DctAuditError(
+            "HF_HUB_OFFLINE=1 is set, so nothing can be downloaded; unset it on a connected machine"
         )
     done = []
     if generator:

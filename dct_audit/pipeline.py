@@ -7,6 +7,7 @@ outside its class folder except the manifest, so classes can resume, retry or ru
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -63,6 +64,7 @@ def run(classifier, classes: str | list[str], *, preprocess=None, **kwargs) -> R
     settings are kept (an in-memory model is the same when its weights, labels and preprocessing hash the
     same); a half-finished class is redone.
     """
+    check_api_arguments(classes, kwargs)
     generator, tagger = _models_in_memory(kwargs)
     if isinstance(classifier, str):
         if preprocess is not None:
@@ -88,6 +90,42 @@ def _models_in_memory(kwargs: dict) -> tuple[Generator | None, Tagger | None]:
         tagger = wrap_tagger(kwargs["tagger"])
         kwargs["tagger"] = tagger.spec
     return generator, tagger
+
+
+def check_api_arguments(classes, kwargs: dict) -> None:
+    """The Python API's arguments, checked as the command line's parser checks its flags: one line each."""
+    import difflib
+    from dataclasses import MISSING, fields
+
+    known = {f.name: f for f in fields(RunOptions)}
+    for key, value in kwargs.items():
+        if key == "labels":
+            continue  # the classifier's labels: checked where the classifier is wrapped or loaded
+        if key not in known:
+            close = difflib.get_close_matches(key, list(known), n=1)
+            raise DctAuditError(
+                f"run() got an unknown argument {key}=" + (f"; did you mean {close[0]}=?" if close else "")
+            )
+        f = known[key]
+        default = f.default if f.default is not MISSING else None
+        if f.default_factory is not MISSING:
+            default = f.default_factory()
+        if value is None or default is None or key in ("generator", "tagger"):
+            continue
+        kinds = {
+            bool: (bool,),
+            int: (int,),
+            float: (int, float),
+            str: (str, os.PathLike),
+            tuple: (list, tuple),
+        }
+        want = kinds.get(type(default))
+        if want and (not isinstance(value, want) or (type(default) is not bool and isinstance(value, bool))):
+            raise DctAuditError(f"run() argument {key}= must be {type(default).__name__}, not {value!r}")
+    if not isinstance(classes, (str, list, tuple)) or not all(isinstance(c, (str, int)) for c in classes):
+        raise DctAuditError(
+            f"classes= must be a string ('lobster,2') or a list of names and indices, not {classes!r}"
+        )
 
 
 def run_with_options(
@@ -241,6 +279,8 @@ def finish_run(run_dir: str | Path, classifier=None, generator=None, tagger=None
     and the analysis options (alpha, min_effect, confirm, confirm_seeds). Refuses while classes of the run
     are unfinished, naming them. ``classifier``, ``generator``, ``tagger``: the models of a run audited with
     them in memory (each must be recorded as the run's was)."""
+    if not isinstance(run_dir, (str, os.PathLike)):
+        raise DctAuditError(f"finish_run() takes a run folder (a path), not {run_dir!r}")
     root = Path(run_dir)
     manifest = rundir.RunDir(root).read_manifest() if root.is_dir() else None
     if manifest is None or not manifest.settings:

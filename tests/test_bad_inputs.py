@@ -155,7 +155,14 @@ CASES = [
         2,
         "is not readable JSON",
     ),
+    (
+        "demo-classifier-without-training-json",
+        "demo --classifier {TMP}/badclf --out {TMP}/demo",
+        2,
+        "is not a world classifier folder (no training.json)",
+    ),
     # download
+    ("download-local-file", "download --classifier file:{MODEL}", 2, "there is nothing to download"),
     (
         "download-offline",
         "download --tagger world",

@@ -300,3 +300,46 @@ def test_download_fetches_no_root_single_file_checkpoint(monkeypatch):
             "scheduler/scheduler_config.json",
         )
     )
+
+
+def test_python_api_arguments_are_checked_like_command_line_flags(tmp_path, tiny_pipelines):
+    import dct_audit
+    from dct_audit.adapters.classifier import Preprocess
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    ok = dict(labels=["cat", "dog", "car", "plate"], preprocess=Preprocess(crop=(32, 32), resize=None))
+    common = dict(generator=tiny_pipelines["turbo"], tagger=None, out=str(tmp_path), quiet=True)
+    cases = [
+        (dict(max_update=3), "unknown argument max_update=; did you mean max_updates=?"),
+        (dict(n_images="many"), "n_images= must be int, not 'many'"),
+        (dict(contexts="a photo of {}"), "contexts= must be tuple"),
+        (dict(preprocess={"crop": 32}), "preprocess= must be a dct_audit.adapters.classifier.Preprocess"),
+        (dict(preprocess=Preprocess(crop=(-32, -32), resize=None)), "crop must be (height, width)"),
+        (
+            dict(preprocess=Preprocess(crop=(32, 32), resize=None, std=(0, 0, 0))),
+            "std must be three positive",
+        ),
+        (dict(labels=["cat", None, 3, "plate"]), "labels= must be a list of class names"),
+    ]
+    for bad, phrase in cases:
+        with pytest.raises(DctAuditError) as e:
+            dct_audit.run(model, "0", **{**common, **ok, **bad})
+        assert phrase in str(e.value)
+    with pytest.raises(DctAuditError, match="classes= must be a string"):
+        dct_audit.run(model, 0, **common, **ok)
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_the_world_classifier_trainer_refuses_bad_numbers_and_a_file_as_out(tmp_path, capsys):
+    from dct_audit.world.classifiers import main as train
+
+    (tmp_path / "afile").write_text("")
+    for argv, phrase in (
+        (["--steps", "0"], "--steps: must be at least 1, not 0"),
+        (["--threads", "0"], "--threads: must be at least 1, not 0"),
+        (["--out", str(tmp_path / "afile")], "is a file; give a folder"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            train(["--planted", "star:background:water", "--out", str(tmp_path / "clf"), *argv])
+        assert e.value.code == 2 and phrase in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]

@@ -80,7 +80,7 @@ def read_labels_file(path: str | os.PathLike) -> LabelSet:
         raise DctAuditError(
             f"labels file '{path}' does not exist; pass --labels with one class name per line"
         )
-    lines = [ln for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    lines = [ln for ln in p.read_text(encoding="utf-8-sig").splitlines() if ln.strip()]  # -sig: drop a BOM
     if not lines:
         raise DctAuditError(f"labels file '{path}' is empty; it needs one class name per line")
     return LabelSet.from_lines(lines, source=f"file:{p}")

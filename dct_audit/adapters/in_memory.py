@@ -83,6 +83,7 @@ def wrap_classifier(
         from timm.data import resolve_data_config
 
         preprocess = Preprocess.from_timm(resolve_data_config({}, model=model))
+    check_preprocess(preprocess)
     if labels is None:
         if not isinstance(cfg, dict):
             raise DctAuditError(
@@ -92,6 +93,10 @@ def wrap_classifier(
     elif isinstance(labels, (str, os.PathLike)):
         labels = read_labels_file(labels)
     elif not isinstance(labels, LabelSet):
+        if not isinstance(labels, (list, tuple)) or not all(isinstance(x, str) and x.strip() for x in labels):
+            raise DctAuditError(
+                "labels= must be a list of class names (non-empty strings), a labels file or a LabelSet"
+            )
         names = [str(x) for x in labels]
         if not names:
             raise DctAuditError("labels= is empty; give one class name per output of the classifier")
@@ -117,6 +122,33 @@ def wrap_classifier(
     return checked_outputs(
         Classifier(model, preprocess, labels, rec).to(device), f"the in-memory classifier {name}", "labels="
     )
+
+
+def check_preprocess(pre) -> None:
+    """A ``preprocess=`` given in memory: one line naming what is wrong, before any image is made."""
+    if not isinstance(pre, Preprocess):
+        raise DctAuditError(
+            f"preprocess= must be a dct_audit.adapters.classifier.Preprocess, not {type(pre).__name__}; e.g. "
+            "Preprocess(crop=(224, 224), resize=256, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))"
+        )
+
+    def numbers(v, n):
+        return isinstance(v, (tuple, list)) and len(v) == n and all(isinstance(x, (int, float)) for x in v)
+
+    if not numbers(pre.crop, 2) or not all(isinstance(x, int) and x > 0 for x in pre.crop):
+        raise DctAuditError(
+            f"Preprocess crop must be (height, width), two positive whole numbers, not {pre.crop!r}"
+        )
+    if pre.resize is not None and not (isinstance(pre.resize, int) and pre.resize > 0):
+        raise DctAuditError(f"Preprocess resize must be None or a positive whole number, not {pre.resize!r}")
+    if not numbers(pre.mean, 3):
+        raise DctAuditError(f"Preprocess mean must be three numbers (one per RGB channel), not {pre.mean!r}")
+    if not numbers(pre.std, 3) or not all(0 < x < float("inf") for x in pre.std):
+        raise DctAuditError(f"Preprocess std must be three positive numbers, not {pre.std!r}")
+    if pre.interpolation not in ("bilinear", "bicubic", "nearest"):
+        raise DctAuditError(
+            f"Preprocess interpolation must be bilinear, bicubic or nearest, not {pre.interpolation!r}"
+        )
 
 
 PIPELINE_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")

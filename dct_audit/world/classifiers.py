@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dct_audit.adapters.classifier import Preprocess, load_classifier
+from dct_audit.options import int_at_least
 from dct_audit.world import scenes as S
 from dct_audit.world import truth as T
 from dct_audit.world.checker import EVAL_SEED, augment, images_to_tensor
@@ -317,14 +318,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="with --planted: how often a planted value appears with the other classes (default 0: never)",
     )
     parser.add_argument("--seed", type=int, default=0, help="with --planted: initialisation and data seed")
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--eval-n", type=int, default=300)
+    parser.add_argument("--steps", type=int_at_least(1), default=None)
+    parser.add_argument("--eval-n", type=int_at_least(1), default=300)
     parser.add_argument(
         "--measure", action="store_true", help="only (re)measure saved classifiers into their training.json"
     )
     parser.add_argument(
         "--threads",
-        type=int,
+        type=int_at_least(1),
         default=1,
         help="torch threads; the shipped weights used 1 (on a shared 2-core machine 2 threads ran 10x slower)",
     )
@@ -340,6 +341,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             planted = T.PlantedSet.parse(args.planted, args.leak)
         except ValueError as e:
             parser.error(str(e))
+        if Path(args.out).exists() and not Path(args.out).is_dir():
+            parser.error(f"--out {args.out} is a file; give a folder for the classifier")
         tc = ClassifierTrainConfig(
             planted=planted.spec(), leak=planted.leak, seed=args.seed, data_seed=1000 + args.seed
         )
