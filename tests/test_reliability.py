@@ -334,6 +334,7 @@ def test_the_world_classifier_trainer_refuses_bad_numbers_and_a_file_as_out(tmp_
     from dct_audit.world.classifiers import main as train
 
     (tmp_path / "afile").write_text("")
+    threads = torch.get_num_threads()
     for argv, phrase in (
         (["--steps", "0"], "--steps: must be at least 1, not 0"),
         (["--threads", "0"], "--threads: must be at least 1, not 0"),
@@ -343,3 +344,4 @@ def test_the_world_classifier_trainer_refuses_bad_numbers_and_a_file_as_out(tmp_
             train(["--planted", "star:background:water", "--out", str(tmp_path / "clf"), *argv])
         assert e.value.code == 2 and phrase in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+    assert torch.get_num_threads() == threads  # a refused command leaves the process as it was

@@ -333,7 +333,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     unknown = set(args.variants) - set(VARIANTS)
     if unknown:
         parser.error(f"unknown variants {sorted(unknown)}; choose from {list(VARIANTS)}")
-    torch.set_num_threads(args.threads)
     if args.planted is not None:
         if args.variants or args.measure or not args.out:
             parser.error("--planted trains one classifier into --out DIR (no variant names, no --measure)")
@@ -343,6 +342,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             parser.error(str(e))
         if Path(args.out).exists() and not Path(args.out).is_dir():
             parser.error(f"--out {args.out} is a file; give a folder for the classifier")
+    torch.set_num_threads(args.threads)  # after every check: a refused command changes nothing
+    if args.planted is not None:
         tc = ClassifierTrainConfig(
             planted=planted.spec(), leak=planted.leak, seed=args.seed, data_seed=1000 + args.seed
         )
