@@ -97,7 +97,7 @@ def _is_broken_file(e: BaseException) -> bool:
         SafetensorError = ()  # noqa: N806
     import pickle
 
-    return isinstance(e, (SafetensorError, pickle.UnpicklingError, EOFError)) or "header" in str(e).lower()
+    return isinstance(e, (SafetensorError, pickle.UnpicklingError, EOFError))
 
 
 def hf_config(model_id: str, what: str, flag: str):
