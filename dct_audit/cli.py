@@ -359,6 +359,22 @@ def _cmd_download(args) -> int:
     return 0
 
 
+def disk_error(e: OSError) -> str:
+    """One line for a failed read or write: what failed, where, and what to do."""
+    import errno
+
+    where = f" '{e.filename}'" if e.filename else ""
+    if e.errno == errno.ENOSPC:
+        fix = "free some disk space or choose another --out, then run the same command again (finished classes are kept)"
+    elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = "no permission to write there: fix the permissions or choose another folder"
+    elif e.errno in (errno.ENOTDIR, errno.EISDIR, errno.EEXIST):
+        fix = "a file stands where a folder should be (or the reverse): move it away or choose another folder"
+    else:
+        fix = "fix it and run the same command again (finished classes are kept)"
+    return f"{e.strerror or e}{where}; {fix}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -380,6 +396,9 @@ def main(argv: list[str] | None = None) -> int:
         return handlers[args.command](args)
     except DctAuditError as e:
         print(f"dct-audit: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the disk, not the code: full, read-only, a file where a folder should be
+        print(f"dct-audit: error: {disk_error(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(

@@ -207,6 +207,38 @@ def test_a_run_that_does_not_fit_on_disk_is_refused_before_writing(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_disk_that_fills_mid_run_is_one_line_and_the_same_command_resumes(
+    run_args, tmp_path, capsys, monkeypatch
+):
+    import errno
+
+    real = rundir.write_png
+
+    def full_disk(path, image):  # the disk fills while the second class writes its images
+        if "0001-" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, image)
+
+    monkeypatch.setattr(rundir, "write_png", full_disk)
+    assert main([*run_args, "--classes", "0,1"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("dct-audit: error: No space left on device '"), err
+    assert "then run the same command again (finished classes are kept)" in err[0]
+    root = tmp_path / "r"
+    assert (root / "classes" / "0000-american-lobster" / "DONE").is_file()
+    done = (root / "classes" / "0000-american-lobster" / "DONE").read_bytes()
+    monkeypatch.setattr(rundir, "write_png", real)
+    assert main([*run_args, "--classes", "0,1"]) == 0  # resumes: class 0 is kept, class 1 is redone
+    assert (root / "classes" / "0000-american-lobster" / "DONE").read_bytes() == done
+    assert main(["verify", str(root)]) == 0
+    shutil.rmtree(root / "report")  # a file where the report folder goes
+    (root / "report").write_text("not a folder")
+    capsys.readouterr()
+    assert main(["report", str(root)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "a file stands where a folder should be" in err[0], err
+
+
 def test_the_counterfactual_sweep_uses_the_plain_prompt_and_a_resume_generates_only_what_is_missing(
     tiny_pipelines, tiny_classifier, tmp_path
 ):
