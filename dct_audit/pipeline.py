@@ -64,6 +64,9 @@ def run(classifier, classes: str | list[str], *, preprocess=None, **kwargs) -> R
     settings are kept (an in-memory model is the same when its weights, labels and preprocessing hash the
     same); a half-finished class is redone.
     """
+    # a notebook's pathlib.Path is the same setting as its string (and the manifest stays JSON)
+    classifier = os.fspath(classifier) if isinstance(classifier, os.PathLike) else classifier
+    kwargs = {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in kwargs.items()}
     check_api_arguments(classes, kwargs)
     generator, tagger = _models_in_memory(kwargs)
     if isinstance(classifier, str):

@@ -4,6 +4,7 @@ import copy
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -266,6 +267,9 @@ def test_a_classifier_in_memory_audits_like_the_same_model_loaded_from_its_file(
     names = [line.strip() for line in open(labels, encoding="utf-8") if line.strip()]
     common = dict(quick_run_kwargs, generator=tiny_pipelines["turbo"])
     dct_audit.run(f"file:{model}", "plate", labels=labels, name="file", **common)
+    paths = dict(common, generator=Path(common["generator"]), out=Path(common["out"]))  # a notebook's Paths
+    again = dct_audit.run(f"file:{model}", "plate", labels=Path(labels), name="file", **paths)
+    assert again.skipped == [again.classes[0]["index"]]  # the same settings as the strings
     loaded = load_classifier(f"file:{model}", labels)
     module, preprocess = loaded.model, loaded.preprocess
     mem = dct_audit.run(module, "plate", labels=names, preprocess=preprocess, name="mem", **common)
