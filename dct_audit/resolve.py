@@ -1,6 +1,7 @@
 """Class queries to label indices: ``lobster`` -> American lobster (122), spiny lobster (123).
 
-A query is an index, a full name or a fragment; case-insensitive; ``_`` means a space. A query that
+A query is an index, a full name or a fragment; case-, accent- and punctuation-insensitive (``_`` and
+``-`` mean a space, apostrophes are dropped). A query that
 equals one of a class's names picks the classes with that name; otherwise a fragment matches every
 class with a name containing it as whole words (then as any substring). Several matches are all
 audited and listed; none is an error that lists the closest names.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import unicodedata
 from dataclasses import dataclass
 
 from .adapters.classifier import LabelSet
@@ -25,8 +27,19 @@ class ResolvedClass:
     query: str
 
 
-def normalise(text: str) -> str:
-    return " ".join(text.replace("_", " ").lower().split())
+def normalise(text: str, apostrophe: str = "") -> str:
+    """Case, accents, ``_``/``-`` and apostrophes do not matter: ``jack o lantern`` is jack-o'-lantern,
+    ``potters_wheel`` is potter's wheel, ``cafe`` is café."""
+    text = unicodedata.normalize("NFKD", text)
+    text = "".join(c for c in text if not unicodedata.combining(c))
+    text = re.sub(r"['\u2019`]", apostrophe, text.lower())
+    return " ".join(re.sub(r"[_\-\u2010-\u2013]", " ", text).split())
+
+
+def _forms(name: str) -> list[str]:
+    """A class name as queries may spell it: "potters wheel", and "potter s wheel" so that the fragment
+    ``potter`` is a whole word of it."""
+    return list(dict.fromkeys([normalise(name), normalise(name, " ")]))
 
 
 def split_queries(classes: str | list[str] | tuple[str, ...]) -> list[str]:
@@ -49,7 +62,7 @@ def match_query(query: str, labels: LabelSet, max_matches: int | None = MAX_MATC
                 f"class index {i} is out of range; this classifier has classes 0-{len(labels) - 1}"
             )
         return [i]
-    names = [[normalise(s) for s in syn] for syn in labels.synonyms]
+    names = [[form for s in syn for form in _forms(s)] for syn in labels.synonyms]
     exact = [i for i, syn in enumerate(names) if q in syn]
     if exact:
         return exact

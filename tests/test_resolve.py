@@ -26,6 +26,16 @@ def test_index_full_name_and_case(imagenet):
     assert notes == []
 
 
+def test_punctuation_and_accents_do_not_matter(imagenet, tmp_path):
+    classes, notes = resolve_classes("jack o lantern,potters_wheel,Spider-Web,yellow ladys slipper", imagenet)
+    assert [c.index for c in classes] == [607, 739, 815, 986] and notes == []
+    labels = tmp_path / "labels.txt"
+    labels.write_text("Café\nnaïve bayes\ncafeteria\n", encoding="utf-8")
+    mine = read_labels_file(str(labels))
+    assert [c.index for c in resolve_classes("cafe,NAIVE", mine)[0]] == [0, 1]
+    assert [c.index for c in resolve_classes("café", mine)[0]] == [0]
+
+
 def test_exact_name_shared_by_two_classes(imagenet):
     classes, _ = resolve_classes("crane", imagenet)
     assert [c.index for c in classes] == [134, 517]
