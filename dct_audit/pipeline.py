@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -329,6 +330,12 @@ def load_models(
 ) -> Models:
     if models.classifier is None:
         models.classifier = load_classifier(opts.classifier, opts.labels, device)
+    if models.classifier.outputs_probabilities and not opts.quiet:
+        print(
+            f"note: classifier {opts.classifier} returns probabilities (its outputs are non-negative and sum "
+            "to 1), not logits; their log is used as logits",
+            file=sys.stderr,
+        )
     if opts.holdout_classifier and models.holdout is None:
         models.holdout = load_classifier(opts.holdout_classifier, opts.labels, device)
         if models.holdout.labels.names != models.classifier.labels.names:

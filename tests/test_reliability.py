@@ -71,6 +71,45 @@ def test_a_classifier_returning_a_tuple_or_dict_is_read_and_one_without_logits_i
             assert torch.equal(load_classifier(f"file:{path}", labels)(images), ref(images))
 
 
+class _Softmax(_Tuple):  # a model exported with its softmax
+    def forward(self, x) -> torch.Tensor:
+        return torch.softmax(self.base(x), dim=-1)
+
+
+class _LogSoftmax(_Tuple):  # log-probabilities are logits already
+    def forward(self, x) -> torch.Tensor:
+        return torch.log_softmax(self.base(x), dim=-1)
+
+
+def test_a_classifier_ending_in_softmax_is_scored_by_its_own_probabilities_not_a_softmax_of_them(
+    tmp_path, tiny_classifier
+):
+    from dct_audit.adapters.in_memory import wrap_classifier
+
+    model, labels = tiny_classifier
+    base = torch.jit.load(model)
+    ref = load_classifier(f"file:{model}", labels)
+    images = torch.rand(3, 3, 32, 32)
+    want = torch.softmax(ref(images), -1)
+    assert not ref.outputs_probabilities and "outputs" not in ref.spec.extra
+    for wrapper, marked in ((_Softmax, True), (_LogSoftmax, False)):
+        path = tmp_path / f"{wrapper.__name__}.pt"
+        torch.jit.save(torch.jit.script(wrapper(base)), path)
+        shutil.copy(f"{model}.json", f"{path}.json")
+        clf = load_classifier(f"file:{path}", labels)
+        assert clf.outputs_probabilities is marked
+        torch.testing.assert_close(torch.softmax(clf(images), -1), want, atol=1e-5, rtol=1e-4)
+    # without the fix the softmax of probabilities squeezed every class towards 1/C
+    squeezed = torch.softmax(_Softmax(base)(ref.preprocess(images)), -1)
+    assert (squeezed.max(-1).values - want.max(-1).values).abs().max() > 0.1
+    mem = wrap_classifier(_Softmax(base), labels, ref.preprocess)  # a module in memory alike
+    assert mem.outputs_probabilities and mem.spec.extra["outputs"] == "probabilities"
+    torch.testing.assert_close(torch.softmax(mem(images), -1), want, atol=1e-5, rtol=1e-4)
+    x = images.clone().requires_grad_(True)  # the loss still has a gradient through the log
+    torch.nn.functional.cross_entropy(mem(x), torch.tensor([0, 1, 2])).backward()
+    assert x.grad.abs().sum() > 0
+
+
 def test_a_generator_whose_model_index_is_not_json_is_one_line(tmp_path):
     (tmp_path / "model_index.json").write_text("{broken")
     with pytest.raises(DctAuditError, match="model_index.json is not valid JSON"):

@@ -167,8 +167,15 @@ class Classifier(nn.Module):
         self.labels = labels
         self.spec = spec
 
+    @property
+    def outputs_probabilities(self) -> bool:
+        """The model ends in a softmax (found by :func:`checked_outputs`): its log is taken as the logits."""
+        return self.spec.extra.get("outputs") == "probabilities"
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return as_logits(self.model(self.preprocess(images)), self.spec.spec)  # (B, C)
+        out = as_logits(self.model(self.preprocess(images)), self.spec.spec)  # (B, C)
+        # softmax(log p) = p: the loss and every probability reported are the model's own, not a softmax of it
+        return out.clamp_min(1e-30).log() if self.outputs_probabilities else out
 
     @property
     def device(self) -> torch.device:
@@ -430,30 +437,41 @@ def load_classifier(
 IN_MEMORY = "in-memory:"  # the spec prefix of a classifier given in memory (adapters/in_memory.py)
 
 
+LOGIT_KINDS = ("timm", "torchvision", "transformers")  # libraries whose classification heads give logits
+
+
 def checked_outputs(clf: Classifier, what: str, labels_from: str) -> Classifier:
-    """``clf``, once a probe forward pass shows as many outputs as it has labels (else one clear line)."""
-    n_out = probe_num_classes(clf)
-    if n_out is not None and n_out != len(clf.labels):
+    """``clf``, once a probe forward pass shows as many outputs as it has labels (else one clear line).
+
+    A model of unknown make (a TorchScript file, a module in memory, a plugin's) whose outputs on two random
+    images are non-negative rows summing to 1 ends in a softmax: it is marked (``spec.extra["outputs"]``), and
+    its log is used as logits. Otherwise a softmax of probabilities would compress every reported probability
+    towards 1/C and flatten the loss, silently."""
+    head = getattr(clf.model, "num_classes", None)
+    cfg = getattr(clf.model, "config", None)
+    n_out = head if isinstance(head, int) else getattr(cfg, "num_labels", None) if cfg is not None else None
+    if n_out is None or clf.spec.kind not in LOGIT_KINDS:
+        with torch.no_grad():
+            x = torch.rand(2, 3, *clf.preprocess.crop, generator=torch.Generator().manual_seed(0))
+            try:
+                out = clf.model(x.to(clf.device))
+            except Exception:  # a model that cannot run on this probe: its first real batch will say why
+                out = None
+        if out is not None:
+            out = as_logits(out, clf.spec.spec).float()
+            n_out = n_out if n_out is not None else int(out.shape[-1])
+            if clf.spec.kind not in LOGIT_KINDS and out.shape[-1] >= 2 and _are_probabilities(out):
+                clf.spec.extra["outputs"] = "probabilities"
+    if n_out is not None and int(n_out) != len(clf.labels):
         raise DctAuditError(
             f"{what} outputs {n_out} classes but its labels list {len(clf.labels)}; check {labels_from}"
         )
     return clf
 
 
-def probe_num_classes(clf: Classifier) -> int | None:
-    head = getattr(clf.model, "num_classes", None)
-    if isinstance(head, int):
-        return head
-    cfg = getattr(clf.model, "config", None)
-    if cfg is not None and getattr(cfg, "num_labels", None):
-        return int(cfg.num_labels)
-    with torch.no_grad():
-        x = torch.rand(1, 3, *clf.preprocess.crop, device=clf.device)
-        try:
-            out = clf.model(x)
-        except Exception:
-            return None
-    return int(as_logits(out, clf.spec.spec).shape[-1])
+def _are_probabilities(out: torch.Tensor) -> bool:
+    sums = out.sum(-1)
+    return bool(out.min() >= 0 and torch.allclose(sums, torch.ones_like(sums), atol=1e-3))
 
 
 def _preprocess_from_hf(proc) -> Preprocess:
