@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from . import rundir
-from .adapters.classifier import Classifier, load_classifier
+from .adapters.classifier import Classifier, load_classifier, load_notes
 from .adapters.generator import Generator
 from .adapters.generator_load import load_generator
 from .analyse import CONFIRM_MIN_CHANGE, analyse_run
@@ -330,12 +330,8 @@ def load_models(
 ) -> Models:
     if models.classifier is None:
         models.classifier = load_classifier(opts.classifier, opts.labels, device)
-    if models.classifier.outputs_probabilities and not opts.quiet:
-        print(
-            f"note: classifier {opts.classifier} returns probabilities (its outputs are non-negative and sum "
-            "to 1), not logits; their log is used as logits",
-            file=sys.stderr,
-        )
+    for note in [] if opts.quiet else load_notes(models.classifier):
+        print(f"note: {note}", file=sys.stderr)
     if opts.holdout_classifier and models.holdout is None:
         models.holdout = load_classifier(opts.holdout_classifier, opts.labels, device)
         if models.holdout.labels.names != models.classifier.labels.names:

@@ -11,7 +11,7 @@ import torch
 
 import dct_audit.pipeline as pipeline
 from dct_audit import analyse, rundir
-from dct_audit.adapters.classifier import load_classifier
+from dct_audit.adapters.classifier import load_classifier, load_notes
 from dct_audit.adapters.generator_load import check_generator_spec, load_generator, resolve_dtype
 from dct_audit.cli import main
 from dct_audit.errors import DctAuditError
@@ -98,6 +98,7 @@ def test_a_classifier_ending_in_softmax_is_scored_by_its_own_probabilities_not_a
         shutil.copy(f"{model}.json", f"{path}.json")
         clf = load_classifier(f"file:{path}", labels)
         assert clf.outputs_probabilities is marked
+        assert any("returns probabilities" in n for n in load_notes(clf)) is marked
         torch.testing.assert_close(torch.softmax(clf(images), -1), want, atol=1e-5, rtol=1e-4)
     # without the fix the softmax of probabilities squeezed every class towards 1/C
     squeezed = torch.softmax(_Softmax(base)(ref.preprocess(images)), -1)
@@ -105,6 +106,11 @@ def test_a_classifier_ending_in_softmax_is_scored_by_its_own_probabilities_not_a
     mem = wrap_classifier(_Softmax(base), labels, ref.preprocess)  # a module in memory alike
     assert mem.outputs_probabilities and mem.spec.extra["outputs"] == "probabilities"
     torch.testing.assert_close(torch.softmax(mem(images), -1), want, atol=1e-5, rtol=1e-4)
+    shutil.copy(model, tmp_path / "bare.pt")  # no preprocessing file beside it: the default is said
+    assert "ImageNet preprocessing assumed" in " ".join(
+        load_notes(load_classifier(f"file:{tmp_path}/bare.pt", labels))
+    )
+    assert load_notes(ref) == []
     x = images.clone().requires_grad_(True)  # the loss still has a gradient through the log
     torch.nn.functional.cross_entropy(mem(x), torch.tensor([0, 1, 2])).backward()
     assert x.grad.abs().sum() > 0

@@ -469,6 +469,24 @@ def checked_outputs(clf: Classifier, what: str, labels_from: str) -> Classifier:
     return clf
 
 
+def load_notes(clf: Classifier) -> list[str]:
+    """What a user should know about how a classifier is read, one line each (printed when a run loads it)."""
+    notes = []
+    if clf.outputs_probabilities:
+        notes.append(
+            f"classifier {clf.spec.spec} returns probabilities (its outputs are non-negative and sum to 1), "
+            "not logits; their log is used as logits"
+        )
+    if clf.spec.kind == "torchscript" and not Path(clf.spec.model_id + ".json").is_file():
+        pre = clf.preprocess
+        notes.append(
+            f"no {clf.spec.model_id}.json beside the classifier: ImageNet preprocessing assumed (resize {pre.resize}, "
+            f"crop {pre.crop[0]}x{pre.crop[1]}, {pre.interpolation}, ImageNet mean/std); write that file if the "
+            "model was trained otherwise"
+        )
+    return notes
+
+
 def _are_probabilities(out: torch.Tensor) -> bool:
     sums = out.sum(-1)
     return bool(out.min() >= 0 and torch.allclose(sums, torch.ones_like(sums), atol=1e-3))
