@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 
@@ -64,6 +65,12 @@ CASES = [
         RUN.replace("{MODEL}", "{TMP}/junk.pt"),
         2,
         "is not a TorchScript archive",
+    ),
+    (
+        "run-classifier-preprocess-0-255",  # mmcv-style mean/std: every score would be silently wrong
+        RUN.replace("{MODEL}", "{TMP}/scaled.pt"),
+        2,
+        "are on the 0-255 pixel scale; the images dct-audit scores are in [0, 1]: divide both by 255",
     ),
     ("run-classifier-folder-missing", RUN.replace("file:{MODEL}", "{TMP}/nomodel/"), 2, "does not exist"),
     (
@@ -182,6 +189,10 @@ def files(tmp_path, tiny_classifier, tiny_pipelines):
         json.dumps({"attributes": [{"name": "<script>alert(1)</script>", "with": "{} {} {}"}]})
     )
     (tmp_path / "junk.pt").write_bytes(b"\x00not torchscript")
+    shutil.copy(model, tmp_path / "scaled.pt")
+    (tmp_path / "scaled.pt.json").write_text(
+        json.dumps({"mean": [123.675, 116.28, 103.53], "std": [58.4] * 3})
+    )
     (tmp_path / "empty-dir").mkdir()
     (tmp_path / "badgen").mkdir()
     (tmp_path / "badgen" / "model_index.json").write_text('{"_class_name": "StableDiff')

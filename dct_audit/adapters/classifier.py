@@ -104,6 +104,39 @@ class Preprocess:
     std: tuple[float, float, float] = IMAGENET_STD
     interpolation: str = "bilinear"
 
+    def check(self, where: str) -> Preprocess:
+        """One line naming what is wrong (``where``: what the user wrote it in), else ``self``."""
+
+        def numbers(v, n):
+            return (
+                isinstance(v, (tuple, list)) and len(v) == n and all(isinstance(x, (int, float)) for x in v)
+            )
+
+        if not numbers(self.crop, 2) or not all(isinstance(x, int) and x > 0 for x in self.crop):
+            raise DctAuditError(
+                f"{where} crop must be (height, width), two positive whole numbers, not {self.crop!r}"
+            )
+        if self.resize is not None and not (isinstance(self.resize, int) and self.resize > 0):
+            raise DctAuditError(
+                f"{where} resize must be None or a positive whole number, not {self.resize!r}"
+            )
+        if not numbers(self.mean, 3):
+            raise DctAuditError(
+                f"{where} mean must be three numbers (one per RGB channel), not {self.mean!r}"
+            )
+        if not numbers(self.std, 3) or not all(0 < x < float("inf") for x in self.std):
+            raise DctAuditError(f"{where} std must be three positive numbers, not {self.std!r}")
+        if max(self.mean) > 1 or max(self.std) > 1:  # e.g. (123.675, 116.28, 103.53): silently wrong scores
+            raise DctAuditError(
+                f"{where} mean {list(self.mean)} and std {list(self.std)} are on the 0-255 pixel scale; the "
+                "images dct-audit scores are in [0, 1]: divide both by 255"
+            )
+        if self.interpolation not in ("bilinear", "bicubic", "nearest"):
+            raise DctAuditError(
+                f"{where} interpolation must be bilinear, bicubic or nearest, not {self.interpolation!r}"
+            )
+        return self
+
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         # images: (B, 3, H, W) in [0, 1]
         mode = self.interpolation if self.interpolation in ("bilinear", "bicubic", "nearest") else "bilinear"
@@ -525,11 +558,21 @@ def _preprocess_from_sidecar(path: Path) -> Preprocess:
         "interpolation": "bicubic",
         "crop_mode": "center",
     }
+    where = f"preprocessing file '{side}':"
     if side.is_file():
         try:
-            cfg.update(json.loads(side.read_text()))
+            given = json.loads(side.read_text())
         except json.JSONDecodeError as e:
             raise DctAuditError(f"preprocessing file '{side}' is not valid JSON ({e})") from None
+        if not isinstance(given, dict):
+            raise DctAuditError(
+                f"{where} expected a JSON object with input_size, crop_pct, mean, std, interpolation"
+            )
+        cfg.update(given)
     if isinstance(cfg["input_size"], int):
         cfg["input_size"] = (3, cfg["input_size"], cfg["input_size"])
-    return Preprocess.from_timm(cfg)
+    try:
+        pre = Preprocess.from_timm(cfg)
+    except (TypeError, ValueError, KeyError, ZeroDivisionError) as e:
+        raise DctAuditError(f"{where} cannot be read ({type(e).__name__}: {e})") from None
+    return pre.check(where)

@@ -131,24 +131,7 @@ def check_preprocess(pre) -> None:
             f"preprocess= must be a dct_audit.adapters.classifier.Preprocess, not {type(pre).__name__}; e.g. "
             "Preprocess(crop=(224, 224), resize=256, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))"
         )
-
-    def numbers(v, n):
-        return isinstance(v, (tuple, list)) and len(v) == n and all(isinstance(x, (int, float)) for x in v)
-
-    if not numbers(pre.crop, 2) or not all(isinstance(x, int) and x > 0 for x in pre.crop):
-        raise DctAuditError(
-            f"Preprocess crop must be (height, width), two positive whole numbers, not {pre.crop!r}"
-        )
-    if pre.resize is not None and not (isinstance(pre.resize, int) and pre.resize > 0):
-        raise DctAuditError(f"Preprocess resize must be None or a positive whole number, not {pre.resize!r}")
-    if not numbers(pre.mean, 3):
-        raise DctAuditError(f"Preprocess mean must be three numbers (one per RGB channel), not {pre.mean!r}")
-    if not numbers(pre.std, 3) or not all(0 < x < float("inf") for x in pre.std):
-        raise DctAuditError(f"Preprocess std must be three positive numbers, not {pre.std!r}")
-    if pre.interpolation not in ("bilinear", "bicubic", "nearest"):
-        raise DctAuditError(
-            f"Preprocess interpolation must be bilinear, bicubic or nearest, not {pre.interpolation!r}"
-        )
+    pre.check("Preprocess")
 
 
 PIPELINE_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
