@@ -6,8 +6,8 @@ from .errors import DctAuditError  # noqa: E402
 
 
 def run(classifier: str, classes, **kwargs):
-    """Audit classes of a classifier; see :func:`dct_audit.pipeline.run`."""
-    from .pipeline import run as _run
+    """Audit classes of a classifier; see :func:`dct_audit.api.run`."""
+    from .api import run as _run
 
     return _run(classifier, classes, **kwargs)
 

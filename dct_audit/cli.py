@@ -226,14 +226,14 @@ def _cmd_compare(args) -> int:
         names = [c.strip() for c in args.classifiers.split(",") if c.strip()]
         if len(names) != 2 or not args.classes:
             raise DctAuditError("--classifiers needs exactly two names (A,B) and --classes")
-        from . import pipeline
+        from .api import run
 
         extra = {
             k: v
             for k, v in {"generator": args.generator, "tagger": args.tagger, "labels": args.labels}.items()
             if v
         }
-        runs = [pipeline.run(n, args.classes, **extra).run_dir for n in names]
+        runs = [run(n, args.classes, **extra).run_dir for n in names]
     elif len(args.runs) == 2:
         runs = args.runs
     else:

@@ -76,7 +76,7 @@ def demo_run(
 ):
     """One audit of the world classes (default all) with a world classifier (a key of ``world_models()`` or a
     folder). ``overrides``: run options, the generator and tagger included (names or loaded models)."""
-    from .pipeline import run
+    from .api import run
     from .world.scenes import SHAPES
 
     models = world_models()

@@ -124,6 +124,18 @@ def wrap_classifier(
     )
 
 
+def models_in_memory(kwargs: dict) -> tuple[Generator | None, Tagger | None]:
+    """Take a generator or tagger given in memory out of ``kwargs``, leaving its record name there."""
+    generator = tagger = None
+    if kwargs.get("generator") is not None and not isinstance(kwargs["generator"], str):
+        generator = wrap_generator(kwargs["generator"])
+        kwargs["generator"] = generator.spec.spec
+    if kwargs.get("tagger") is not None and not isinstance(kwargs["tagger"], str):
+        tagger = wrap_tagger(kwargs["tagger"])
+        kwargs["tagger"] = tagger.spec
+    return generator, tagger
+
+
 def check_preprocess(pre) -> None:
     """A ``preprocess=`` given in memory: one line naming what is wrong, before any image is made."""
     if not isinstance(pre, Preprocess):
