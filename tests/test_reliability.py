@@ -116,6 +116,30 @@ def test_a_classifier_ending_in_softmax_is_scored_by_its_own_probabilities_not_a
     assert x.grad.abs().sum() > 0
 
 
+def test_a_half_precision_module_in_memory_gets_inputs_of_its_dtype_and_gives_float32_logits():
+    import copy
+
+    from dct_audit.adapters.classifier import Preprocess
+    from dct_audit.adapters.in_memory import wrap_classifier
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    pre, names = Preprocess(crop=(32, 32), resize=None), ["a", "b", "c", "d"]
+    x = torch.rand(2, 3, 32, 32)
+    want = wrap_classifier(base, names, pre)(x)
+    for dtype in (
+        torch.bfloat16,
+        torch.float16,
+    ):  # was: "Input type (float) and bias type ... should be the same"
+        clf = wrap_classifier(copy.deepcopy(base).to(dtype), names, pre)
+        images = x.clone().requires_grad_(True)
+        got = clf(images)
+        assert got.dtype == torch.float32 and clf.dtype == dtype
+        torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-2)
+        got.sum().backward()  # the gradient reaches the float32 image through the cast
+        assert images.grad.abs().sum() > 0
+
+
 def test_a_generator_whose_model_index_is_not_json_is_one_line(tmp_path):
     (tmp_path / "model_index.json").write_text("{broken")
     with pytest.raises(DctAuditError, match="model_index.json is not valid JSON"):

@@ -206,9 +206,20 @@ class Classifier(nn.Module):
         return self.spec.extra.get("outputs") == "probabilities"
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        out = as_logits(self.model(self.preprocess(images)), self.spec.spec)  # (B, C)
+        x = self.preprocess(images)
+        out = as_logits(
+            self.model(x.to(self.dtype)), self.spec.spec
+        ).float()  # (B, C), float32 whatever the model
         # softmax(log p) = p: the loss and every probability reported are the model's own, not a softmax of it
         return out.clamp_min(1e-30).log() if self.outputs_probabilities else out
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The model's floating dtype (a half-precision module gets half-precision inputs)."""
+        for p in self.model.parameters():
+            if p.is_floating_point():
+                return p.dtype
+        return torch.float32
 
     @property
     def device(self) -> torch.device:
@@ -487,7 +498,7 @@ def checked_outputs(clf: Classifier, what: str, labels_from: str) -> Classifier:
         with torch.no_grad():
             x = torch.rand(2, 3, *clf.preprocess.crop, generator=torch.Generator().manual_seed(0))
             try:
-                out = clf.model(x.to(clf.device))
+                out = clf.model(x.to(clf.device, clf.dtype))
             except Exception:  # a model that cannot run on this probe: its first real batch will say why
                 out = None
         if out is not None:
