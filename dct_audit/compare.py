@@ -80,6 +80,16 @@ def check_comparable(
             f"runs '{name_a}' and '{name_b}' audit different classes (only in the first: {only_a}, only in the second: "
             f"{only_b}); run both over the same --classes"
         )
+    from .resolve import normalise
+
+    renamed = [i for i in sorted(ca) if normalise(ca[i].name) != normalise(cb[i].name)]
+    if renamed:  # the same index is another class: pairing them would compare a cat with a dog
+        i = renamed[0]
+        raise DctAuditError(
+            f"runs '{name_a}' and '{name_b}' name class {i} differently ('{ca[i].name}' vs '{cb[i].name}'"
+            + (f", and {len(renamed) - 1} more" if len(renamed) > 1 else "")
+            + "); their classifiers have other label lists, so their classes cannot be paired by index"
+        )
     return [ca[i] for i in sorted(ca)]
 
 

@@ -3,6 +3,7 @@
 import json
 import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -56,3 +57,11 @@ def test_mismatched_runs_are_one_line_errors(two_runs, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "audit different classes" in err
     assert main(["compare", str(a)]) == 2 and "needs two run folders" in capsys.readouterr().err
+    # the same indices naming other classes (a classifier with another label list): not paired by index
+    renamed = RunDir(shutil.copytree(a, Path(a).parent / "renamed"))
+    manifest = renamed.read_manifest()
+    classes = [replace(c, name="dog") if c.index == 2 else c for c in manifest.classes]
+    renamed.write_manifest(replace(manifest, classes=classes))
+    assert main(["compare", str(a), str(renamed.root), "--no-cross-score"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "name class 2 differently ('horizontal bar' vs 'dog')" in err
