@@ -55,6 +55,12 @@ def run_on_ray(opts: RunOptions, classifier=None, generator=None, tagger=None):
     todo = [c for c in targets if not run_dir.is_done(c.index, c.name)]
     if len(todo) < len(targets):
         say(f"resuming {root}: {len(targets) - len(todo)} class(es) already finished")
+        if not opts.overwrite:
+            from .pipeline import check_same_tagging
+            from .tag import load_vocabulary
+
+            vocabulary = load_vocabulary(opts.attributes) if opts.tagger else None
+            check_same_tagging(plan.previous, opts, vocabulary, root)
 
     # 2. One task per class still to do
     if todo:

@@ -60,6 +60,15 @@ class Vocabulary:
     def __len__(self) -> int:
         return len(self.attributes)
 
+    def fingerprint(self) -> str:
+        """SHA-256 of what tags and checks depend on (every attribute's prompts and threshold, the neutral
+        prompts), not of where the file was: a resume must tag with the same vocabulary."""
+        import hashlib
+        from dataclasses import asdict
+
+        data = [[asdict(a) for a in self.attributes], list(self.neutral)]
+        return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
     def presence_thresholds(self) -> dict[str, float]:
         """Each attribute's presence threshold: the file's, else ``rundir.PRESENCE_THRESHOLD``."""
         return {

@@ -259,6 +259,31 @@ def test_a_damaged_finished_class_is_redone_and_verify_reports_it(run_args, tmp_
     assert "broken     findings.json" in capsys.readouterr().out
 
 
+def test_a_resume_with_another_tagger_or_vocabulary_is_refused_before_anything_loads(
+    run_args, tmp_path, capsys
+):
+    """Finished classes keep the tags of the tagger and vocabulary they were audited with; a resume that tags
+    new classes otherwise would make the analysis read two taggers as one (or miss new attributes' columns)."""
+    assert main([*run_args, "--classes", "0"]) == 0
+    root = tmp_path / "r"
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert len(manifest["tagging"]["vocabulary_sha256"]) == 64
+    extra = tmp_path / "more.json"
+    extra.write_text(json.dumps({"mode": "extend", "attributes": [{"name": "lab coat"}]}))
+    no_tagger = [a for a in run_args if not a.startswith("hf:")]
+    no_tagger[no_tagger.index("--tagger") + 1 : no_tagger.index("--tagger") + 1] = ["none"]
+    for args, phrase in (
+        ([*run_args, "--attributes", str(extra)], "tagged with another attribute vocabulary"),
+        (no_tagger, ", not no tagger;"),
+    ):
+        capsys.readouterr()
+        assert main([*args, "--classes", "0,1"]) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(err) == 1 and phrase in err[0] and "--overwrite" in err[0], err
+        assert not any((root / "classes").glob("0001-*"))
+        assert json.loads((root / "manifest.json").read_text()) == manifest  # nothing written
+
+
 def test_two_runs_into_one_folder_at_once_are_refused(run_args, tmp_path, capsys):
     root = tmp_path / "r"
     with rundir.run_lock(root):
