@@ -60,12 +60,26 @@ def _open(run: str | Path) -> tuple[rundir.RunDir, rundir.Manifest]:
     return run_dir, manifest
 
 
+def _pairing(m: rundir.Manifest) -> dict:
+    """What two runs must share to be paired: their settings, and how they were tagged (the tagger and the
+    vocabulary are recorded apart from the settings, under ``tagging``)."""
+    tagging = m.tagging or {}
+    values = dict(m.settings, tagger=tagging.get("tagger"), attributes=tagging.get("attributes_file"))
+    if tagging.get("attributes_file") is None and tagging.get("attributes") is not None:
+        values["attributes"] = f"shipped ({tagging['attributes']} attributes)"
+    if "vocabulary_sha256" in tagging:
+        values["vocabulary_sha256"] = tagging["vocabulary_sha256"]
+    return values
+
+
 def check_comparable(
     ma: rundir.Manifest, mb: rundir.Manifest, name_a: str, name_b: str
 ) -> list[rundir.ManifestClass]:
     """The classes both runs list; a one-line error naming what differs otherwise."""
-    sa, sb = ma.settings, mb.settings
-    diffs = [k for k in MUST_MATCH if sa.get(k) != sb.get(k)]
+    sa, sb = _pairing(ma), _pairing(mb)
+    if "vocabulary_sha256" not in sa or "vocabulary_sha256" not in sb:  # an older run: by file and size
+        sa.pop("vocabulary_sha256", None), sb.pop("vocabulary_sha256", None)
+    diffs = [k for k in (*MUST_MATCH, "vocabulary_sha256") if sa.get(k) != sb.get(k)]
     if diffs:
         shown = "; ".join(f"{k}: {sa.get(k)!r} vs {sb.get(k)!r}" for k in diffs[:3])
         raise DctAuditError(

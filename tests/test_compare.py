@@ -65,3 +65,11 @@ def test_mismatched_runs_are_one_line_errors(two_runs, capsys):
     assert main(["compare", str(a), str(renamed.root), "--no-cross-score"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "name class 2 differently ('horizontal bar' vs 'dog')" in err
+    # tagged by another tagger, or with another vocabulary: their tag rates are not comparable (the tagger is
+    # recorded under "tagging", not among the settings, and was not checked)
+    for key, value in (("tagger", "hf:another-clip"), ("vocabulary_sha256", "0" * 64)):
+        other = RunDir(shutil.copytree(a, Path(a).parent / f"other-{key}"))
+        manifest = other.read_manifest()
+        other.write_manifest(replace(manifest, tagging={**manifest.tagging, key: value}))
+        with pytest.raises(DctAuditError, match=f"cannot be paired: {key}: "):
+            compare(a, other.root, cross_score=False)
