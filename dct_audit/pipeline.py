@@ -28,7 +28,14 @@ from .generate import eval_seeds, generate, plan_jobs, twin
 from .invert import invert_class, save_token
 from .options import CONFIRM_MODES, RunOptions, parse_shard, shard_classes  # noqa: F401  (re-exported)
 from .plan import Plan, plan_run
-from .records import build_manifest, manifest_options, peak_memory_mb, placeholder_for  # noqa: F401
+from .records import (  # noqa: F401
+    build_manifest,
+    check_same_local_models,
+    local_fingerprints,
+    manifest_options,
+    peak_memory_mb,
+    placeholder_for,
+)
 from .resolve import ResolvedClass
 from .score import holdout_accuracy, score_images
 from .tag import AttributeBank, Tagger, Vocabulary, load_tagger, load_vocabulary
@@ -88,8 +95,10 @@ def _run_locked(opts: RunOptions, plan: Plan) -> RunResult:
 
     # 3. Load models (only if there is work left), then create the folder
     vocabulary = load_vocabulary(opts.attributes) if opts.tagger else None
+    fingerprints = local_fingerprints(opts)  # the local model files (a retrained model at the same path)
     if skipped and not opts.overwrite:
         check_same_tagging(plan.previous, opts, vocabulary, root)
+        check_same_local_models(plan.previous, fingerprints, root)
     if opts.tagger:
         from .tag import check_tagger
 
@@ -119,7 +128,7 @@ def _run_locked(opts: RunOptions, plan: Plan) -> RunResult:
     rundir.create_run_dir(run_dir, opts.overwrite)
     # the manifest lists every class of the run (a shard's too); class records are merged, never replaced
     manifest = build_manifest(
-        plan.previous, opts, settings, device, plan.clf_record, models.generator, targets
+        plan.previous, opts, settings, device, plan.clf_record, models.generator, targets, fingerprints
     )
     if batch_record is not None:
         manifest.batch_auto = batch_record

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import __version__
+from .errors import DctAuditError
 from .generate import eval_seeds
 from .options import RunOptions
 from .rundir import Manifest, ManifestClass
@@ -77,6 +78,7 @@ def build_manifest(
     clf_record,
     generator: Generator | None,
     targets,
+    fingerprints: dict[str, str] | None = None,
 ) -> Manifest:
     """The run's manifest: ``old``'s (a resumed run's) with this call's settings, environment, models and
     classes (every class asked for; a class already listed keeps its record)."""
@@ -95,12 +97,88 @@ def build_manifest(
     m.models = {**m.models, "classifier": clf_record.to_dict()}
     if generator is not None:
         m.models["generator"] = generator.spec.to_dict()
+    for key, fp in (fingerprints or {}).items():
+        m.models[key] = {**(m.models.get(key) or {}), "local_files_sha256": fp}
     known = {c.index: c for c in m.classes}
     for c in targets:
         known.setdefault(c.index, ManifestClass(c.index, c.name, c.query, placeholder_for(c.index)))
     m.classes = sorted(known.values(), key=lambda c: c.index)
     m.eval_seeds = eval_seeds(opts.seed, opts.n_images)
     return m
+
+
+# A local model is recorded by a fingerprint of its files, so that a resume can tell a model retrained or
+# replaced at the same path (its finished classes were audited with the old one). Files up to this size are
+# hashed whole; larger ones (a Stable Diffusion UNet) by their size and first and last 16 MiB: retraining
+# changes every tensor, so their first bytes differ, and a resume does not read gigabytes.
+WHOLE_HASH_MAX = 64 * 2**20
+PART = 16 * 2**20
+
+
+def local_model_paths(spec: str | None, labels: str | None = None) -> list[Path]:
+    """The files on this machine a model spec names (``file:PATH`` and its ``PATH.json``, a folder, a
+    ``local-dir:``/``hf:`` folder) and a labels file; empty for hub names and models in memory."""
+    paths = []
+    if spec:
+        for prefix in ("file:", "local-dir:", "hf:", "world:"):
+            if spec.startswith(prefix):
+                spec = spec[len(prefix) :]
+                break
+        p = Path(spec).expanduser()
+        if p.exists():
+            paths += [p, p.with_name(p.name + ".json")] if p.is_file() else [p]
+    if labels and Path(labels).is_file():
+        paths.append(Path(labels))
+    return [p for p in paths if p.exists()]
+
+
+def files_fingerprint(paths: list[Path]) -> str | None:
+    """SHA-256 over every file under ``paths`` (name, size and contents, see ``WHOLE_HASH_MAX``); None if none."""
+    import hashlib
+
+    if not paths:
+        return None
+    h = hashlib.sha256()
+    for root in paths:
+        files = [root] if root.is_file() else sorted(f for f in root.rglob("*") if f.is_file())
+        for f in files:
+            rel = f.relative_to(root) if f != root else Path(f.name)
+            if any(part.startswith(".") or part == "__pycache__" for part in rel.parts):
+                continue
+            size = f.stat().st_size
+            h.update(f"{rel.as_posix()}\0{size}\0".encode())
+            with open(f, "rb") as fh:
+                if size <= WHOLE_HASH_MAX:
+                    h.update(fh.read())
+                else:
+                    h.update(fh.read(PART))
+                    fh.seek(size - PART)
+                    h.update(fh.read(PART))
+    return h.hexdigest()
+
+
+def local_fingerprints(opts: RunOptions) -> dict[str, str]:
+    """``{"classifier": sha, "generator": sha, ...}`` for the run's models that are local files."""
+    named = {
+        "classifier": local_model_paths(opts.classifier, opts.labels),
+        "holdout_classifier": local_model_paths(opts.holdout_classifier, opts.labels),
+        "generator": local_model_paths(opts.generator),
+    }
+    return {k: fp for k, paths in named.items() if (fp := files_fingerprint(paths)) is not None}
+
+
+def check_same_local_models(previous: Manifest | None, now: dict[str, str], root: Path) -> None:
+    """A resume must use the same local model files as its finished classes (one line naming the model)."""
+    before = (previous.models if previous is not None else None) or {}
+    for key, fp in now.items():
+        old = (before.get(key) or {}).get("local_files_sha256")
+        if old is not None and old != fp:
+            name = key.replace("_", " ")
+            raise DctAuditError(
+                f"'{root}' holds classes audited with other files of its {name} (changed at the same path since: "
+                "retrained, replaced, or other labels); pass --overwrite to redo every class, or --name to "
+                "start a new run"
+            )
 
 
 def placeholder_for(index: int) -> str:

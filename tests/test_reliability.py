@@ -284,6 +284,31 @@ def test_a_resume_with_another_tagger_or_vocabulary_is_refused_before_anything_l
         assert json.loads((root / "manifest.json").read_text()) == manifest  # nothing written
 
 
+def test_a_resume_after_the_local_classifier_was_retrained_at_the_same_path_is_refused(
+    tiny_run_command, tiny_classifier, tmp_path, capsys
+):
+    """The finished classes were audited with the old weights; keeping them beside classes of the new model
+    would mix two classifiers in one run, silently."""
+    from dct_audit.testing import make_tiny_classifier
+
+    names = [line.strip() for line in open(tiny_classifier[1], encoding="utf-8") if line.strip()]
+    model, labels = make_tiny_classifier(tmp_path / "clf", names, seed=0)
+    args = list(tiny_run_command)
+    args[args.index("--classifier") + 1] = f"file:{model}"
+    args[args.index("--labels") + 1] = str(labels)
+    args += ["--tagger", "none", "--out", str(tmp_path), "--name", "r", *FAST]
+    assert main([*args, "--classes", "0"]) == 0
+    manifest = json.loads((tmp_path / "r" / "manifest.json").read_text())
+    assert {len(manifest["models"][k]["local_files_sha256"]) for k in ("classifier", "generator")} == {64}
+    make_tiny_classifier(tmp_path / "clf", names, seed=1)  # retrained in place
+    capsys.readouterr()
+    assert main([*args, "--classes", "0,1"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "audited with other files of its classifier" in err[0], err
+    assert json.loads((tmp_path / "r" / "manifest.json").read_text()) == manifest  # nothing written
+    assert main([*args, "--classes", "0,1", "--overwrite"]) == 0  # the fix the line names
+
+
 def test_two_runs_into_one_folder_at_once_are_refused(run_args, tmp_path, capsys):
     root = tmp_path / "r"
     with rundir.run_lock(root):
