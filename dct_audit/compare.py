@@ -40,6 +40,7 @@ from .stats import benjamini_hochberg, paired_rates
 
 # settings that must agree for two runs' images to pair up
 MUST_MATCH = ("generator", "steps", "guidance", "n_images", "seed", "contexts", "tagger", "attributes")
+RECORDED_IF_BOTH = ("vocabulary_sha256", "generator_files_sha256")  # compared when both runs recorded them
 
 
 @dataclass
@@ -69,6 +70,9 @@ def _pairing(m: rundir.Manifest) -> dict:
         values["attributes"] = f"shipped ({tagging['attributes']} attributes)"
     if "vocabulary_sha256" in tagging:
         values["vocabulary_sha256"] = tagging["vocabulary_sha256"]
+    generator_files = (m.models.get("generator") or {}).get("local_files_sha256")
+    if generator_files is not None:  # a local generator folder: the same path may hold other weights
+        values["generator_files_sha256"] = generator_files
     return values
 
 
@@ -77,9 +81,8 @@ def check_comparable(
 ) -> list[rundir.ManifestClass]:
     """The classes both runs list; a one-line error naming what differs otherwise."""
     sa, sb = _pairing(ma), _pairing(mb)
-    if "vocabulary_sha256" not in sa or "vocabulary_sha256" not in sb:  # an older run: by file and size
-        sa.pop("vocabulary_sha256", None), sb.pop("vocabulary_sha256", None)
-    diffs = [k for k in (*MUST_MATCH, "vocabulary_sha256") if sa.get(k) != sb.get(k)]
+    recorded = [k for k in RECORDED_IF_BOTH if k in sa and k in sb]  # older runs lack them
+    diffs = [k for k in (*MUST_MATCH, *recorded) if sa.get(k) != sb.get(k)]
     if diffs:
         shown = "; ".join(f"{k}: {sa.get(k)!r} vs {sb.get(k)!r}" for k in diffs[:3])
         raise DctAuditError(
