@@ -31,6 +31,7 @@ from .plan import Plan, plan_run
 from .records import (  # noqa: F401
     build_manifest,
     check_same_local_models,
+    check_same_tagging,
     local_fingerprints,
     manifest_options,
     peak_memory_mb,
@@ -209,30 +210,6 @@ def _run_locked(opts: RunOptions, plan: Plan) -> RunResult:
 
         report = render_report(root)
     return RunResult(run_dir=root, classes=results, skipped=skipped, findings=findings, report=report)
-
-
-def check_same_tagging(previous, opts: RunOptions, vocabulary: Vocabulary | None, root: Path) -> None:
-    """A resume tags its new classes as the finished ones were tagged (same tagger, same vocabulary), or the
-    analysis would read tags of two taggers as one (or miss the columns of new attributes): one line."""
-    old = (previous.tagging if previous is not None else None) or {}
-    was = old.get("tagger") or "no tagger"
-    now = opts.tagger or "no tagger"
-    if was != now:
-        why = f"tagged with {was}, not {now}"
-    elif vocabulary is None:
-        return
-    elif "vocabulary_sha256" in old:
-        if old["vocabulary_sha256"] == vocabulary.fingerprint():
-            return
-        why = "tagged with another attribute vocabulary (its file or its contents differ)"
-    elif old.get("attributes_file") == opts.attributes and old.get("attributes") == len(vocabulary):
-        return  # a run from before vocabularies were fingerprinted: the same file and size
-    else:
-        why = f"tagged with the vocabulary {old.get('attributes_file') or 'shipped'}, not {opts.attributes or 'the shipped one'}"
-    raise DctAuditError(
-        f"'{root}' holds finished classes {why}; resume with the run's --tagger and --attributes, pass "
-        "--overwrite to redo every class, or --name to start a new run"
-    )
 
 
 def finish_run(run_dir: str | Path, classifier=None, generator=None, tagger=None, **overrides) -> RunResult:

@@ -1,5 +1,6 @@
 """The run's records: the manifest (settings, device, library versions, resolved models, classes), the
-options a finished run was made with (read back from its manifest), and peak memory."""
+options a finished run was made with (read back from its manifest), peak memory, and what a resume must
+match beyond the settings (the tagger and vocabulary, the files of local models)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from .rundir import Manifest, ManifestClass
 
 if TYPE_CHECKING:
     from .adapters.generator import Generator
+    from .tag import Vocabulary
 
 
 def package_versions() -> dict:
@@ -179,6 +181,32 @@ def check_same_local_models(previous: Manifest | None, now: dict[str, str], root
                 "retrained, replaced, or other labels); pass --overwrite to redo every class, or --name to "
                 "start a new run"
             )
+
+
+def check_same_tagging(
+    previous: Manifest | None, opts: RunOptions, vocabulary: Vocabulary | None, root: Path
+) -> None:
+    """A resume tags its new classes as the finished ones were tagged (same tagger, same vocabulary), or the
+    analysis would read tags of two taggers as one (or miss the columns of new attributes): one line."""
+    old = (previous.tagging if previous is not None else None) or {}
+    was = old.get("tagger") or "no tagger"
+    now = opts.tagger or "no tagger"
+    if was != now:
+        why = f"tagged with {was}, not {now}"
+    elif vocabulary is None:
+        return
+    elif "vocabulary_sha256" in old:
+        if old["vocabulary_sha256"] == vocabulary.fingerprint():
+            return
+        why = "tagged with another attribute vocabulary (its file or its contents differ)"
+    elif old.get("attributes_file") == opts.attributes and old.get("attributes") == len(vocabulary):
+        return  # a run from before vocabularies were fingerprinted: the same file and size
+    else:
+        why = f"tagged with the vocabulary {old.get('attributes_file') or 'shipped'}, not {opts.attributes or 'the shipped one'}"
+    raise DctAuditError(
+        f"'{root}' holds finished classes {why}; resume with the run's --tagger and --attributes, pass "
+        "--overwrite to redo every class, or --name to start a new run"
+    )
 
 
 def placeholder_for(index: int) -> str:

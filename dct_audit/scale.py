@@ -56,7 +56,7 @@ def run_on_ray(opts: RunOptions, classifier=None, generator=None, tagger=None):
     if len(todo) < len(targets):
         say(f"resuming {root}: {len(targets) - len(todo)} class(es) already finished")
         if not opts.overwrite:
-            from .pipeline import check_same_tagging
+            from .records import check_same_tagging
             from .tag import load_vocabulary
 
             vocabulary = load_vocabulary(opts.attributes) if opts.tagger else None
