@@ -35,14 +35,6 @@ if TYPE_CHECKING:
 # classifier, 0.96 -> 1.00 on plain backgrounds), and requiring the interval, not the point estimate, to clear
 # it keeps the many attributes checked per class from confirming noise (README "Truth benchmark").
 CONFIRM_MIN_CHANGE = 0.10
-# With two or more replacements that removed the attribute, the rule is instead: the second-smallest change's
-# interval lies at or above this (the confidence drops against every replacement, interval above 0, and by a
-# decision-relevant amount against all but at most one). One close alternative may stand in for the value (a classifier that learned "orange" also
-# accepts a yellow ring: 0.87 vs 1.00, while red, green, blue and purple give 0.00-0.18). Re-decided on the
-# stored scores of 61 truth-benchmark runs (seeds 11-31 and the shipped world; README "Truth benchmark"),
-# this rule found 81 of 85 relied-on plants where the smallest-change rule (interval from 0.10) found 78, and
-# confirmed 1 unplanted attribute where that confirmed 2; then it was run once on a fresh seed.
-CONFIRM_MIN_CHANGE_ALL_BUT_ONE = 0.20
 # A replacement is *confounded* when its images show an attribute of another group in at least this much larger
 # a share than the images with the attribute (measured on the world: "square in a frame", "on a plate" and
 # "alone" were drawn on water in 50-88% of images, "next to a person" never; water was another class's
@@ -162,16 +154,12 @@ def counterfactual_effect(with_probs, replacements: dict[str, dict], with_rate: 
     clean = [r for r in effective if not r["confounders"]]
     worst = min(effective or rows, key=lambda r: r["diff"])
     shown = with_rate is None or with_rate >= 0.5
-    lows = sorted(r["ci_low"] for r in effective)
     return {
         "with_prob": float(np.mean(with_probs)),
         "without_prob": float(np.mean([r["prob"] for r in rows])),
         "diff": worst["diff"],
         "ci_low": worst["ci_low"],
         "ci_high": worst["ci_high"],
-        "second_ci_low": lows[1]
-        if len(lows) >= 2
-        else None,  # all replacements but one lower it by this much
         "worst_replacement": worst["name"],
         "n": int(len(with_probs)),
         "depends": bool(clean) and shown and all(r["depends"] for r in effective),
@@ -190,12 +178,10 @@ def confirmed(
     An absence attribute ("plain background", "alone") is never confirmed as a bias: a token that brings it
     in is removing other contexts, which the report says as such.
     """
-    if not counterfactual or absence or not counterfactual.get("depends"):
+    if not counterfactual or absence:
         return False
-    low, second = counterfactual.get("ci_low"), counterfactual.get("second_ci_low")
-    if second is not None:  # two or more replacements: all but one lower it by CONFIRM_MIN_CHANGE_ALL_BUT_ONE
-        return float(second) >= CONFIRM_MIN_CHANGE_ALL_BUT_ONE
-    return low is not None and float(low) >= min_change
+    low = counterfactual.get("ci_low")
+    return bool(counterfactual.get("depends")) and low is not None and float(low) >= min_change
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -260,12 +260,7 @@ def _print_findings(findings: list[dict]) -> None:
         if f.get("confirmed"):
             verdict = (
                 f"confirmed: the classifier depends on it (smallest change {cf.get('diff', 0):.2f}, "
-                f"interval from {cf.get('ci_low', 0):.2f}"
-                + (
-                    f"; all replacements but one: from {cf['second_ci_low']:.2f})"
-                    if cf.get("second_ci_low") is not None
-                    else ")"
-                )
+                f"interval from {cf.get('ci_low', 0):.2f})"
             )
         elif f.get("absence"):
             verdict = "an absence: the token removes other contexts, not a bias of this class"

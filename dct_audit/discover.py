@@ -31,13 +31,7 @@ import numpy as np
 import pandas as pd
 
 from . import rundir
-from .analyse import (
-    CONFIRM_MIN_CHANGE,
-    CONFIRM_MIN_CHANGE_ALL_BUT_ONE,
-    confirmed,
-    confounders,
-    counterfactual_effect,
-)
+from .analyse import CONFIRM_MIN_CHANGE, confirmed, confounders, counterfactual_effect
 from .errors import DctAuditError
 from .stats import benjamini_hochberg
 
@@ -440,7 +434,6 @@ def discover_run(
             "checked": check,
             "findings": "confirmed concepts" if check else "significant concepts, not checked",
             "confirm_min_change": CONFIRM_MIN_CHANGE,
-            "confirm_min_change_all_but_one": CONFIRM_MIN_CHANGE_ALL_BUT_ONE,
         }
     )
     return out

@@ -21,7 +21,7 @@ from .adapters.classifier import Classifier, load_classifier, load_notes
 from .adapters.generator import Generator
 from .adapters.generator_load import load_generator
 from .adapters.in_memory import models_in_memory
-from .analyse import CONFIRM_MIN_CHANGE, CONFIRM_MIN_CHANGE_ALL_BUT_ONE, analyse_run
+from .analyse import CONFIRM_MIN_CHANGE, analyse_run
 from .errors import DctAuditError
 from .explain import explain_class
 from .generate import eval_seeds, generate, plan_jobs, twin
@@ -182,7 +182,6 @@ def _run_locked(opts: RunOptions, plan: Plan) -> RunResult:
             "confirm": opts.confirm,
             "confirm_seeds": opts.confirm_seeds,
             "confirm_min_change": CONFIRM_MIN_CHANGE,
-            "confirm_min_change_all_but_one": CONFIRM_MIN_CHANGE_ALL_BUT_ONE,
             "findings": len(findings),
             "finished": _dt.datetime.now().isoformat(timespec="seconds"),
         }

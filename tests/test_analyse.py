@@ -82,29 +82,6 @@ def test_a_finding_is_confirmed_by_a_dependence_that_matters():
     assert not confirmed({"depends": True, "diff": 0.9, "ci_low": 0.8}, absence=True)  # an absence
 
 
-def test_one_close_alternative_may_stand_in_for_the_value_but_not_two():
-    """Measured on a seed-31 world: a classifier that learned 'orange ring' also accepts a yellow one (0.87 vs
-    1.00), while red, green, blue and purple give 0.00-0.18: confirmed (all but one replacement lower it by
-    >= 0.20). A change that matters against only one replacement is not."""
-    from dct_audit.analyse import CONFIRM_MIN_CHANGE, confirmed
-
-    rng = np.random.default_rng(0)
-    with_probs = np.clip(0.99 + rng.normal(0, 0.005, 8), 0, 1)
-    near = np.clip(0.87 + np.random.default_rng(1).normal(0, 0.1, 8), 0, 1)  # interval from 0.05
-    far = {
-        name: np.clip(p + rng.normal(0, 0.05, 8), 0, 1)
-        for name, p in (("red", 0.01), ("green", 0.01), ("blue", 0.18), ("purple", 0.09))
-    }
-    reps = {name: {"probs": list(v), "attribute_rate": 0.0} for name, v in {"yellow": near, **far}.items()}
-    eff = counterfactual_effect(with_probs, reps, with_rate=1.0)
-    assert eff["depends"] and eff["ci_low"] < CONFIRM_MIN_CHANGE and eff["second_ci_low"] >= 0.2
-    assert confirmed(eff)
-    two_near = dict(reps, red={"probs": list(np.clip(near + 0.01, 0, 1)), "attribute_rate": 0.0})
-    assert not confirmed(counterfactual_effect(with_probs, two_near, with_rate=1.0))
-    one = counterfactual_effect(with_probs, {"yellow": reps["yellow"]}, with_rate=1.0)  # one replacement only
-    assert one["second_ci_low"] is None and confirmed(one) == (one["ci_low"] >= CONFIRM_MIN_CHANGE)
-
-
 def test_replacements_that_all_bring_in_another_context_cannot_confirm():
     """Measured on a seed-13 world: 'square next to a person' was drawn on snow, 'square on a plate', 'in a
     frame' and 'alone' on water in 50-88% of images, and water was another class's planted background. Every

@@ -111,7 +111,6 @@ def _finding_rows(findings: list | None, rows: list[dict]) -> dict | None:
             "with_prob": to_number(cf.get("with_prob")),
             "diff": to_number(cf.get("diff")),
             "ci_low": to_number(cf.get("ci_low")),
-            "second_ci_low": to_number(cf.get("second_ci_low")),
             "worst": cf.get("worst_replacement"),
             "absence": bool(f.get("absence")),
         }
@@ -308,8 +307,7 @@ def _finding(f: dict, run_dir: Path, out_dir: Path) -> dict:
     cf = f.get("counterfactual") or None
     if cf:
         numbers = {
-            k: to_number(cf.get(k))
-            for k in ("with_prob", "without_prob", "diff", "ci_low", "ci_high", "second_ci_low")
+            k: to_number(cf.get(k)) for k in ("with_prob", "without_prob", "diff", "ci_low", "ci_high")
         }
         low, high = numbers["ci_low"], numbers["ci_high"]
         depends = cf.get("depends")
