@@ -30,8 +30,7 @@ from .options import CONFIRM_MODES, RunOptions, parse_shard, shard_classes  # no
 from .plan import Plan, plan_run
 from .records import (  # noqa: F401
     build_manifest,
-    check_same_local_models,
-    check_same_tagging,
+    check_resume,
     local_fingerprints,
     manifest_options,
     peak_memory_mb,
@@ -98,8 +97,7 @@ def _run_locked(opts: RunOptions, plan: Plan) -> RunResult:
     vocabulary = load_vocabulary(opts.attributes) if opts.tagger else None
     fingerprints = local_fingerprints(opts)  # the local model files (a retrained model at the same path)
     if skipped and not opts.overwrite:
-        check_same_tagging(plan.previous, opts, vocabulary, root)
-        check_same_local_models(plan.previous, fingerprints, root)
+        check_resume(plan.previous, opts, vocabulary, fingerprints, root)
     if opts.tagger:
         from .tag import check_tagger
 

@@ -122,7 +122,7 @@ def local_model_paths(spec: str | None, labels: str | None = None) -> list[Path]
     ``local-dir:``/``hf:`` folder) and a labels file; empty for hub names and models in memory."""
     paths = []
     if spec:
-        for prefix in ("file:", "local-dir:", "hf:", "world:"):
+        for prefix in ("file:", "local-dir:", "hf:"):
             if spec.startswith(prefix):
                 spec = spec[len(prefix) :]
                 break
@@ -167,6 +167,14 @@ def local_fingerprints(opts: RunOptions) -> dict[str, str]:
         "generator": local_model_paths(opts.generator),
     }
     return {k: fp for k, paths in named.items() if (fp := files_fingerprint(paths)) is not None}
+
+
+def check_resume(
+    previous: Manifest | None, opts: RunOptions, vocabulary: Vocabulary | None, fingerprints: dict, root: Path
+) -> None:
+    """What a resume with finished classes must match beyond the settings (serial, shard and Ray runs)."""
+    check_same_tagging(previous, opts, vocabulary, root)
+    check_same_local_models(previous, fingerprints, root)
 
 
 def check_same_local_models(previous: Manifest | None, now: dict[str, str], root: Path) -> None:

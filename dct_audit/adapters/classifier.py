@@ -206,10 +206,8 @@ class Classifier(nn.Module):
         return self.spec.extra.get("outputs") == "probabilities"
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.preprocess(images)
-        out = as_logits(
-            self.model(x.to(self.dtype)), self.spec.spec
-        ).float()  # (B, C), float32 whatever the model
+        # (B, C) float32 logits whatever the model's dtype (a half-precision module gets inputs of its dtype)
+        out = as_logits(self.model(self.preprocess(images).to(self.dtype)), self.spec.spec).float()
         # softmax(log p) = p: the loss and every probability reported are the model's own, not a softmax of it
         return out.clamp_min(1e-30).log() if self.outputs_probabilities else out
 
