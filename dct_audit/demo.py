@@ -138,6 +138,16 @@ def audit_world_classifier(  # noqa: D417
         PlantedSet.read(path)  # a damaged training.json: say so before the audit, not after it
     except ValueError as e:
         raise DctAuditError(str(e)) from None
+    from .rundir import read_json_file
+    from .world.scenes import SHAPES
+
+    config = read_json_file(path / "config.json", "retrain the classifier")
+    labels = config.get("label_names") if isinstance(config, dict) else None
+    if labels != list(SHAPES):
+        raise DctAuditError(
+            f"--classifier {folder}: its classes {labels} are not the world's ({', '.join(SHAPES)}, in this "
+            "order); `demo --classifier` audits world classifiers; audit other models with `dct-audit run`"
+        )
     t0 = time.perf_counter()
     run = demo_run(str(path), name or f"demo-{path.resolve().name}", out, quiet, classes, **overrides)
     score = score_truth(run, path)

@@ -494,5 +494,8 @@ def test_the_world_classifier_trainer_refuses_bad_numbers_and_a_file_as_out(tmp_
         with pytest.raises(SystemExit) as e:
             train(["--planted", "star:background:water", "--out", str(tmp_path / "clf"), *argv])
         assert e.value.code == 2 and phrase in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # --measure on a folder with no trained classifier
+        train(["--measure", "--out", str(tmp_path / "nothing")])
+    assert e.value.code == 2 and "--measure: no trained classifier (training.json)" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
     assert torch.get_num_threads() == threads  # a refused command leaves the process as it was

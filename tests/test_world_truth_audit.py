@@ -10,6 +10,7 @@ relies on. About 2-3 minutes on 2 cores.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -17,8 +18,10 @@ import pytest
 import torch
 
 from dct_audit.demo import audit_world_classifier
+from dct_audit.errors import DctAuditError
 from dct_audit.world import truth as T
 from dct_audit.world.classifiers import ClassifierTrainConfig, train_classifier
+from dct_audit.world.scenes import SHAPES
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -80,3 +83,27 @@ def test_demo_with_a_folder_that_is_not_a_classifier_says_so(tmp_path):
         f"dct-audit: error: --classifier {tmp_path} is not a world classifier folder (no config.json); "
         "train one with `python -m dct_audit.world.classifiers --planted SPEC --out DIR`"
     ]
+
+
+@pytest.mark.parametrize(
+    "training, labels, phrase",
+    [
+        ("[1, 2]", SHAPES, "is not a training record (a JSON object)"),
+        ('{"planted": "star:background:water"}', SHAPES, "its planted set is not valid"),
+        ('{"planted": [{"cls": "blob"}]}', SHAPES, "its planted set is not valid"),
+        (
+            '{"planted": [{"cls": "star", "attribute": "background", "value": "lava", "strength": 0.9}]}',
+            SHAPES,
+            "planted background 'lava' for star",
+        ),
+        ('{"planted": []}', ["a", "b", "c"], "are not the world's (circle, square"),
+    ],
+)
+def test_demo_refuses_a_damaged_training_record_or_foreign_classes_before_auditing(
+    tmp_path, training, labels, phrase
+):
+    (tmp_path / "config.json").write_text(json.dumps({"label_names": list(labels)}))
+    (tmp_path / "training.json").write_text(training)
+    with pytest.raises(DctAuditError, match=re.escape(phrase)):
+        audit_world_classifier(str(tmp_path), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()  # refused before anything was written

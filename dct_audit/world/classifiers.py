@@ -342,6 +342,21 @@ def main(argv: Sequence[str] | None = None) -> None:
             parser.error(str(e))
         if Path(args.out).exists() and not Path(args.out).is_dir():
             parser.error(f"--out {args.out} is a file; give a folder for the classifier")
+    args.out = args.out or str(SHIPPED)
+    if args.measure:
+        # one classifier folder (as trained with --planted), or the parent of the variants' folders
+        single = (Path(args.out) / "training.json").is_file() and not args.variants
+        folders = (
+            {Path(args.out).name: Path(args.out)}
+            if single
+            else {name: Path(args.out) / name for name in args.variants or list(VARIANTS)}
+        )
+        missing = [str(f) for f in folders.values() if not (f / "training.json").is_file()]
+        if missing:
+            parser.error(
+                f"--measure: no trained classifier (training.json) in {', '.join(missing)}; "
+                "give --out a classifier folder or the parent of the variants' folders"
+            )
     torch.set_num_threads(args.threads)  # after every check: a refused command changes nothing
     if args.planted is not None:
         tc = ClassifierTrainConfig(
@@ -351,12 +366,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             tc = ClassifierTrainConfig(**{**asdict(tc), "steps": args.steps})
         train_classifier(args.out, tc, eval_n=args.eval_n)
         return
-    args.out = args.out or str(SHIPPED)
-    for name in args.variants or list(VARIANTS):
-        if args.measure:
+    if args.measure:
+        for name, folder in folders.items():
             print(f"== {name}")
-            print(format_reliance(remeasure(Path(args.out) / name, n=args.eval_n)))
-            continue
+            print(format_reliance(remeasure(folder, n=args.eval_n)))
+        return
+    for name in args.variants or list(VARIANTS):
         tc = VARIANTS[name]
         if args.steps is not None:
             tc = ClassifierTrainConfig(**{**asdict(tc), "steps": args.steps})

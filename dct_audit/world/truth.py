@@ -137,9 +137,17 @@ class PlantedSet:
             record = json.loads(path.read_text())
         except (OSError, ValueError) as e:
             raise ValueError(f"{path} is not readable JSON ({e}); retrain the classifier") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path} is not a training record (a JSON object); retrain the classifier")
         if "planted" not in record:
             return None
-        return cls.from_dict(record)
+        try:
+            return cls.from_dict(record)
+        except (TypeError, AttributeError, ValueError) as e:  # not a list of {cls, attribute, value, strength}
+            raise ValueError(
+                f"{path}: its planted set is not valid ({e}); retrain the classifier with "
+                "`python -m dct_audit.world.classifiers --planted SPEC --out DIR`"
+            ) from None
 
 
 def random_planted_set(
