@@ -65,6 +65,37 @@ def test_preprocess_matches_timm_eval_transform():
     assert (ours - ref).abs().mean() < 0.02
 
 
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_preprocess_equals_torchvision_resize_and_crop_on_non_square_images(interpolation):
+    """On tensors our preprocessing is torchvision's eval transform exactly (timm's and torchvision's models
+    use it): the longer side truncated as Resize(int) does, the crop offset rounded as CenterCrop does. A
+    one-pixel shift here (round instead of truncate) changed a real ImageNet model's probabilities by 0.04."""
+    import torchvision.transforms.v2 as T
+
+    mode = getattr(T.InterpolationMode, interpolation.upper())
+    cfg = {
+        "input_size": (3, 224, 224),
+        "crop_pct": 0.875,
+        "interpolation": interpolation,
+        "mean": (0.485, 0.456, 0.406),
+        "std": (0.229, 0.224, 0.225),
+        "crop_mode": "center",
+    }
+    ours = Preprocess.from_timm(cfg)
+    assert ours.resize == 256
+    ref = T.Compose(
+        [
+            T.Resize(256, interpolation=mode, antialias=True),
+            T.CenterCrop(224),
+            T.Normalize(cfg["mean"], cfg["std"]),
+        ]
+    )
+    g = torch.Generator().manual_seed(0)
+    for h, w in [(300, 451), (427, 640), (451, 300), (256, 256), (225, 999), (512, 512)]:
+        x = torch.rand(2, 3, h, w, generator=g)
+        assert torch.allclose(ours(x), ref(x), atol=1e-5), (h, w)
+
+
 def test_transformers_folder(tmp_path):
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 

@@ -145,13 +145,17 @@ class Preprocess:
         if self.resize is None:
             size = self.crop
         else:
-            scale = self.resize / min(h, w)
-            size = (max(self.crop[0], round(h * scale)), max(self.crop[1], round(w * scale)))
+            # as torchvision's Resize(int) (what timm's and torchvision's eval transforms use): the shorter side
+            # becomes ``resize``, the longer one int(resize * long / short), truncated
+            long = int(self.resize * max(h, w) / min(h, w))
+            size = (self.resize, long) if h <= w else (long, self.resize)
+            size = (max(self.crop[0], size[0]), max(self.crop[1], size[1]))
         if (h, w) != tuple(size):
             kw = {} if mode == "nearest" else {"align_corners": False, "antialias": aa}
             images = F.interpolate(images, size=size, mode=mode, **kw)
-        top = (images.shape[-2] - self.crop[0]) // 2
-        left = (images.shape[-1] - self.crop[1]) // 2
+        # as torchvision's CenterCrop: offsets rounded half to even
+        top = int(round((images.shape[-2] - self.crop[0]) / 2.0))
+        left = int(round((images.shape[-1] - self.crop[1]) / 2.0))
         images = images[..., top : top + self.crop[0], left : left + self.crop[1]]  # (B, 3, h, w)
         mean = images.new_tensor(self.mean).view(1, 3, 1, 1)
         std = images.new_tensor(self.std).view(1, 3, 1, 1)
