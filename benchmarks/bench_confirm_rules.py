@@ -41,6 +41,8 @@ from dct_audit.world.paths import ATTRIBUTES_FILE
 
 def rows_of_run(run: Path, planted: dict, world: str, vocabulary) -> list[dict]:
     rows = []
+    enrichment = pd.read_csv(run / rundir.ENRICHMENT)
+    flagged = set(zip(enrichment.loc[enrichment["flagged"], "class_name"], enrichment.loc[enrichment["flagged"], "attribute"]))
     for file in sorted((run / rundir.COUNTERFACTUAL_DIR).glob("*.json")):
         cls = file.stem.split("-", 1)[1]
         sweep = json.loads(file.read_text())["prompts"]
@@ -61,6 +63,7 @@ def rows_of_run(run: Path, planted: dict, world: str, vocabulary) -> list[dict]:
                     "planted": (cls, a.name) in planted,
                     "relies": planted.get((cls, a.name), False),
                     "depends": e["depends"],
+                    "flagged": (cls, a.name) in flagged,
                     "worst": e["diff"],
                     "worst_low": e["ci_low"],
                     "pooled_low": pooled_low,
@@ -95,6 +98,8 @@ def main(argv=None) -> int:
     d = df["depends"]
     rules = {
         "current: smallest change, interval from 0.10": df["current"],
+        "current, or brought in by the token and dependent (every interval above 0)": df["current"]
+        | (df["flagged"] & d),
         "all but one: second-smallest change, interval from 0.20": d & (df["second_low"] >= 0.20),
         "smallest change, point estimate >= 0.10": d & (df["worst"] >= 0.10),
         "smallest change, interval from 0.05": d & (df["worst_low"] >= 0.05),

@@ -55,8 +55,8 @@ def split_queries(classes: str | list[str] | tuple[str, ...]) -> list[str]:
 def match_query(query: str, labels: LabelSet, max_matches: int | None = MAX_MATCHES) -> list[int]:
     """Indices matching one query (possibly several), or an error naming the closest classes."""
     q = normalise(query)
-    if q.isdigit():
-        i = int(q)
+    if re.fullmatch(r"[+-]?\d+", query.strip()):  # before normalise, which reads "-1" as "1"
+        i = int(query)
         if not 0 <= i < len(labels):
             raise DctAuditError(
                 f"class index {i} is out of range; this classifier has classes 0-{len(labels) - 1}"

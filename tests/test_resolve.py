@@ -54,6 +54,10 @@ def test_typo_lists_closest_names(imagenet):
 def test_index_out_of_range(imagenet):
     with pytest.raises(DctAuditError, match="out of range"):
         resolve_classes("1000", imagenet)
+    # a negative index is out of range too, not class 1 (normalising the hyphen away once audited goldfish)
+    with pytest.raises(DctAuditError, match="class index -1 is out of range"):
+        resolve_classes("-1", imagenet)
+    assert resolve_classes(" +7 ", imagenet)[0][0].index == 7
 
 
 def test_fragment_matches_several_classes(imagenet):
