@@ -11,6 +11,7 @@ import os
 import shutil
 
 import pytest
+import torch
 
 from dct_audit.cli import main
 
@@ -71,6 +72,12 @@ CASES = [
         RUN.replace("{MODEL}", "{TMP}/scaled.pt"),
         2,
         "are on the 0-255 pixel scale; the images dct-audit scores are in [0, 1]: divide both by 255",
+    ),
+    (
+        "run-classifier-takes-one-channel",  # a grayscale model: refused at load, before any folder is made
+        RUN.replace("file:{MODEL}", "file:{TMP}/gray.pt"),
+        2,
+        "fails on 2 RGB images of 224x224 (RuntimeError: Given groups=1",
     ),
     ("run-classifier-folder-missing", RUN.replace("file:{MODEL}", "{TMP}/nomodel/"), 2, "does not exist"),
     (
@@ -189,6 +196,10 @@ def files(tmp_path, tiny_classifier, tiny_pipelines):
         json.dumps({"attributes": [{"name": "<script>alert(1)</script>", "with": "{} {} {}"}]})
     )
     (tmp_path / "junk.pt").write_bytes(b"\x00not torchscript")
+    n_labels = len([line for line in open(labels).read().splitlines() if line.strip()])
+    gray = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(1), torch.nn.LazyLinear(n_labels))
+    gray(torch.rand(1, 1, 224, 224))  # materialise the lazy layer
+    torch.jit.trace(gray.eval(), torch.rand(1, 1, 224, 224)).save(str(tmp_path / "gray.pt"))
     shutil.copy(model, tmp_path / "scaled.pt")
     (tmp_path / "scaled.pt.json").write_text(
         json.dumps({"mean": [123.675, 116.28, 103.53], "std": [58.4] * 3})

@@ -501,8 +501,18 @@ def checked_outputs(clf: Classifier, what: str, labels_from: str) -> Classifier:
             x = torch.rand(2, 3, *clf.preprocess.crop, generator=torch.Generator().manual_seed(0))
             try:
                 out = clf.model(x.to(clf.device, clf.dtype))
-            except Exception:  # a model that cannot run on this probe: its first real batch will say why
+            except torch.cuda.OutOfMemoryError:  # two images do not fit beside what is loaded: not its shape
                 out = None
+            except Exception as e:  # a model that cannot take (batch, 3, H, W) images: say so before any work
+                # the cause is the last line (TorchScript puts its interpreter's trace before it)
+                first = ([ln for ln in str(e).splitlines() if ln.strip()] or [""])[-1].strip()
+                first = first.removeprefix(f"{type(e).__name__}: ")[:300]
+                raise DctAuditError(
+                    f"{what} fails on 2 RGB images of {x.shape[-2]}x{x.shape[-1]} "
+                    f"({type(e).__name__}: {first}); the audit gives it (batch, 3, H, W) images normalised "
+                    "by its preprocessing: set input_size, mean and std in its preprocessing "
+                    "(PATH.json for a TorchScript file) or wrap it to take them"
+                ) from None
         if out is not None:
             out = as_logits(out, clf.spec.spec).float()
             n_out = n_out if n_out is not None else int(out.shape[-1])
