@@ -79,6 +79,12 @@ CASES = [
         2,
         "fails on 2 RGB images of 224x224 (RuntimeError: Given groups=1",
     ),
+    (
+        "run-classifier-file-without-prefix",
+        RUN.replace("file:{MODEL}", "{MODEL}"),
+        2,
+        "is a file, not a model folder or name; a TorchScript file takes the file: prefix",
+    ),
     ("run-classifier-folder-missing", RUN.replace("file:{MODEL}", "{TMP}/nomodel/"), 2, "does not exist"),
     (
         "run-classifier-config-not-json",

@@ -275,6 +275,11 @@ def parse_spec(spec: str) -> tuple[str, str]:
             return kind, rest
     if os.path.isdir(spec):
         return "timm", f"local-dir:{spec}"
+    if os.path.isfile(os.path.expanduser(spec)):
+        raise DctAuditError(
+            f"classifier '{spec}' is a file, not a model folder or name; a TorchScript file takes the file: "
+            f"prefix and a labels file: --classifier file:{spec} --labels LABELS.txt"
+        )
     if spec.startswith((".", "/", "~")) or spec.endswith("/"):  # meant as a folder
         raise DctAuditError(
             f"classifier folder '{spec}' does not exist; pass a timm model folder or a model name"
