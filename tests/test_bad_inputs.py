@@ -43,6 +43,9 @@ CASES = [
     # files: labels, attributes, models, manifest
     ("run-labels-missing", RUN.replace("{LABELS}", "{TMP}/nolabels.txt"), 2, "does not exist"),
     ("run-labels-empty", RUN.replace("{LABELS}", "{TMP}/empty.txt"), 2, "empty"),
+    # a blank line inside would shift every later class to the wrong index if skipped
+    ("run-labels-blank-line", RUN.replace("{LABELS}", "{TMP}/blank-line.txt"), 2, "has an empty line 2"),
+    ("run-labels-not-text", RUN.replace("{LABELS}", "{TMP}/binary.txt"), 2, "is not UTF-8 text"),
     (
         "run-attributes-not-json",
         RUN.replace("--tagger none", "--tagger world") + " --attributes {TMP}/bad.json",
@@ -196,6 +199,8 @@ CASES = [
 def files(tmp_path, tiny_classifier, tiny_pipelines):
     model, labels = tiny_classifier
     (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "blank-line.txt").write_text("cat\n\ndog\nbird\n")
+    (tmp_path / "binary.txt").write_bytes(b"\x8e\xff\x00labels")
     (tmp_path / "bad.json").write_text("{attributes: [")
     (tmp_path / "trunc.json").write_text(json.dumps({"attributes": "plate"}))
     (tmp_path / "hostile.json").write_text(

@@ -80,9 +80,24 @@ def read_labels_file(path: str | os.PathLike) -> LabelSet:
         raise DctAuditError(
             f"labels file '{path}' does not exist; pass --labels with one class name per line"
         )
-    lines = [ln for ln in p.read_text(encoding="utf-8-sig").splitlines() if ln.strip()]  # -sig: drop a BOM
+    try:
+        text = p.read_text(encoding="utf-8-sig")  # -sig: drop a BOM
+    except UnicodeDecodeError as e:
+        raise DctAuditError(
+            f"labels file '{path}' is not UTF-8 text ({e.reason} at byte {e.start}); it needs one class name "
+            "per line"
+        ) from None
+    lines = text.splitlines()
+    while lines and not lines[-1].strip():  # trailing blank lines name no class
+        lines.pop()
     if not lines:
         raise DctAuditError(f"labels file '{path}' is empty; it needs one class name per line")
+    blank = [i + 1 for i, ln in enumerate(lines) if not ln.strip()]
+    if blank:  # skipping it would shift every later class to the wrong index
+        raise DctAuditError(
+            f"labels file '{path}' has an empty line {blank[0]}; line N is the name of class N-1, so every "
+            "line up to the last class needs a name"
+        )
     return LabelSet.from_lines(lines, source=f"file:{p}")
 
 

@@ -143,7 +143,11 @@ class PlantedSet:
             return None
         try:
             return cls.from_dict(record)
-        except (TypeError, AttributeError, ValueError) as e:  # not a list of {cls, attribute, value, strength}
+        except (
+            TypeError,
+            AttributeError,
+            ValueError,
+        ) as e:  # not a list of {cls, attribute, value, strength}
             raise ValueError(
                 f"{path}: its planted set is not valid ({e}); retrain the classifier with "
                 "`python -m dct_audit.world.classifiers --planted SPEC --out DIR`"
