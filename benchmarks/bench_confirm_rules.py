@@ -42,12 +42,8 @@ from dct_audit.world.paths import ATTRIBUTES_FILE
 def rows_of_run(run: Path, planted: dict, world: str, vocabulary) -> list[dict]:
     rows = []
     enrichment = pd.read_csv(run / rundir.ENRICHMENT)
-    flagged = set(
-        zip(
-            enrichment.loc[enrichment["flagged"], "class_name"],
-            enrichment.loc[enrichment["flagged"], "attribute"],
-        )
-    )
+    f = enrichment[enrichment["flagged"]]
+    flagged = set(zip(f["class_name"], f["attribute"], strict=True))
     for file in sorted((run / rundir.COUNTERFACTUAL_DIR).glob("*.json")):
         cls = file.stem.split("-", 1)[1]
         sweep = json.loads(file.read_text())["prompts"]
