@@ -397,6 +397,9 @@ def main(argv: list[str] | None = None) -> int:
     except DctAuditError as e:
         print(f"dct-audit: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `dct-audit classes ... | head`; before OSError, of which it is a kind
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OSError as e:  # the disk, not the code: full, read-only, a file where a folder should be
         print(f"dct-audit: error: {disk_error(e)}", file=sys.stderr)
         return 2
@@ -406,9 +409,6 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
-    except BrokenPipeError:  # `dct-audit classes ... | head`
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
 
 
 if __name__ == "__main__":

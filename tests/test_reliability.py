@@ -499,3 +499,19 @@ def test_the_world_classifier_trainer_refuses_bad_numbers_and_a_file_as_out(tmp_
     assert e.value.code == 2 and "--measure: no trained classifier (training.json)" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
     assert torch.get_num_threads() == threads  # a refused command leaves the process as it was
+
+
+def test_output_piped_into_a_reader_that_stops_is_not_an_error():
+    """`dct-audit classes ... | head`: a closed pipe is a BrokenPipeError, a kind of OSError; it was caught as
+    a disk error ("Broken pipe; fix it and run the same command again") with exit 2."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dct_audit.cli", "classes", "--classifier", "resnet50", ""],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    proc.stdout.close()  # the reader is gone before anything is written
+    err = proc.stderr.read().decode()
+    assert proc.wait() == 0 and err == ""
