@@ -40,7 +40,11 @@ from .stats import benjamini_hochberg, paired_rates
 
 # settings that must agree for two runs' images to pair up
 MUST_MATCH = ("generator", "steps", "guidance", "n_images", "seed", "contexts", "tagger", "attributes")
-RECORDED_IF_BOTH = ("vocabulary_sha256", "generator_files_sha256")  # compared when both runs recorded them
+RECORDED_IF_BOTH = (
+    "vocabulary_sha256",
+    "generator_files_sha256",
+    "generator_hub_revision",
+)  # if both recorded
 
 
 @dataclass
@@ -70,9 +74,11 @@ def _pairing(m: rundir.Manifest) -> dict:
         values["attributes"] = f"shipped ({tagging['attributes']} attributes)"
     if "vocabulary_sha256" in tagging:
         values["vocabulary_sha256"] = tagging["vocabulary_sha256"]
-    generator_files = (m.models.get("generator") or {}).get("local_files_sha256")
-    if generator_files is not None:  # a local generator folder: the same path may hold other weights
-        values["generator_files_sha256"] = generator_files
+    generator = m.models.get("generator") or {}
+    if generator.get("local_files_sha256") is not None:  # a local generator folder may hold other weights
+        values["generator_files_sha256"] = generator["local_files_sha256"]
+    if generator.get("hub_revision") is not None:  # a hub generator: the commit the cache held
+        values["generator_hub_revision"] = generator["hub_revision"]
     return values
 
 

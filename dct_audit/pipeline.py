@@ -31,8 +31,8 @@ from .plan import Plan, plan_run
 from .records import (  # noqa: F401
     build_manifest,
     check_resume,
-    local_fingerprints,
     manifest_options,
+    model_fingerprints,
     peak_memory_mb,
     placeholder_for,
 )
@@ -95,7 +95,7 @@ def _run_locked(opts: RunOptions, plan: Plan) -> RunResult:
 
     # 3. Load models (only if there is work left), then create the folder
     vocabulary = load_vocabulary(opts.attributes) if opts.tagger else None
-    fingerprints = local_fingerprints(opts)  # the local model files (a retrained model at the same path)
+    fingerprints = model_fingerprints(opts)  # local files' hash, hub models' cached revision
     if skipped and not opts.overwrite:
         check_resume(plan.previous, opts, vocabulary, fingerprints, root)
     if opts.tagger:
@@ -111,6 +111,8 @@ def _run_locked(opts: RunOptions, plan: Plan) -> RunResult:
     batch_record = None
     if todo:
         load_models(models, opts, device, vocabulary)
+        # a hub model downloaded just now is in the cache now: record the revision it loaded
+        fingerprints = {**model_fingerprints(opts, local=False), **fingerprints}
         for flag, word in [
             ("--init-word", opts.init_word),
             *(("--restart-words", w) for w in opts.restart_words),

@@ -1,6 +1,6 @@
 """The run's records: the manifest (settings, device, library versions, resolved models, classes), the
 options a finished run was made with (read back from its manifest), peak memory, and what a resume must
-match beyond the settings (the tagger and vocabulary, the files of local models)."""
+match beyond the settings (the tagger and vocabulary, the files of local models, the revisions of hub models)."""
 
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ def build_manifest(
     clf_record,
     generator: Generator | None,
     targets,
-    fingerprints: dict[str, str] | None = None,
+    fingerprints: dict[str, dict[str, str]] | None = None,
 ) -> Manifest:
     """The run's manifest: ``old``'s (a resumed run's) with this call's settings, environment, models and
     classes (every class asked for; a class already listed keeps its record)."""
@@ -99,8 +99,8 @@ def build_manifest(
     m.models = {**m.models, "classifier": clf_record.to_dict()}
     if generator is not None:
         m.models["generator"] = generator.spec.to_dict()
-    for key, fp in (fingerprints or {}).items():
-        m.models[key] = {**(m.models.get(key) or {}), "local_files_sha256": fp}
+    for key, record in (fingerprints or {}).items():  # local files' hash, or a hub model's cached commit
+        m.models[key] = {**(m.models.get(key) or {}), **record}
     known = {c.index: c for c in m.classes}
     for c in targets:
         known.setdefault(c.index, ManifestClass(c.index, c.name, c.query, placeholder_for(c.index)))
@@ -159,14 +159,55 @@ def files_fingerprint(paths: list[Path]) -> str | None:
     return h.hexdigest()
 
 
-def local_fingerprints(opts: RunOptions) -> dict[str, str]:
-    """``{"classifier": sha, "generator": sha, ...}`` for the run's models that are local files."""
-    named = {
-        "classifier": local_model_paths(opts.classifier, opts.labels),
-        "holdout_classifier": local_model_paths(opts.holdout_classifier, opts.labels),
-        "generator": local_model_paths(opts.generator),
-    }
-    return {k: fp for k, paths in named.items() if (fp := files_fingerprint(paths)) is not None}
+def hub_repo(spec: str | None, role: str) -> tuple[str, tuple[str, ...]] | None:
+    """The Hugging Face repo a model spec loads from, and the files that show its revision in the cache; None
+    for local files, models in memory, plugins and torchvision weights (their file names carry a hash)."""
+    from .adapters import hub, registry
+
+    if not spec or spec.startswith("in-memory:") or registry.find(role, spec) is not None:
+        return None
+    if role == "generator":
+        return None if hub.looks_like_path(spec) else (spec, hub.REVISION_FILES["generator"])
+    from .adapters.classifier import parse_spec
+
+    try:
+        kind, model_id = parse_spec(spec)
+    except DctAuditError:
+        return None
+    if kind == "transformers" and not hub.looks_like_path(model_id):
+        return model_id, hub.REVISION_FILES["transformers"]
+    if kind != "timm" or model_id.startswith("local-dir:"):
+        return None
+    if model_id.startswith("hf-hub:"):
+        return model_id[len("hf-hub:") :], hub.REVISION_FILES["timm"]
+    try:
+        from timm.models import get_pretrained_cfg
+
+        repo = getattr(get_pretrained_cfg(model_id), "hf_hub_id", None)
+    except Exception:  # a name timm does not know: its loader says so, in one line
+        repo = None
+    return (repo.rstrip("/"), hub.REVISION_FILES["timm"]) if repo else None
+
+
+def model_fingerprints(opts: RunOptions, local: bool = True) -> dict[str, dict[str, str]]:
+    """What identifies each of the run's models beyond its name: ``{"classifier": {"local_files_sha256": sha}}``
+    for local files, ``{"generator": {"hub_revision": commit}}`` for a hub model in the local cache (the
+    commit its ``main`` resolved to: a repo updated upstream and downloaded again is another model)."""
+    from .adapters import hub
+
+    out: dict[str, dict[str, str]] = {}
+    for key, spec, role, labels in (
+        ("classifier", opts.classifier, "classifier", opts.labels),
+        ("holdout_classifier", opts.holdout_classifier, "classifier", opts.labels),
+        ("generator", opts.generator, "generator", None),
+    ):
+        paths = local_model_paths(spec, labels)
+        if paths:
+            if local and (fp := files_fingerprint(paths)) is not None:
+                out[key] = {"local_files_sha256": fp}
+        elif (repo := hub_repo(spec, role)) is not None and (rev := hub.cached_revision(*repo)) is not None:
+            out[key] = {"hub_revision": rev}
+    return out
 
 
 def check_resume(
@@ -174,19 +215,27 @@ def check_resume(
 ) -> None:
     """What a resume with finished classes must match beyond the settings (serial, shard and Ray runs)."""
     check_same_tagging(previous, opts, vocabulary, root)
-    check_same_local_models(previous, fingerprints, root)
+    check_same_models(previous, fingerprints, root)
 
 
-def check_same_local_models(previous: Manifest | None, now: dict[str, str], root: Path) -> None:
-    """A resume must use the same local model files as its finished classes (one line naming the model)."""
+def check_same_models(previous: Manifest | None, now: dict[str, dict[str, str]], root: Path) -> None:
+    """A resume must use the same local model files, and the same hub revisions, as its finished classes (one
+    line naming the model). A record only one side has (an older run, a model not cached) is not compared."""
     before = (previous.models if previous is not None else None) or {}
-    for key, fp in now.items():
-        old = (before.get(key) or {}).get("local_files_sha256")
-        if old is not None and old != fp:
-            name = key.replace("_", " ")
+    for key, record in now.items():
+        name = key.replace("_", " ")
+        for field, value in record.items():
+            old = (before.get(key) or {}).get(field)
+            if old is None or old == value:
+                continue
+            why = (
+                f"other files of its {name} (changed at the same path since: retrained, replaced, or other labels)"
+                if field == "local_files_sha256"
+                else f"revision {old[:12]} of its {name}, and the local cache now holds {value[:12]} (updated "
+                "on the hub and downloaded again)"
+            )
             raise DctAuditError(
-                f"'{root}' holds classes audited with other files of its {name} (changed at the same path since: "
-                "retrained, replaced, or other labels); pass --overwrite to redo every class, or --name to "
+                f"'{root}' holds classes audited with {why}; pass --overwrite to redo every class, or --name to "
                 "start a new run"
             )
 

@@ -56,11 +56,11 @@ def run_on_ray(opts: RunOptions, classifier=None, generator=None, tagger=None):
     if len(todo) < len(targets):
         say(f"resuming {root}: {len(targets) - len(todo)} class(es) already finished")
         if not opts.overwrite:
-            from .records import check_resume, local_fingerprints
+            from .records import check_resume, model_fingerprints
             from .tag import load_vocabulary
 
             vocabulary = load_vocabulary(opts.attributes) if opts.tagger else None
-            check_resume(plan.previous, opts, vocabulary, local_fingerprints(opts), root)
+            check_resume(plan.previous, opts, vocabulary, model_fingerprints(opts), root)
 
     # 2. One task per class still to do
     if todo:

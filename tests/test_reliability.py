@@ -515,3 +515,53 @@ def test_output_piped_into_a_reader_that_stops_is_not_an_error():
     proc.stdout.close()  # the reader is gone before anything is written
     err = proc.stderr.read().decode()
     assert proc.wait() == 0 and err == ""
+
+
+def test_a_hub_model_is_recorded_by_its_cached_revision_and_a_resume_after_an_update_is_refused(
+    tmp_path, monkeypatch
+):
+    """A hub name is not a model: ``main`` moves. The commit the local cache holds is recorded; a resume (or a
+    comparison) across an update downloaded in between would mix two models under one name."""
+    import huggingface_hub.constants
+
+    from dct_audit import records
+    from dct_audit.compare import check_comparable
+    from dct_audit.options import RunOptions
+
+    cache = tmp_path / "hf"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+
+    def snapshot(repo: str, filename: str, commit: str) -> None:  # what hf_hub_download leaves in the cache
+        base = cache / ("models--" + repo.replace("/", "--"))
+        (base / "snapshots" / commit).mkdir(parents=True)
+        (base / "snapshots" / commit / filename).write_text("{}")
+        (base / "refs").mkdir(exist_ok=True)
+        (base / "refs" / "main").write_text(commit)
+
+    opts = RunOptions(classifier="resnet50", classes="0", generator="stabilityai/sd-turbo")
+    assert records.model_fingerprints(opts) == {}  # nothing cached yet: nothing to record
+    snapshot("stabilityai/sd-turbo", "model_index.json", "a" * 40)
+    snapshot("timm/resnet50.a1_in1k", "model.safetensors", "b" * 40)  # timm's hub repo for "resnet50"
+    now = records.model_fingerprints(opts)
+    assert now == {"classifier": {"hub_revision": "b" * 40}, "generator": {"hub_revision": "a" * 40}}
+    before = rundir.Manifest(models={"generator": {"spec": "stabilityai/sd-turbo", **now["generator"]}})
+    records.check_same_models(before, now, tmp_path)  # the same commit: a resume goes on
+    records.check_same_models(
+        rundir.Manifest(), now, tmp_path
+    )  # an older run without the record: not compared
+
+    snapshot("stabilityai/sd-turbo", "model_index.json", "c" * 40)  # updated upstream, downloaded again
+    with pytest.raises(
+        DctAuditError,
+        match="revision aaaaaaaaaaaa of its generator, and the local cache now holds cccccccccccc",
+    ):
+        records.check_same_models(before, records.model_fingerprints(opts), tmp_path)
+
+    settings = {"generator": "stabilityai/sd-turbo", "steps": 1}
+    a = rundir.Manifest(settings=settings, models={"generator": {"hub_revision": "a" * 40}})
+    b = rundir.Manifest(settings=settings, models={"generator": {"hub_revision": "c" * 40}})
+    with pytest.raises(DctAuditError, match="generator_hub_revision"):
+        check_comparable(a, b, "run-a", "run-b")
+    # local files, torchvision weights (named by hash) and in-memory models are not hub revisions
+    for spec in ("tv:resnet50", "in-memory:ResNet@3f2a", str(tmp_path)):
+        assert records.hub_repo(spec, "classifier") is None

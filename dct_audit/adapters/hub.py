@@ -114,3 +114,28 @@ def hf_file(repo_id: str, filename: str, what: str, flag: str) -> str:
 
     with missing_model_guard(what, flag):
         return hf_hub_download(repo_id, filename, local_files_only=offline())
+
+
+# the files a model repo has, by what loads it: the first one in the local cache tells its revision
+REVISION_FILES = {
+    "generator": ("model_index.json",),
+    "transformers": ("config.json",),
+    "timm": ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin", "config.json"),
+}
+
+
+def cached_revision(repo_id: str, files: tuple[str, ...]) -> str | None:
+    """The commit of ``repo_id`` that the local Hugging Face cache holds (what ``from_pretrained`` loads when
+    it resolves ``main``), read from the cache without touching the network; None when it is not cached."""
+    from huggingface_hub import try_to_load_from_cache
+
+    for filename in files:
+        try:
+            path = try_to_load_from_cache(repo_id, filename)
+        except Exception:  # a repo id the hub would not accept (a local path, a torchvision name): none
+            return None
+        if isinstance(path, str):
+            parts = Path(path).parts
+            if "snapshots" in parts[:-1]:
+                return parts[parts.index("snapshots") + 1]
+    return None
