@@ -1,6 +1,7 @@
 """Classifier loaders from local folders (timm, transformers, TorchScript) and differentiable preprocessing."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -94,6 +95,36 @@ def test_preprocess_equals_torchvision_resize_and_crop_on_non_square_images(inte
     for h, w in [(300, 451), (427, 640), (451, 300), (256, 256), (225, 999), (512, 512)]:
         x = torch.rand(2, 3, h, w, generator=g)
         assert torch.allclose(ours(x), ref(x), atol=1e-5), (h, w)
+
+
+def test_timm_squash_mode_with_a_crop_pct_is_resize_both_sides_then_crop():
+    """timm's crop_mode "squash" with crop_pct < 1 (dm_nfnet_f0 and 10 other pretrained models) was refused;
+    it is both edges to size / crop_pct, then the centre crop: exactly torchvision's Resize((s, s)) +
+    CenterCrop, on non-square images too."""
+    import torchvision.transforms.v2 as T
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg("dm_nfnet_f0").to_dict()
+    assert cfg["crop_mode"] == "squash" and cfg["crop_pct"] < 1
+    ours = Preprocess.from_timm(cfg)
+    size = cfg["input_size"][-1]
+    scale = math.floor(size / cfg["crop_pct"])
+    assert ours.squash and ours.resize == scale and ours.crop == (size, size)
+    mode = getattr(T.InterpolationMode, cfg["interpolation"].upper())
+    ref = T.Compose(
+        [
+            T.Resize((scale, scale), interpolation=mode, antialias=True),
+            T.CenterCrop(size),
+            T.Normalize(cfg["mean"], cfg["std"]),
+        ]
+    )
+    g = torch.Generator().manual_seed(0)
+    for h, w in [(300, 451), (256, 256), (512, 300)]:
+        x = torch.rand(1, 3, h, w, generator=g)
+        assert torch.allclose(ours(x), ref(x), atol=1e-5), (h, w)
+    assert "squash" not in Preprocess((8, 8), 9).identity()  # records of earlier versions keep matching
+    with pytest.raises(DctAuditError, match="crop_mode must be center, squash or border"):
+        Preprocess.from_timm({**cfg, "crop_mode": "centre"})
 
 
 def test_transformers_folder(tmp_path):

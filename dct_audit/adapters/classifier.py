@@ -110,7 +110,9 @@ def read_labels_file(path: str | os.PathLike) -> LabelSet:
 class Preprocess:
     """Resize (shorter side, or squash to a square), centre crop, normalise; all as torch ops.
 
-    ``resize`` is the shorter-side length before the crop (``None``: squash straight to ``crop``).
+    ``resize`` is the shorter-side length before the crop (``None``: squash straight to ``crop``); with
+    ``squash`` both sides become ``resize`` (the aspect ratio is not kept), then the crop is taken (timm's
+    ``crop_mode="squash"``, transformers' resize to height x width before a centre crop).
     """
 
     crop: tuple[int, int]
@@ -118,6 +120,14 @@ class Preprocess:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     interpolation: str = "bilinear"
+    squash: bool = False
+
+    def identity(self) -> dict:
+        """The fields, as recorded (``squash`` only when set, so records of earlier versions still match)."""
+        d = asdict(self)
+        if not self.squash:
+            d.pop("squash")
+        return d
 
     def check(self, where: str) -> Preprocess:
         """One line naming what is wrong (``where``: what the user wrote it in), else ``self``."""
@@ -150,6 +160,8 @@ class Preprocess:
             raise DctAuditError(
                 f"{where} interpolation must be bilinear, bicubic or nearest, not {self.interpolation!r}"
             )
+        if not isinstance(self.squash, bool):
+            raise DctAuditError(f"{where} squash must be True or False, not {self.squash!r}")
         return self
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
@@ -159,6 +171,8 @@ class Preprocess:
         h, w = images.shape[-2:]
         if self.resize is None:
             size = self.crop
+        elif self.squash:
+            size = (max(self.crop[0], self.resize), max(self.crop[1], self.resize))
         else:
             # as torchvision's Resize(int) (what timm's and torchvision's eval transforms use): the shorter side
             # becomes ``resize``, the longer one int(resize * long / short), truncated
@@ -181,10 +195,20 @@ class Preprocess:
         size = tuple(cfg["input_size"][-2:])
         crop_pct = cfg.get("crop_pct") or 1.0
         mode = cfg.get("crop_mode", "center")
-        resize = None if mode == "squash" else math.floor(min(size) / crop_pct)
-        if mode == "squash" and crop_pct != 1.0:
-            raise DctAuditError(f"timm crop_mode 'squash' with crop_pct {crop_pct} is not supported yet")
-        return cls(size, resize, tuple(cfg["mean"]), tuple(cfg["std"]), cfg.get("interpolation", "bilinear"))
+        mean, std, interpolation = tuple(cfg["mean"]), tuple(cfg["std"]), cfg.get("interpolation", "bilinear")
+        if mode not in ("center", "squash", "border"):
+            raise DctAuditError(f"crop_mode must be center, squash or border, not {mode!r}")
+        if mode == "squash":  # both edges to size / crop_pct, then the centre crop
+            if crop_pct == 1.0:
+                return cls(size, None, mean, std, interpolation)
+            if size[0] != size[1]:
+                raise DctAuditError(
+                    f"timm crop_mode 'squash' with crop_pct {crop_pct} and a non-square input {size} is not "
+                    "supported; pass the model in memory with a Preprocess"
+                )
+            return cls(size, math.floor(size[0] / crop_pct), mean, std, interpolation, squash=True)
+        # "center" (and "border", which for the square images the audit makes is the same)
+        return cls(size, math.floor(min(size) / crop_pct), mean, std, interpolation)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -586,8 +610,8 @@ def _preprocess_from_hf(proc) -> Preprocess:
     hw = (int(size["height"]), int(size["width"]))
     if do_crop:
         crop = dict(proc.crop_size)
-        # squash to (h, w), then crop: expressed as shorter-side resize of a square input
-        return Preprocess((int(crop["height"]), int(crop["width"])), min(hw), mean, std, mode)
+        # squash to (h, w), then crop (a non-square (h, w): the shorter side, the same for square images)
+        return Preprocess((int(crop["height"]), int(crop["width"])), min(hw), mean, std, mode, hw[0] == hw[1])
     return Preprocess(hw, None, mean, std, mode)
 
 

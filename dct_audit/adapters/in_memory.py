@@ -11,7 +11,6 @@ it is the same model:
 from __future__ import annotations
 
 import os
-from dataclasses import asdict
 
 import torch
 from torch import nn
@@ -107,7 +106,7 @@ def wrap_classifier(
 
     # the run's settings key: the same weights, labels and preprocessing give the same name
     key = hashlib.sha256(
-        json.dumps([digest, list(labels.names), asdict(preprocess)], default=str).encode()
+        json.dumps([digest, list(labels.names), preprocess.identity()], default=str).encode()
     ).hexdigest()
     rec = ClassifierSpec(
         f"{IN_MEMORY}{name}@{key[:16]}",
@@ -115,7 +114,7 @@ def wrap_classifier(
         f"{type(model).__module__}.{type(model).__qualname__}",
         weights=f"sha256:{digest}",
         labels_source=labels.source,
-        extra={"preprocess": asdict(preprocess)},
+        extra={"preprocess": preprocess.identity()},
     )
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
