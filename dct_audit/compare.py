@@ -40,11 +40,12 @@ from .stats import benjamini_hochberg, paired_rates
 
 # settings that must agree for two runs' images to pair up
 MUST_MATCH = ("generator", "steps", "guidance", "n_images", "seed", "contexts", "tagger", "attributes")
-RECORDED_IF_BOTH = (
+RECORDED_IF_BOTH = (  # compared when both runs recorded them (older runs lack them)
     "vocabulary_sha256",
+    "tagger_hub_revision",
     "generator_files_sha256",
     "generator_hub_revision",
-)  # if both recorded
+)
 
 
 @dataclass
@@ -72,8 +73,9 @@ def _pairing(m: rundir.Manifest) -> dict:
     values = dict(m.settings, tagger=tagging.get("tagger"), attributes=tagging.get("attributes_file"))
     if tagging.get("attributes_file") is None and tagging.get("attributes") is not None:
         values["attributes"] = f"shipped ({tagging['attributes']} attributes)"
-    if "vocabulary_sha256" in tagging:
-        values["vocabulary_sha256"] = tagging["vocabulary_sha256"]
+    for key in ("vocabulary_sha256", "tagger_hub_revision"):
+        if key in tagging:
+            values[key] = tagging[key]
     generator = m.models.get("generator") or {}
     if generator.get("local_files_sha256") is not None:  # a local generator folder may hold other weights
         values["generator_files_sha256"] = generator["local_files_sha256"]

@@ -35,6 +35,7 @@ from .records import (  # noqa: F401
     model_fingerprints,
     peak_memory_mb,
     placeholder_for,
+    tagger_revision,
 )
 from .resolve import ResolvedClass
 from .score import holdout_accuracy, score_images
@@ -140,6 +141,7 @@ def _run_locked(opts: RunOptions, plan: Plan) -> RunResult:
             "attributes_file": opts.attributes,  # the --attributes given (None: the shipped vocabulary)
             "attributes": len(vocabulary),
             "vocabulary_sha256": vocabulary.fingerprint(),
+            **({"tagger_hub_revision": rev} if (rev := tagger_revision(opts.tagger)) else {}),
             "thresholds": vocabulary.presence_thresholds(),
             "thresholds_source": f"vocabulary file ({rundir.PRESENCE_THRESHOLD} where it sets none)",
         }

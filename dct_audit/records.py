@@ -189,6 +189,25 @@ def hub_repo(spec: str | None, role: str) -> tuple[str, tuple[str, ...]] | None:
     return (repo.rstrip("/"), hub.REVISION_FILES["timm"]) if repo else None
 
 
+def tagger_revision(spec: str | None) -> str | None:
+    """The commit of a hub tagger (open_clip ``ARCH/TAG``, ``hf:ORG/MODEL``) in the local cache, else None."""
+    from .adapters import hub, registry
+
+    if not spec or registry.matches("tagger", spec):
+        return None
+    if spec.startswith("hf:"):
+        model_id = spec[3:]
+        return None if hub.looks_like_path(model_id) else hub.cached_revision(model_id, ("config.json",))
+    arch, _, tag = spec.partition("/")
+    try:
+        import open_clip
+
+        repo = ((open_clip.get_pretrained_cfg(arch, tag) or {}).get("hf_hub") or "").strip("/") if tag else ""
+    except Exception:  # an unknown architecture: the tagger's own check says so
+        repo = ""
+    return hub.cached_revision(repo, hub.REVISION_FILES["open_clip"]) if repo else None
+
+
 def model_fingerprints(opts: RunOptions, local: bool = True) -> dict[str, dict[str, str]]:
     """What identifies each of the run's models beyond its name: ``{"classifier": {"local_files_sha256": sha}}``
     for local files, ``{"generator": {"hub_revision": commit}}`` for a hub model in the local cache (the
@@ -250,6 +269,12 @@ def check_same_tagging(
     now = opts.tagger or "no tagger"
     if was != now:
         why = f"tagged with {was}, not {now}"
+    elif (
+        old.get("tagger_hub_revision") is not None
+        and (rev := tagger_revision(opts.tagger)) is not None
+        and rev != old["tagger_hub_revision"]
+    ):
+        why = f"tagged with revision {old['tagger_hub_revision'][:12]} of {was}, and the local cache now holds {rev[:12]}"
     elif vocabulary is None:
         return
     elif "vocabulary_sha256" in old:

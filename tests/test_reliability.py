@@ -562,6 +562,21 @@ def test_a_hub_model_is_recorded_by_its_cached_revision_and_a_resume_after_an_up
     b = rundir.Manifest(settings=settings, models={"generator": {"hub_revision": "c" * 40}})
     with pytest.raises(DctAuditError, match="generator_hub_revision"):
         check_comparable(a, b, "run-a", "run-b")
+    # the tagger: open_clip ARCH/TAG resolves to its hub repo; a resume or comparison across an update is refused
+    tagger = "ViT-B-32/laion2b_s34b_b79k"
+    snapshot("laion/CLIP-ViT-B-32-laion2B-s34B-b79K", "open_clip_model.safetensors", "d" * 40)
+    assert records.tagger_revision(tagger) == "d" * 40
+    assert records.tagger_revision("world") is None and records.tagger_revision(None) is None
+    tagged = rundir.Manifest(tagging={"tagger": tagger, "tagger_hub_revision": "e" * 40})
+    topts = RunOptions(classifier="resnet50", classes="0", tagger=tagger)
+    with pytest.raises(
+        DctAuditError, match="tagged with revision eeeeeeeeeeee of ViT-B-32/laion2b_s34b_b79k"
+    ):
+        records.check_same_tagging(tagged, topts, None, tmp_path)
+    a.tagging, b.tagging = {"tagger_hub_revision": "d" * 40}, {"tagger_hub_revision": "e" * 40}
+    b.models = a.models
+    with pytest.raises(DctAuditError, match="tagger_hub_revision"):
+        check_comparable(a, b, "run-a", "run-b")
     # local files, torchvision weights (named by hash) and in-memory models are not hub revisions
     for spec in ("tv:resnet50", "in-memory:ResNet@3f2a", str(tmp_path)):
         assert records.hub_repo(spec, "classifier") is None

@@ -121,6 +121,7 @@ REVISION_FILES = {
     "generator": ("model_index.json",),
     "transformers": ("config.json",),
     "timm": ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin", "config.json"),
+    "open_clip": ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"),
 }
 
 
