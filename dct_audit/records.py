@@ -163,12 +163,12 @@ def hub_repo(spec: str | None, role: str) -> tuple[str, tuple[str, ...]] | None:
     """The Hugging Face repo a model spec loads from, and the files that show its revision in the cache; None
     for local files, models in memory, plugins and torchvision weights (their file names carry a hash)."""
     from .adapters import hub, registry
+    from .adapters.classifier import IN_MEMORY, parse_spec
 
-    if not spec or spec.startswith("in-memory:") or registry.find(role, spec) is not None:
+    if not spec or spec.startswith(IN_MEMORY) or registry.find(role, spec) is not None:
         return None
     if role == "generator":
         return None if hub.looks_like_path(spec) else (spec, hub.REVISION_FILES["generator"])
-    from .adapters.classifier import parse_spec
 
     try:
         kind, model_id = parse_spec(spec)
@@ -197,7 +197,11 @@ def tagger_revision(spec: str | None) -> str | None:
         return None
     if spec.startswith("hf:"):
         model_id = spec[3:]
-        return None if hub.looks_like_path(model_id) else hub.cached_revision(model_id, ("config.json",))
+        return (
+            None
+            if hub.looks_like_path(model_id)
+            else hub.cached_revision(model_id, hub.REVISION_FILES["transformers"])
+        )
     arch, _, tag = spec.partition("/")
     try:
         import open_clip

@@ -611,7 +611,9 @@ def _preprocess_from_hf(proc) -> Preprocess:
     if do_crop:
         crop = dict(proc.crop_size)
         # squash to (h, w), then crop (a non-square (h, w): the shorter side, the same for square images)
-        return Preprocess((int(crop["height"]), int(crop["width"])), min(hw), mean, std, mode, hw[0] == hw[1])
+        return Preprocess(
+            (int(crop["height"]), int(crop["width"])), min(hw), mean, std, mode, squash=hw[0] == hw[1]
+        )
     return Preprocess(hw, None, mean, std, mode)
 
 

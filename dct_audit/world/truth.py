@@ -141,13 +141,9 @@ class PlantedSet:
             raise ValueError(f"{path} is not a training record (a JSON object); retrain the classifier")
         if "planted" not in record:
             return None
-        try:
+        try:  # a list of {cls, attribute, value, strength} with known values
             return cls.from_dict(record)
-        except (
-            TypeError,
-            AttributeError,
-            ValueError,
-        ) as e:  # not a list of {cls, attribute, value, strength}
+        except (TypeError, AttributeError, ValueError) as e:
             raise ValueError(
                 f"{path}: its planted set is not valid ({e}); retrain the classifier with "
                 "`python -m dct_audit.world.classifiers --planted SPEC --out DIR`"
