@@ -35,7 +35,7 @@ import pandas as pd
 from dct_audit.adapters.classifier import load_classifier
 from dct_audit.adapters.generator_load import load_generator
 from dct_audit.adapters.in_memory import wrap_generator
-from dct_audit.analyse import attribute_effect, confirmed, counterfactual_sweep
+from dct_audit.analyse import attribute_effect, class_response, confirmed, counterfactual_sweep
 from dct_audit.generate import eval_seeds
 from dct_audit.pipeline import Models
 from dct_audit.resolve import ResolvedClass
@@ -99,6 +99,11 @@ def main(argv=None) -> int:
                 sweep = counterfactual_sweep(
                     lambda m=models: m, cache, ResolvedClass(i, cls, cls), prompts, seeds, opts, 8
                 )
+                cuts = {
+                    n: {t: {**e, "probs": e["probs"][:n], "shown": e["shown"][:n]} for t, e in sweep.items()}
+                    for n in SEEDS
+                }
+                responses = {n: class_response(cuts[n], vocabulary.names) for n in SEEDS}
                 for a in checked:
                     row = {
                         "run": label,
@@ -110,12 +115,17 @@ def main(argv=None) -> int:
                         "relies": planted.get((cls, a.name), False),
                     }
                     for n in SEEDS:
-                        cut = {t: {**e, "probs": e["probs"][:n]} for t, e in sweep.items()}
-                        e = attribute_effect(a, vocabulary, cut, cls)
+                        e = attribute_effect(a, vocabulary, cuts[n], cls)
                         row[f"confirmed_{n}"] = confirmed(e)
                         row[f"change_{n}"] = round(e["diff"], 3)
                         row[f"low_{n}"] = round(e["ci_low"], 3)
                         row[f"high_{n}"] = round(e["ci_high"], 3)
+                        # the same check adjusted for what the other groups' attributes explain
+                        e = attribute_effect(a, vocabulary, cuts[n], cls, responses[n])
+                        row[f"adj_confirmed_{n}"] = confirmed(e)
+                        row[f"adj_depends_{n}"] = bool(e["depends"])
+                        row[f"adj_change_{n}"] = round(e["diff"], 3)
+                        row[f"adj_low_{n}"] = round(e["ci_low"], 3)
                     rows.append(row)
             print(f"{label}: {time.perf_counter() - t0:.0f} s", flush=True)
     df = pd.DataFrame(rows)
@@ -123,6 +133,12 @@ def main(argv=None) -> int:
     df["adaptive"] = df["confirmed_8"] | (undecided & df["confirmed_32"])
     rules = {f"{n} seeds": df[f"confirmed_{n}"] for n in SEEDS}
     rules[f"8 seeds, then 32 for the undecided ({int(undecided.sum())} of {len(df)})"] = df["adaptive"]
+    for n in SEEDS:
+        rules[f"{n} seeds, adjusted (class_response)"] = df[f"adj_confirmed_{n}"]
+    for n in (8, 16):
+        d = df[f"adj_depends_{n}"]
+        rules[f"{n} seeds, adjusted, interval from 0.05"] = d & (df[f"adj_low_{n}"] >= 0.05)
+        rules[f"{n} seeds, adjusted, point estimate >= 0.10"] = d & (df[f"adj_change_{n}"] >= 0.10)
 
     # procedural reliance of every unplanted confirmation (by any rule)
     attribute_of = {v: k for k, values in S.VOCAB.items() if k != "shape" for v in values}
@@ -160,14 +176,29 @@ def main(argv=None) -> int:
         "",
         "Unplanted confirmations, with the classifier's reliance on them on procedural scenes:",
         "",
-        "| run | class/attribute | change at 8 / 32 seeds (interval from) | confirmed at | procedural reliance |",
-        "|---|---|---|---|---|",
+        "| run | class/attribute | change at 8 / 32 seeds (interval from) | adjusted | confirmed at | "
+        "procedural reliance |",
+        "|---|---|---|---|---|---|",
     ]
     for r in df[any_rule & unplanted].itertuples():
         at = ", ".join(str(n) for n in SEEDS if getattr(r, f"confirmed_{n}"))
         lines.append(
             f"| {r.run} | {r.cls}/{r.attribute} | {r.change_8:.2f} ({r.low_8:.2f}) / {r.change_32:.2f} "
-            f"({r.low_32:.2f}) | {at or 'adaptive'} | {r.procedural_reliance:.2f} |"
+            f"({r.low_32:.2f}) | {r.adj_change_8:.2f} ({r.adj_low_8:.2f}) / {r.adj_change_32:.2f} "
+            f"({r.adj_low_32:.2f}) | {at or 'another rule'} | {r.procedural_reliance:.2f} |"
+        )
+    lines += [
+        "",
+        "Relied-on planted biases, unadjusted and adjusted (change, interval from; 8 / 32 seeds):",
+        "",
+        "| run | class/attribute | unadjusted | adjusted |",
+        "|---|---|---|---|",
+    ]
+    for r in df[relied].itertuples():
+        lines.append(
+            f"| {r.run} | {r.cls}/{r.attribute} | {r.change_8:.2f} ({r.low_8:.2f}) / {r.change_32:.2f} "
+            f"({r.low_32:.2f}) | {r.adj_change_8:.2f} ({r.adj_low_8:.2f}) / {r.adj_change_32:.2f} "
+            f"({r.adj_low_32:.2f}) |"
         )
     text = "\n".join(lines) + "\n"
     out.with_suffix(".md").write_text(text)

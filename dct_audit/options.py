@@ -30,6 +30,8 @@ DEFAULT_CONTEXTS = ("a photo of {}", "a statue of {}", "{} in the snow")
 ALPHA = 0.05  # false discovery rate of flagged findings
 MIN_EFFECT = 0.25  # smallest token-minus-baseline rate that is flagged
 CONFIRM_MODES = ("all", "flagged")
+# The analysis options: recorded in the manifest's "analysis", changeable by `dct-audit finish`
+ANALYSIS_OPTIONS = ("alpha", "min_effect", "confirm", "confirm_seeds", "adjust")
 
 
 # argparse types: each turns a bad value into one line ("must be at least 1, not 0") -----------------
@@ -258,6 +260,14 @@ class RunOptions:
     )
     confirm_seeds: int = _opt(
         8, "seeds per counterfactual prompt, paired across prompts (default 8)", type=int
+    )
+    # Measured on two fresh truth-benchmark seeds and the shipped world (README "Truth benchmark"): with 32
+    # seeds it confirmed 20 of 22 relied-on planted biases and nothing unplanted, where the default (8 seeds,
+    # unadjusted) confirmed 18 and 1 unplanted; at 8 seeds it is no better (19, 2 unplanted), hence off.
+    adjust: bool = _opt(
+        False,
+        "adjust each counterfactual change for the other attributes the generator drew with the prompt "
+        "(a least-squares fit over the class's check images); use with --confirm-seeds 32",
     )
     discover: bool = _opt(
         False, "after the analysis, open-vocabulary discovery over a concept list (see dct-audit discover)"

@@ -26,7 +26,7 @@ from .errors import DctAuditError
 from .explain import explain_class
 from .generate import eval_seeds, generate, plan_jobs, twin
 from .invert import invert_class, save_token
-from .options import CONFIRM_MODES, RunOptions, parse_shard, shard_classes  # noqa: F401  (re-exported)
+from .options import ANALYSIS_OPTIONS, CONFIRM_MODES, RunOptions, parse_shard, shard_classes  # noqa: F401  (re-exported)
 from .plan import Plan, plan_run
 from .records import (  # noqa: F401
     build_manifest,
@@ -183,6 +183,7 @@ def _run_locked(opts: RunOptions, plan: Plan) -> RunResult:
             "min_effect": opts.min_effect,
             "confirm": opts.confirm,
             "confirm_seeds": opts.confirm_seeds,
+            "adjust": opts.adjust,
             "confirm_min_change": CONFIRM_MIN_CHANGE,
             "findings": len(findings),
             "finished": _dt.datetime.now().isoformat(timespec="seconds"),
@@ -217,7 +218,7 @@ def _run_locked(opts: RunOptions, plan: Plan) -> RunResult:
 def finish_run(run_dir: str | Path, classifier=None, generator=None, tagger=None, **overrides) -> RunResult:
     """Analyse and report a run whose classes were audited elsewhere (``--shard K/N`` job arrays): the same
     settings as the run, read from its manifest; ``overrides`` may set the device, ``quiet``, ``report``
-    and the analysis options (alpha, min_effect, confirm, confirm_seeds). Refuses while classes of the run
+    and the analysis options (``options.ANALYSIS_OPTIONS``). Refuses while classes of the run
     are unfinished, naming them. ``classifier``, ``generator``, ``tagger``: the models of a run audited with
     them in memory (each must be recorded as the run's was)."""
     if not isinstance(run_dir, (str, os.PathLike)):
@@ -228,7 +229,7 @@ def finish_run(run_dir: str | Path, classifier=None, generator=None, tagger=None
         raise DctAuditError(
             f"'{root}' is not a dct-audit run folder (no manifest.json); give the folder of the run"
         )
-    allowed = {"device", "quiet", "report", "alpha", "min_effect", "confirm", "confirm_seeds"}
+    allowed = {"device", "quiet", "report", *ANALYSIS_OPTIONS}
     unknown = sorted(set(overrides) - allowed)
     if unknown:
         raise DctAuditError(f"finish cannot change {', '.join(unknown)}: those are the run's own settings")

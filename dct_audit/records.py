@@ -17,7 +17,7 @@ import torch
 from . import __version__
 from .errors import DctAuditError
 from .generate import eval_seeds
-from .options import RunOptions
+from .options import ANALYSIS_OPTIONS, RunOptions
 from .rundir import Manifest, ManifestClass
 
 if TYPE_CHECKING:
@@ -66,7 +66,7 @@ def manifest_options(manifest: Manifest, overrides: dict | None = None) -> dict:
     return {
         "tagger": tagging.get("tagger"),
         "attributes": tagging.get("attributes_file"),
-        **{k: analysis[k] for k in ("alpha", "min_effect", "confirm", "confirm_seeds") if k in analysis},
+        **{k: analysis[k] for k in ANALYSIS_OPTIONS if k in analysis},
         **settings,
         **(overrides or {}),
     }

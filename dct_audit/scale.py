@@ -129,4 +129,5 @@ def run_on_ray(opts: RunOptions, classifier=None, generator=None, tagger=None):
         min_effect=opts.min_effect,
         confirm=opts.confirm,
         confirm_seeds=opts.confirm_seeds,
+        adjust=opts.adjust,
     )

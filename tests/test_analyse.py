@@ -109,6 +109,69 @@ def test_replacements_that_all_bring_in_another_context_cannot_confirm():
     assert not counterfactual_effect(with_probs, refuting, with_rate=1.0)["depends"]
 
 
+def _world_sweep(rng, n=8):
+    """A class whose classifier needs water (0.99 on water, 0.01 elsewhere) and ignores the context: the
+    generator puts the object on water in 60% of "on a plate" images and 20% of "alone" / "in a frame"
+    images (the mechanism measured on the shipped world's star at 32 seeds: 19/32 vs 7/32)."""
+    backgrounds = ["water", "grass", "snow"]
+    sweep = {}
+    for template, water_share, context in (
+        ("{} on a plate", 0.6, "plate"),
+        ("{} alone", 0.2, None),
+        ("{} in a frame", 0.2, "frame"),
+        ("{} on water", 1.0, None),
+        ("{} on grass", 0.0, None),
+        ("{} on snow", 0.0, None),
+    ):
+        shown, probs = [], []
+        for _ in range(n):
+            bg = "water" if rng.random() < water_share else backgrounds[1 + int(rng.integers(2))]
+            if template.endswith(("grass", "snow")):
+                bg = template.split()[-1]
+            shown.append([bg] + ([context] if context else ["alone"]))
+            probs.append(0.99 if bg == "water" else 0.01)
+        rates = {
+            a: float(np.mean([a in s for s in shown])) for a in ("plate", "frame", "alone", *backgrounds)
+        }
+        sweep[template] = {"probs": probs, "shown": shown, "rates": rates}
+    return sweep
+
+
+def test_the_adjusted_check_puts_a_change_on_the_attribute_the_generator_drew_along_not_the_prompted_one():
+    from dct_audit.analyse import attribute_effect, class_response, confirmed
+    from dct_audit.tag import Attribute, Vocabulary
+
+    def attribute(name, group, template, absence=False):
+        return Attribute(name, group, (template,), template, template, exclusive=group, absence=absence)
+
+    attributes = [
+        attribute("plate", "context", "{} on a plate"),
+        attribute("frame", "context", "{} in a frame"),
+        attribute("alone", "context", "{} alone", absence=True),
+        attribute("water", "background", "{} on water"),
+        attribute("grass", "background", "{} on grass"),
+        attribute("snow", "background", "{} on snow"),
+    ]
+    vocabulary = Vocabulary(tuple(attributes), (), "test")
+    names = vocabulary.names
+    sweep = _world_sweep(np.random.default_rng(3), n=32)
+    response = class_response(sweep, names)
+    # the fit finds what the classifier uses (one background per image: only contrasts are identified)
+    assert response["water"] - response["grass"] > 0.9 and abs(response["plate"] - response["frame"]) < 0.1
+    plate = attributes[0]
+    raw = attribute_effect(plate, vocabulary, sweep, "star")
+    adjusted = attribute_effect(plate, vocabulary, sweep, "star", response)
+    assert raw["diff"] > 0.2 and confirmed(raw)  # unadjusted: a dependence on the plate, confirmed
+    assert abs(adjusted["diff"]) < 0.05 and not confirmed(adjusted)  # adjusted: the water explains it
+    assert all(r["explained"] > 0.2 for r in adjusted["replacements"])
+    water = attribute_effect(attributes[3], vocabulary, sweep, "star", response)
+    assert confirmed(water) and water["diff"] > 0.9  # the real dependence is untouched
+    # untagged images (no "shown"): nothing to fit, the check stays unadjusted
+    bare = {t: {"probs": e["probs"], "rates": {}} for t, e in sweep.items()}
+    assert class_response(bare, names) is None
+    assert attribute_effect(plate, vocabulary, bare, "star", None)["replacements"][0]["explained"] is None
+
+
 def test_findings_file_round_trips_and_a_broken_one_is_one_clear_error(tmp_path):
     import pytest
 

@@ -7,6 +7,7 @@ independent attribute checker (a CNN trained on true labels, not CLIP); the find
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -119,6 +120,34 @@ def test_findings_match_the_planted_biases(world):
         if (f["class_name"], f["attribute"]) in PLANTED:
             assert f["token_rate"] - f["baseline_rate"] >= 0.25
             assert f["counterfactual"]["diff"] > 0.5, f  # the classifier's confidence depends on it
+
+
+def test_the_adjusted_check_keeps_exactly_the_planted_biases_and_shows_what_else_explains(world, tmp_path):
+    """`finish --adjust` re-decides the demo's run from its cached check (no image is generated): the same
+    three confirmed findings, each change adjusted for the other attributes drawn, shown on the class page."""
+    import shutil
+
+    from dct_audit.pipeline import finish_run
+
+    run = tmp_path / "adjusted"
+    shutil.copytree(world["biased"].run_dir, run)
+    result = finish_run(run, adjust=True, quiet=True)
+    assert {(f["class_name"], f["attribute"]) for f in result.findings if f["confirmed"]} == PLANTED
+    assert json.loads((run / "manifest.json").read_text())["analysis"]["adjust"] is True
+    for f in result.findings:
+        if f["counterfactual"]:
+            assert all(r["explained"] is not None for r in f["counterfactual"]["replacements"])
+            if (f["class_name"], f["attribute"]) in PLANTED:
+                assert f["counterfactual"]["ci_low"] > 0.5
+    page = (run / "report" / "classes" / _class_dir(world["biased"], "star").name).with_suffix(".html")
+    assert "explained by what else the generator drew" in page.read_text()
+    # the unadjusted run is unchanged: no such column
+    assert all(
+        r["explained"] is None
+        for f in world["biased"].findings
+        if f["counterfactual"]
+        for r in f["counterfactual"]["replacements"]
+    )
 
 
 def test_unbiased_classifier_gets_no_confirmed_finding(world):

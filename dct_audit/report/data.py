@@ -317,7 +317,7 @@ def _finding(f: dict, run_dir: Path, out_dir: Path) -> dict:
             {
                 "name": str(r.get("name", "")),
                 "prompt": r.get("prompt"),
-                **{k: to_number(r.get(k)) for k in ("prob", "diff", "ci_low", "ci_high")},
+                **{k: to_number(r.get(k)) for k in ("prob", "diff", "ci_low", "ci_high", "explained")},
                 "confounders": {
                     str(k): to_number(v)
                     for k, v in (r.get("confounders") or {}).items()
@@ -336,6 +336,7 @@ def _finding(f: dict, run_dir: Path, out_dir: Path) -> dict:
         }
         cf["confirmed"] = f.get("confirmed")
         cf["replacements"] = replacements
+        cf["adjusted"] = any(r["explained"] is not None for r in replacements)
     ci = f.get("ci") if isinstance(f.get("ci"), list) and len(f["ci"]) == 2 else [None, None]
     overlays = []
     for o in f.get("overlays") or []:
