@@ -236,7 +236,9 @@ def main(argv=None) -> int:
     text = summarise(table, ctrl)
     (out / "summary.md").write_text(
         f"`python benchmarks/bench_truth.py --worlds {args.worlds} --seed {args.seed} --controls {args.controls} "
-        f"--steps {args.steps}`\n\n{text}\n"
+        f"--steps {args.steps}"
+        + (f" --override '{args.override}'" if args.override else "")
+        + f"`\n\n{text}\n"
     )
     print(text)
     return 0

@@ -370,6 +370,12 @@ class RunOptions:
             raise DctAuditError(
                 f"--name {self.name!r} must be a plain folder name (no '/' or '..'); use --out for the parent folder"
             )
+        if self.adjust and not self.tagger:
+            raise DctAuditError("--adjust needs a tagger (it fits on the check images' tags); drop --tagger none")
+        if self.adjust and self.confirm != "all":
+            raise DctAuditError(
+                "--adjust needs --confirm all (it fits on the check images of every attribute); drop --confirm flagged"
+            )
         if self.discover:  # discovery's inputs, before the audit it would otherwise follow
             if not self.tagger:
                 raise DctAuditError("--discover needs a tagger (its image features); drop --tagger none")

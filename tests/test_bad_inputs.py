@@ -117,6 +117,13 @@ CASES = [
     ("run-name-outside-out", RUN + " --name ../escape", 2, "must be a plain folder name"),
     ("run-init-word-two-tokens", RUN + " --init-word 'hello world'", 2, "is 2 tokens"),
     ("run-discover-without-tagger", RUN + " --discover", 2, "--discover needs a tagger"),
+    ("run-adjust-without-tagger", RUN + " --adjust", 2, "--adjust needs a tagger"),
+    (
+        "run-adjust-with-confirm-flagged",
+        RUN.replace("--tagger none", "--tagger world") + " --adjust --confirm flagged",
+        2,
+        "--adjust needs --confirm all",
+    ),
     (
         "run-discover-too-few-seeds",
         RUN.replace("--tagger none", "--tagger world") + " --discover --n-images 2",
