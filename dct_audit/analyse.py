@@ -391,7 +391,8 @@ def counterfactual_sweep(
         jobs = [Job(t, 0, t, s, t.format(cls.name)) for t in missing for s in seeds]
         probs: dict[str, list[float]] = {t: [] for t in missing}
         tags: dict[str, list[np.ndarray]] = {t: [] for t in missing}
-        for chunk, images in generate(models.generator, jobs, max(batch, 4), opts.steps, opts.guidance):
+        gen_batch = getattr(opts, "gen_batch", None) or max(batch, 4)
+        for chunk, images in generate(models.generator, jobs, gen_batch, opts.steps, opts.guidance):
             scores = bank.scores(bank.tagger.image_features(images)) if bank is not None else None
             for k, (job, score) in enumerate(
                 zip(chunk, score_images(models.classifier, images, cls.index), strict=True)

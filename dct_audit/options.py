@@ -249,6 +249,12 @@ class RunOptions:
         type=fraction,
     )
     explain_images: int = _opt(4, "token images per class with captum attributions (default 4)", type=int)
+    gen_batch: int | None = _opt(
+        None,
+        "images per generator call without gradient: grids and counterfactual prompts (default: the "
+        "inversion batch, at least 4); larger is faster on CPU for small images",
+        type=positive_int,
+    )
     # Counterfactual check: "all" tests every (non-absence) vocabulary attribute of every class with the plain
     # class prompt, so a bias the token did not bring in is still found; "flagged" only the token's flagged
     # attributes (cheaper: the README's truth benchmark measures what it misses).
@@ -340,6 +346,8 @@ class RunOptions:
                     "--overwrite cannot be combined with --shard (one shard would delete the others' classes); "
                     "clear the run folder first, then start the shards"
                 )
+        if self.gen_batch is not None and self.gen_batch < 1:
+            raise DctAuditError(f"--gen-batch must be at least 1, not {self.gen_batch}")
         if self.confirm_seeds < 2:
             raise DctAuditError(
                 f"--confirm-seeds must be at least 2 (a paired interval needs two), not {self.confirm_seeds}"
@@ -371,7 +379,9 @@ class RunOptions:
                 f"--name {self.name!r} must be a plain folder name (no '/' or '..'); use --out for the parent folder"
             )
         if self.adjust and not self.tagger:
-            raise DctAuditError("--adjust needs a tagger (it fits on the check images' tags); drop --tagger none")
+            raise DctAuditError(
+                "--adjust needs a tagger (it fits on the check images' tags); drop --tagger none"
+            )
         if self.adjust and self.confirm != "all":
             raise DctAuditError(
                 "--adjust needs --confirm all (it fits on the check images of every attribute); drop --confirm flagged"

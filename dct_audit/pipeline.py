@@ -353,7 +353,9 @@ def audit_class(
     gen_bar = tqdm(
         total=len(jobs), desc=f"  images {cls.name[:24]}", unit="img", leave=False, disable=opts.quiet
     )
-    for chunk, images in generate(generator, to_draw, max(batch, 4), opts.steps, opts.guidance):
+    for chunk, images in generate(
+        generator, to_draw, opts.gen_batch or max(batch, 4), opts.steps, opts.guidance
+    ):
         if unchanged:
             chunk = [twin(j, "token") for j in chunk] + chunk
             images = torch.cat([images, images])
