@@ -5,7 +5,9 @@ The check scores the plain class prompt with each attribute and with each of its
 plants the truth benchmark misses look like a question of power. This script re-runs the check of every
 class x (non-absence) attribute of the truth benchmark's runs (and of the shipped demo's runs) on 32 seeds
 (the first 8 are the audit's own, so the 8-seed numbers are the audit's), and decides with the first 8, 16,
-24 and 32 seeds, and adaptively (8 seeds, then 32 for attributes the 8 left undecided). Every confirmation of
+24 and 32 seeds, and adaptively (8 seeds, then 32 for attributes the 8 left undecided), each also adjusted
+for what else the generator drew (``analyse.class_response``, ``--adjust``), and with looser bars on the
+adjusted change. Every confirmation of
 an attribute that was not planted is then measured on procedural scenes (``measure_reliance``: the class's
 probability with the value minus without it, 300 paired scenes): near 0 means the classifier does not rely
 on it in its own world, so the dependence on generated images comes from what the generator draws with it.

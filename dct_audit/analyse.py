@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from . import rundir
-from .generate import eval_seeds, generate
+from .generate import eval_seeds, generate, nograd_batch
 from .options import ALPHA, MIN_EFFECT  # noqa: F401  (the defaults live with the options)
 from .score import score_images
 from .stats import benjamini_hochberg, mean_diff_ci, paired_rates
@@ -380,10 +380,13 @@ def counterfactual_sweep(
 
     old = rundir.read_json(cache) if cache.is_file() else None
     entries = old.get("prompts", {}) if isinstance(old, dict) and old.get("seeds") == seeds else {}
-    # a tagged entry of an older version lacks the per-image tags the adjustment needs: score it again
-    # (the same seeds give the same images and probabilities)
+    # a tagged entry of an older version lacks the per-image tags: with --adjust, which fits on them, score
+    # it again (the same seeds give the same images and probabilities); otherwise it serves as it is
+    stale = getattr(opts, "adjust", False)
     missing = [
-        t for t in prompts if t not in entries or (entries[t].get("rates") and "shown" not in entries[t])
+        t
+        for t in prompts
+        if t not in entries or (stale and entries[t].get("rates") and "shown" not in entries[t])
     ]
     if missing:
         models = ensure_models()
@@ -391,8 +394,9 @@ def counterfactual_sweep(
         jobs = [Job(t, 0, t, s, t.format(cls.name)) for t in missing for s in seeds]
         probs: dict[str, list[float]] = {t: [] for t in missing}
         tags: dict[str, list[np.ndarray]] = {t: [] for t in missing}
-        gen_batch = getattr(opts, "gen_batch", None) or max(batch, 4)
-        for chunk, images in generate(models.generator, jobs, gen_batch, opts.steps, opts.guidance):
+        for chunk, images in generate(
+            models.generator, jobs, nograd_batch(opts, batch), opts.steps, opts.guidance
+        ):
             scores = bank.scores(bank.tagger.image_features(images)) if bank is not None else None
             for k, (job, score) in enumerate(
                 zip(chunk, score_images(models.classifier, images, cls.index), strict=True)

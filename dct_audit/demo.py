@@ -50,10 +50,10 @@ DEMO_SETTINGS = dict(
 )
 
 # `dct-audit demo --thorough`: the check on 32 seeds, adjusted for the other attributes the generator drew
-# (analyse.class_response). Measured (README "Truth benchmark", benchmarks/bench_confirm_seeds.py) on two
-# fresh seeds and the shipped world: 20/22 relied-on planted biases and no unplanted attribute confirmed,
-# where the default check (8 seeds, unadjusted) confirmed 18/22 and 1. Not the default: it generates 4x the
-# check's images, which the demo's 180 s on a 2-core CPU cannot afford.
+# (analyse.class_response). Measured (README "Truth benchmark", benchmarks/bench_confirm_seeds.py) on three
+# fresh seeds: 25/28 relied-on planted biases and no unplanted attribute confirmed, where the default check
+# (8 seeds, unadjusted) confirmed 23/28 and 1. Not the default: it generates 4x the check's images (267 s
+# for the demo), which the demo's 180 s on a 2-core CPU cannot afford.
 THOROUGH = dict(confirm_seeds=32, adjust=True)
 
 

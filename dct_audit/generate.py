@@ -34,6 +34,12 @@ def twin(job: Job, variant: str) -> Job:
     return Job(variant, job.context_index, job.context, job.seed, job.prompt)
 
 
+def nograd_batch(opts, batch: int) -> int:
+    """Images per generator call without gradient (grids, counterfactual prompts): ``--gen-batch``, else the
+    inversion batch, at least 4."""
+    return getattr(opts, "gen_batch", None) or max(batch, 4)
+
+
 def eval_seeds(seed: int, n: int) -> list[int]:
     """Seeds of the generated grids: disjoint from the inversion's seeds (which start at ``seed``)."""
     return [seed + 1000 + i for i in range(n)]

@@ -267,9 +267,10 @@ class RunOptions:
     confirm_seeds: int = _opt(
         8, "seeds per counterfactual prompt, paired across prompts (default 8)", type=int
     )
-    # Measured on two fresh truth-benchmark seeds and the shipped world (README "Truth benchmark"): with 32
-    # seeds it confirmed 20 of 22 relied-on planted biases and nothing unplanted, where the default (8 seeds,
-    # unadjusted) confirmed 18 and 1 unplanted; at 8 seeds it is no better (19, 2 unplanted), hence off.
+    # Measured on three fresh truth-benchmark seeds (README "Truth benchmark"): with 32 seeds it confirmed 25
+    # of 28 relied-on planted biases and nothing unplanted, where the default (8 seeds, unadjusted) confirmed
+    # 23 and 1 unplanted; at 8 seeds it is no better (seeds 53, 59: one more plant, one more unplanted), and
+    # 32 seeds cost 4x the check's images, hence off.
     adjust: bool = _opt(
         False,
         "adjust each counterfactual change for the other attributes the generator drew with the prompt "

@@ -24,7 +24,7 @@ from .adapters.in_memory import models_in_memory
 from .analyse import CONFIRM_MIN_CHANGE, analyse_run
 from .errors import DctAuditError
 from .explain import explain_class
-from .generate import eval_seeds, generate, plan_jobs, twin
+from .generate import eval_seeds, generate, nograd_batch, plan_jobs, twin
 from .invert import invert_class, save_token
 from .options import ANALYSIS_OPTIONS, CONFIRM_MODES, RunOptions, parse_shard, shard_classes  # noqa: F401  (re-exported)
 from .plan import Plan, plan_run
@@ -353,9 +353,7 @@ def audit_class(
     gen_bar = tqdm(
         total=len(jobs), desc=f"  images {cls.name[:24]}", unit="img", leave=False, disable=opts.quiet
     )
-    for chunk, images in generate(
-        generator, to_draw, opts.gen_batch or max(batch, 4), opts.steps, opts.guidance
-    ):
+    for chunk, images in generate(generator, to_draw, nograd_batch(opts, batch), opts.steps, opts.guidance):
         if unchanged:
             chunk = [twin(j, "token") for j in chunk] + chunk
             images = torch.cat([images, images])
