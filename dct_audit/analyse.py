@@ -221,6 +221,7 @@ def analyse_run(
     rundir.write_csv(run_dir.root / rundir.ENRICHMENT, enrichment)
 
     seeds = eval_seeds(opts.seed, opts.confirm_seeds)
+    more = eval_seeds(opts.seed, opts.confirm_max_seeds) if getattr(opts, "confirm_max_seeds", 0) else None
     findings = []
     for cls in targets:
         rows = enrichment[enrichment["class_index"] == cls.index]
@@ -229,22 +230,12 @@ def analyse_run(
             a for a in vocabulary.attributes if not a.absence and (opts.confirm == "all" or a.name in flagged)
         ]
         folder = run_dir.class_dir(cls.index, cls.name)
-        prompts = {}  # template -> name, for the attribute and every replacement
-        for a in checked:
-            prompts.setdefault(a.with_context, a.name)
-            for name, template in vocabulary.replacements(a):
-                prompts.setdefault(template, name)
-        sweep = counterfactual_sweep(
-            ensure_models,
-            run_dir.root / rundir.COUNTERFACTUAL_DIR / f"{folder.name}.json",
-            cls,
-            prompts,
-            seeds,
-            opts,
-            batch,
-        )
-        response = class_response(sweep, vocabulary.names) if opts.adjust else None
-        cfs = {a.name: attribute_effect(a, vocabulary, sweep, cls.name, response) for a in checked}
+        cache = run_dir.root / rundir.COUNTERFACTUAL_DIR / f"{folder.name}.json"
+
+        def sweep_on(prompts, at, cls=cls, cache=cache):
+            return counterfactual_sweep(ensure_models, cache, cls, prompts, at, opts, batch)
+
+        cfs = check_class(checked, vocabulary, cls.name, sweep_on, seeds, more, opts.adjust)
         attribution = (
             rundir.read_json(folder / rundir.ATTRIBUTION) if (folder / rundir.ATTRIBUTION).is_file() else {}
         )
@@ -282,6 +273,54 @@ def analyse_run(
             )
     rundir.write_findings(run_dir.root, findings)
     return [f.to_dict() for f in findings]
+
+
+def attribute_prompts(attributes, vocabulary: Vocabulary) -> dict[str, str]:
+    """Template -> name of every prompt the check of ``attributes`` scores: each one's own and its
+    replacements'."""
+    prompts: dict[str, str] = {}
+    for a in attributes:
+        prompts.setdefault(a.with_context, a.name)
+        for name, template in vocabulary.replacements(a):
+            prompts.setdefault(template, name)
+    return prompts
+
+
+def undecided(cf: dict) -> bool:
+    """Whether a check on few seeds leaves an attribute open: it confirms it, or its smallest change's interval
+    reaches ``CONFIRM_MIN_CHANGE`` (only an interval wholly below the bar rules the attribute out)."""
+    high = cf.get("ci_high")
+    return confirmed(cf) or (high is not None and bool(np.isfinite(high)) and float(high) >= CONFIRM_MIN_CHANGE)
+
+
+def check_class(
+    checked,
+    vocabulary: Vocabulary,
+    class_name: str,
+    sweep_on: Callable[[dict[str, str], list[int]], dict],
+    seeds: list[int],
+    more_seeds: list[int] | None = None,
+    adjust: bool = False,
+) -> dict[str, dict]:
+    """The counterfactual check of every attribute in ``checked`` for one class: ``{name: attribute_effect}``.
+
+    ``sweep_on(prompts, seeds)`` scores prompts (``counterfactual_sweep``). With ``adjust``, changes are
+    adjusted by ``class_response`` fitted on every image scored. With ``more_seeds`` (``--confirm-max-seeds``),
+    the attributes the first ``seeds`` leave open (``undecided``) are checked again on ``more_seeds``, which
+    start with ``seeds``: only their prompts get the new seeds. Measured on the truth benchmark's runs (README
+    "Truth benchmark"): 8 then 32 seeds decides like 32 seeds everywhere, on about 60% of the prompts.
+    """
+    sweep = sweep_on(attribute_prompts(checked, vocabulary), seeds)
+    response = class_response(sweep, vocabulary.names) if adjust else None
+    cfs = {a.name: attribute_effect(a, vocabulary, sweep, class_name, response) for a in checked}
+    if more_seeds and len(more_seeds) > len(seeds):
+        reopened = [a for a in checked if undecided(cfs[a.name])]
+        if reopened:
+            sweep = {**sweep, **sweep_on(attribute_prompts(reopened, vocabulary), more_seeds)}
+            response = class_response(sweep, vocabulary.names) if adjust else None
+            for a in reopened:
+                cfs[a.name] = attribute_effect(a, vocabulary, sweep, class_name, response)
+    return cfs
 
 
 def class_response(sweep: dict, names: list[str], ridge: float = 1.0) -> dict[str, float] | None:
@@ -370,49 +409,90 @@ def counterfactual_sweep(
 ) -> dict[str, dict]:
     """Score the plain class prompt in every template of ``prompts`` (template -> name) on ``seeds``.
 
-    Returns ``{template: {"name", "prompt", "probs": [per seed], "rates": {attribute: share of images
-    tagged with it}, "shown": [per seed, the attributes its image shows]}}`` ("rates" empty and "shown"
-    absent without a tagger). Entries already in ``cache`` (same seeds) are reused; new ones are added to it.
+    Returns ``{template: {"name", "prompt", "seeds", "probs": [per seed], "rates": {attribute: share of
+    images tagged with it}, "shown": [per seed, the attributes its image shows]}}`` ("rates" empty and
+    "shown" absent without a tagger). The cache (``cache``) keeps every scored image by prompt and seed: a
+    resumed or extended check (``--confirm-max-seeds``) generates only the (prompt, seed) pairs it lacks.
     The class's token is not in these prompts: the check asks whether the classifier depends on the
     attribute itself, whatever the token learned.
     """
     from .generate import Job
 
     old = rundir.read_json(cache) if cache.is_file() else None
-    entries = old.get("prompts", {}) if isinstance(old, dict) and old.get("seeds") == seeds else {}
-    # a tagged entry of an older version lacks the per-image tags: with --adjust, which fits on them, score
-    # it again (the same seeds give the same images and probabilities); otherwise it serves as it is
-    stale = getattr(opts, "adjust", False)
-    missing = [
-        t
-        for t in prompts
-        if t not in entries or (stale and entries[t].get("rates") and "shown" not in entries[t])
-    ]
-    if missing:
+    entries: dict[str, dict] = {}
+    if isinstance(old, dict) and isinstance(old.get("prompts"), dict):
+        for t, e in old["prompts"].items():
+            e_seeds = e.get("seeds", old.get("seeds"))  # an older cache names its seeds once, at the top
+            if isinstance(e, dict) and isinstance(e_seeds, list) and len(e_seeds) == len(e.get("probs", ())):
+                entries[t] = {**e, "seeds": e_seeds}
+
+    def usable(e: dict) -> bool:
+        # a tagged entry of an older version lacks the per-image tags: it serves only for its own seeds, and
+        # not under --adjust, which fits on them (the same seeds give the same images and probabilities)
+        if not e.get("rates") or "shown" in e:
+            return True
+        return e["seeds"] == list(seeds) and not getattr(opts, "adjust", False)
+
+    todo: dict[str, list[int]] = {}
+    for t in prompts:
+        have = set(entries[t]["seeds"]) if t in entries and usable(entries[t]) else set()
+        if t in entries and not have:
+            del entries[t]
+        if missing := [s for s in seeds if s not in have]:
+            todo[t] = missing
+    if todo:
         models = ensure_models()
         bank = models.bank
-        jobs = [Job(t, 0, t, s, t.format(cls.name)) for t in missing for s in seeds]
-        probs: dict[str, list[float]] = {t: [] for t in missing}
-        tags: dict[str, list[np.ndarray]] = {t: [] for t in missing}
+        jobs = [Job(t, 0, t, s, t.format(cls.name)) for t, missing in todo.items() for s in missing]
+        made: dict[str, dict[int, tuple]] = {t: {} for t in todo}  # template -> seed -> (prob, shown)
+        thresholds = bank.thresholds(bank.vocabulary.presence_thresholds()) if bank is not None else None
         for chunk, images in generate(
             models.generator, jobs, nograd_batch(opts, batch), opts.steps, opts.guidance
         ):
-            scores = bank.scores(bank.tagger.image_features(images)) if bank is not None else None
+            shown = bank.scores(bank.tagger.image_features(images)) >= thresholds if bank is not None else None
             for k, (job, score) in enumerate(
                 zip(chunk, score_images(models.classifier, images, cls.index), strict=True)
             ):
-                probs[job.variant].append(score["target_prob"])
-                if scores is not None:
-                    tags[job.variant].append(scores[k])
-        thresholds = bank.thresholds(bank.vocabulary.presence_thresholds()) if bank is not None else None
-        for t in missing:
-            entry = {"name": prompts[t], "prompt": t.format(cls.name), "probs": probs[t], "rates": {}}
-            if tags[t]:
-                shown = np.stack(tags[t]) >= thresholds  # (seeds, attributes)
-                names = bank.vocabulary.names
-                entry["rates"] = {n: float(v) for n, v in zip(names, shown.mean(0), strict=True)}
+                present = None
+                if shown is not None:
+                    present = [n for n, v in zip(bank.vocabulary.names, shown[k], strict=True) if v]
+                made[job.variant][job.seed] = (score["target_prob"], present)
+        for t, new in made.items():
+            e = entries.get(t) or {"seeds": [], "probs": []}
+            per_seed = dict(zip(e["seeds"], zip(e["probs"], e.get("shown") or [None] * len(e["seeds"]))))
+            per_seed.update(new)
+            order = sorted(per_seed)
+            entry = {
+                "name": prompts[t],
+                "prompt": t.format(cls.name),
+                "seeds": order,
+                "probs": [per_seed[s][0] for s in order],
+                "rates": {},
+            }
+            if bank is not None:
                 # per image (in seed order), the attributes it shows: what ``class_response`` fits on
-                entry["shown"] = [[n for n, s in zip(names, row, strict=True) if s] for row in shown]
+                entry["shown"] = [per_seed[s][1] for s in order]
+                entry["rates"] = _rates(entry["shown"], bank.vocabulary.names)
             entries[t] = entry
-        rundir.write_json(cache, {"class": cls.name, "seeds": seeds, "prompts": entries})
-    return entries
+        rundir.write_json(cache, {"class": cls.name, "prompts": entries})
+    return {t: on_seeds(entries[t], seeds) for t in prompts}
+
+
+def on_seeds(entry: dict, seeds: list[int]) -> dict:
+    """A cached prompt's entry restricted to ``seeds`` (in that order), its tag rates recomputed from them."""
+    if entry["seeds"] == list(seeds):
+        out = dict(entry)
+    else:
+        at = {s: i for i, s in enumerate(entry["seeds"])}
+        pick = [at[s] for s in seeds]
+        out = {**entry, "seeds": list(seeds), "probs": [entry["probs"][i] for i in pick]}
+        if entry.get("shown") is not None:
+            out["shown"] = [entry["shown"][i] for i in pick]
+        if entry.get("rates"):
+            out["rates"] = _rates(out["shown"], list(entry["rates"]))
+    return out
+
+
+def _rates(shown: list[list[str]], names: list[str]) -> dict[str, float]:
+    """Share of the images that show each attribute."""
+    return {n: float(np.mean([n in row for row in shown])) for n in names}

@@ -31,7 +31,7 @@ ALPHA = 0.05  # false discovery rate of flagged findings
 MIN_EFFECT = 0.25  # smallest token-minus-baseline rate that is flagged
 CONFIRM_MODES = ("all", "flagged")
 # The analysis options: recorded in the manifest's "analysis", changeable by `dct-audit finish`
-ANALYSIS_OPTIONS = ("alpha", "min_effect", "confirm", "confirm_seeds", "adjust")
+ANALYSIS_OPTIONS = ("alpha", "min_effect", "confirm", "confirm_seeds", "confirm_max_seeds", "adjust")
 
 
 # argparse types: each turns a bad value into one line ("must be at least 1, not 0") -----------------
@@ -267,14 +267,20 @@ class RunOptions:
     confirm_seeds: int = _opt(
         8, "seeds per counterfactual prompt, paired across prompts (default 8)", type=int
     )
-    # Measured on three fresh truth-benchmark seeds (README "Truth benchmark"): with 32 seeds it confirmed 25
-    # of 28 relied-on planted biases and nothing unplanted, where the default (8 seeds, unadjusted) confirmed
-    # 23 and 1 unplanted; at 8 seeds it is no better (seeds 53, 59: one more plant, one more unplanted), and
-    # 32 seeds cost 4x the check's images, hence off.
+    confirm_max_seeds: int = _opt(
+        0,
+        "check again on this many seeds every attribute the first --confirm-seeds leave open (confirmed, or "
+        "an interval reaching 0.10); only their prompts get the new seeds (default 0: off)",
+        type=int,
+    )
+    # Measured on three fresh truth-benchmark seeds (README "Truth benchmark"): with 32 seeds (or 8, then 32
+    # for the open attributes: --confirm-max-seeds 32) it confirmed 25 of 28 relied-on planted biases and
+    # nothing unplanted, where the default (8 seeds, unadjusted) confirmed 23 and 1 unplanted; at 8 seeds it is
+    # no better (seeds 53, 59: one more plant, one more unplanted). `dct-audit demo --thorough` turns it on.
     adjust: bool = _opt(
         False,
         "adjust each counterfactual change for the other attributes the generator drew with the prompt "
-        "(a least-squares fit over the class's check images); use with --confirm-seeds 32",
+        "(a least-squares fit over the class's check images); use with --confirm-max-seeds 32",
     )
     discover: bool = _opt(
         False, "after the analysis, open-vocabulary discovery over a concept list (see dct-audit discover)"
@@ -352,6 +358,11 @@ class RunOptions:
         if self.confirm_seeds < 2:
             raise DctAuditError(
                 f"--confirm-seeds must be at least 2 (a paired interval needs two), not {self.confirm_seeds}"
+            )
+        if self.confirm_max_seeds and self.confirm_max_seeds <= self.confirm_seeds:
+            raise DctAuditError(
+                f"--confirm-max-seeds must be 0 (off) or more than --confirm-seeds ({self.confirm_seeds}), "
+                f"not {self.confirm_max_seeds}"
             )
         if self.steps is not None and self.steps < 1:
             raise DctAuditError(f"--steps must be at least 1, not {self.steps}")

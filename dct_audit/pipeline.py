@@ -183,6 +183,7 @@ def _run_locked(opts: RunOptions, plan: Plan) -> RunResult:
             "min_effect": opts.min_effect,
             "confirm": opts.confirm,
             "confirm_seeds": opts.confirm_seeds,
+            "confirm_max_seeds": opts.confirm_max_seeds,
             "adjust": opts.adjust,
             "confirm_min_change": CONFIRM_MIN_CHANGE,
             "findings": len(findings),

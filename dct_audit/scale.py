@@ -129,5 +129,6 @@ def run_on_ray(opts: RunOptions, classifier=None, generator=None, tagger=None):
         min_effect=opts.min_effect,
         confirm=opts.confirm,
         confirm_seeds=opts.confirm_seeds,
+        confirm_max_seeds=opts.confirm_max_seeds,
         adjust=opts.adjust,
     )

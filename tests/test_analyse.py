@@ -172,6 +172,44 @@ def test_the_adjusted_check_puts_a_change_on_the_attribute_the_generator_drew_al
     assert attribute_effect(plate, vocabulary, bare, "star", None)["replacements"][0]["explained"] is None
 
 
+def test_more_seeds_go_only_to_the_attributes_the_first_seeds_leave_open():
+    """--confirm-max-seeds: a check on 8 seeds rules out what lies clearly below the bar; the attributes it
+    leaves open (confirmed, or an interval reaching 0.10) are decided on 32, and only their prompts are
+    scored on 32."""
+    from dct_audit.analyse import attribute_effect, check_class, confirmed, on_seeds
+    from dct_audit.tag import Attribute, Vocabulary
+
+    rng = np.random.default_rng(0)
+    attributes = [Attribute(n, n, (f"{{}} {n}",), f"{{}} {n}", f"{{}} no {n}") for n in ("weak", "none", "strong")]
+    vocabulary = Vocabulary(tuple(attributes), (), "test")
+    change = {"weak": 0.3, "none": -0.5, "strong": 0.9}
+    full = {}
+    for a in attributes:
+        base = rng.uniform(0.05, 0.1, 32)
+        noise = 0.25 if a.name == "weak" else 0.02
+        full[a.with_context] = {"probs": list(base + change[a.name] + rng.normal(0, noise, 32)), "rates": {}}
+        full[a.without_context] = {"probs": list(base + rng.normal(0, noise, 32)), "rates": {}}
+    for t, e in full.items():
+        e["seeds"] = list(range(32))
+    asked = []
+
+    def sweep_on(prompts, seeds):
+        asked.append((len(seeds), set(prompts)))
+        return {t: on_seeds(full[t], seeds) for t in prompts}
+
+    few = check_class(attributes, vocabulary, "x", sweep_on, list(range(8)))
+    assert not confirmed(few["weak"]) and few["weak"]["ci_high"] >= 0.10  # open on 8 seeds
+    assert few["none"]["ci_high"] < 0.10 and confirmed(few["strong"])
+    asked.clear()
+    out = check_class(attributes, vocabulary, "x", sweep_on, list(range(8)), list(range(32)))
+    assert [n for n, _ in asked] == [8, 32]
+    assert asked[1][1] == {"{} weak", "{} no weak", "{} strong", "{} no strong"}  # not "none"'s prompts
+    assert out["weak"]["n"] == 32 and confirmed(out["weak"])  # decided on 32 seeds
+    assert out["weak"] == attribute_effect(attributes[0], vocabulary, {t: full[t] for t in full}, "x")
+    assert out["none"]["n"] == 8 and not confirmed(out["none"])
+    assert out["strong"]["n"] == 32 and confirmed(out["strong"])
+
+
 def test_findings_file_round_trips_and_a_broken_one_is_one_clear_error(tmp_path):
     import pytest
 

@@ -30,6 +30,7 @@ CASES = [
     ("run-n-images-0", RUN + " --n-images 0", 2, "must be at least 1"),
     ("run-batch-0", RUN + " --batch 0", 2, "must be at least 1"),
     ("run-gen-batch-0", RUN + " --gen-batch 0", 2, "must be at least 1"),
+    ("run-confirm-max-seeds-not-more", RUN + " --confirm-max-seeds 8", 2, "more than --confirm-seeds (8)"),
     ("run-steps-negative", RUN + " --steps -3", 2, "must be at least 1"),
     ("run-grad-steps-0", RUN + " --grad-steps 0", 2, "must be at least 1"),
     ("run-patience-negative", RUN + " --patience -1", 2, "must be at least 0"),

@@ -389,9 +389,15 @@ def test_the_counterfactual_sweep_uses_the_plain_prompt_and_a_resume_generates_o
     assert prompts_seen == ["plate in the snow"] * 2  # the cached prompts were not generated again
     assert again["{} on a plate"]["probs"] == out["{} on a plate"]["probs"]
 
-    prompts_seen.clear()
-    analyse.counterfactual_sweep(lambda: models, cache, cls, first, [1, 2, 3], opts, 2)  # other seeds: redo
-    assert len(prompts_seen) == 6
+    prompts_seen.clear()  # more seeds (--confirm-max-seeds): only the new seed is generated
+    longer = analyse.counterfactual_sweep(lambda: models, cache, cls, first, [1, 2, 3], opts, 2)
+    assert sorted(prompts_seen) == ["plate on a bare table", "plate on a plate"]
+    assert longer["{} on a plate"]["probs"][:2] == out["{} on a plate"]["probs"]
+    assert longer["{} on a plate"]["seeds"] == [1, 2, 3]
+
+    prompts_seen.clear()  # fewer seeds: served from the cache, in the order asked
+    fewer = analyse.counterfactual_sweep(lambda: models, cache, cls, first, [2], opts, 2)
+    assert prompts_seen == [] and fewer["{} on a plate"]["probs"] == out["{} on a plate"]["probs"][1:]
 
 
 def test_a_half_precision_hf_classifier_is_scored_in_float32(tmp_path):
