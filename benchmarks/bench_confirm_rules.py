@@ -6,7 +6,7 @@ same seeds and caches the scores (``counterfactual/<class folder>.json`` at each
 rule can be tried on the same images without generating anything (seconds). Rules compared:
 
 - ``current``: every effective replacement lowers the target probability (interval above 0), one is not
-  confounded, and the interval of the smallest change starts at or above 0.10 (``analyse.confirmed``);
+  confounded, and the interval of the smallest change starts at or above 0.10 (``check.confirmed``);
 - ``current, or brought in by the token and dependent``: a flagged attribute needs only the dependence
   (every interval above 0); tried on seeds 41 and 43, not adopted (README);
 - ``all but one``: the same dependence, and the interval of the second-smallest change starts at or above
@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 
 from dct_audit import rundir
-from dct_audit.analyse import attribute_effect, confirmed
+from dct_audit.check import attribute_effect, confirmed
 from dct_audit.stats import mean_diff_ci
 from dct_audit.tag import load_vocabulary
 from dct_audit.world import truth as T

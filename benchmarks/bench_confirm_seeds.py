@@ -6,7 +6,7 @@ plants the truth benchmark misses look like a question of power. This script re-
 class x (non-absence) attribute of the truth benchmark's runs (and of the shipped demo's runs) on 32 seeds
 (the first 8 are the audit's own, so the 8-seed numbers are the audit's), and decides with the first 8, 16,
 24 and 32 seeds, and adaptively as the audit does with ``--confirm-max-seeds 32`` (8 seeds, then 32 for the
-attributes the 8 leave open: ``analyse.check_class``), each also adjusted for what else the generator drew (``analyse.class_response``, ``--adjust``), and with looser bars on the
+attributes the 8 leave open: ``check.check_class``), each also adjusted for what else the generator drew (``check.class_response``, ``--adjust``), and with looser bars on the
 adjusted change. Every confirmation of
 an attribute that was not planted is then measured on procedural scenes (``measure_reliance``: the class's
 probability with the value minus without it, 300 paired scenes): near 0 means the classifier does not rely
@@ -37,7 +37,7 @@ import pandas as pd
 from dct_audit.adapters.classifier import load_classifier
 from dct_audit.adapters.generator_load import load_generator
 from dct_audit.adapters.in_memory import wrap_generator
-from dct_audit.analyse import (
+from dct_audit.check import (
     attribute_effect,
     check_class,
     class_response,

@@ -34,8 +34,9 @@ import numpy as np
 import pandas as pd
 
 from . import rundir
-from .analyse import ALPHA, MIN_EFFECT, confirmed
+from .check import confirmed
 from .errors import DctAuditError
+from .options import ALPHA, MIN_EFFECT
 from .stats import benjamini_hochberg, paired_rates
 
 # settings that must agree for two runs' images to pair up

@@ -50,7 +50,7 @@ DEMO_SETTINGS = dict(
 )
 
 # `dct-audit demo --thorough`: the check adjusted for the other attributes the generator drew
-# (analyse.class_response), on 8 seeds, then on 32 for the attributes the 8 leave open (analyse.check_class).
+# (check.class_response), on 8 seeds, then on 32 for the attributes the 8 leave open (check.check_class).
 # Measured (README "Truth benchmark", benchmarks/bench_confirm_seeds.py) on three fresh seeds: the adjusted
 # check on 32 seeds confirmed 25/28 relied-on planted biases and no unplanted attribute, where the default
 # check (8 seeds, unadjusted) confirmed 23/28 and 1; 8-then-32 decides exactly as 32 everywhere on those runs

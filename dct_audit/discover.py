@@ -14,7 +14,7 @@ tested on the other half (one-sided paired t-test), and Benjamini-Hochberg runs 
 concept. A significant concept then gets the counterfactual check of vocabulary attributes: the plain class
 prompt with the concept (``--discover-with``, default "{} with {}") against the plain prompt and against the
 same prompt with neutral concepts (those the token moved least), on the same seeds; it is *confirmed* when
-the classifier's confidence depends on it by the same rule (``analyse.confirmed``).
+the classifier's confidence depends on it by the same rule (``check.confirmed``).
 
 Text embeddings of a concept list are computed once per tagger and cached beside the Hugging Face cache
 (``$HF_HOME/dct-audit/concepts/<tagger>-<list hash>.npy``).
@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from . import rundir
-from .analyse import CONFIRM_MIN_CHANGE, confirmed, confounders, counterfactual_effect
+from .check import CONFIRM_MIN_CHANGE, confirmed, confounders, counterfactual_effect
 from .errors import DctAuditError
 from .stats import benjamini_hochberg
 
@@ -259,8 +259,9 @@ def discover_run(
     ``check`` the significant ones, unconfirmed. ``check``: run the counterfactual check of significant
     concepts (generates images; without it nothing is confirmed).
     """
-    from .analyse import ALPHA, counterfactual_sweep
+    from .check import counterfactual_sweep
     from .generate import eval_seeds
+    from .options import ALPHA
     from .pipeline import Models, RunOptions, load_models
     from .records import manifest_options
     from .resolve import ResolvedClass

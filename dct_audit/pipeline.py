@@ -21,7 +21,8 @@ from .adapters.classifier import Classifier, load_classifier, load_notes
 from .adapters.generator import Generator
 from .adapters.generator_load import load_generator
 from .adapters.in_memory import models_in_memory
-from .analyse import CONFIRM_MIN_CHANGE, analyse_run
+from .analyse import analyse_run
+from .check import CONFIRM_MIN_CHANGE
 from .errors import DctAuditError
 from .explain import explain_class
 from .generate import eval_seeds, generate, nograd_batch, plan_jobs, twin

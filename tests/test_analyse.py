@@ -1,7 +1,8 @@
 import numpy as np
 import pandas as pd
 
-from dct_audit.analyse import class_enrichment, counterfactual_effect, flag_findings
+from dct_audit.analyse import class_enrichment, flag_findings
+from dct_audit.check import counterfactual_effect
 
 
 def _tags(token_plate, base_plate, token_water, base_water):
@@ -72,7 +73,7 @@ def test_a_replacement_that_did_not_remove_the_attribute_is_not_counted():
 
 
 def test_a_finding_is_confirmed_by_a_dependence_that_matters():
-    from dct_audit.analyse import CONFIRM_MIN_CHANGE, confirmed
+    from dct_audit.check import CONFIRM_MIN_CHANGE, confirmed
 
     assert confirmed({"depends": True, "diff": 0.9, "ci_low": 0.8})
     assert not confirmed({"depends": True, "diff": 0.2, "ci_low": CONFIRM_MIN_CHANGE / 3})  # may be tiny
@@ -86,7 +87,7 @@ def test_replacements_that_all_bring_in_another_context_cannot_confirm():
     """Measured on a seed-13 world: 'square next to a person' was drawn on snow, 'square on a plate', 'in a
     frame' and 'alone' on water in 50-88% of images, and water was another class's planted background. Every
     replacement lowered the square's probability, but the water did it, not the missing person."""
-    from dct_audit.analyse import confounders
+    from dct_audit.check import confounders
 
     with_rates = {"person": 1.0, "snow": 1.0, "water": 0.0}
     others = ["snow", "water"]  # the groups other than the person's (context)
@@ -138,7 +139,7 @@ def _world_sweep(rng, n=8):
 
 
 def test_the_adjusted_check_puts_a_change_on_the_attribute_the_generator_drew_along_not_the_prompted_one():
-    from dct_audit.analyse import attribute_effect, class_response, confirmed
+    from dct_audit.check import attribute_effect, class_response, confirmed
     from dct_audit.tag import Attribute, Vocabulary
 
     def attribute(name, group, template, absence=False):
@@ -176,11 +177,13 @@ def test_more_seeds_go_only_to_the_attributes_the_first_seeds_leave_open():
     """--confirm-max-seeds: a check on 8 seeds rules out what lies clearly below the bar; the attributes it
     leaves open (confirmed, or an interval reaching 0.10) are decided on 32, and only their prompts are
     scored on 32."""
-    from dct_audit.analyse import attribute_effect, check_class, confirmed, on_seeds
+    from dct_audit.check import attribute_effect, check_class, confirmed, on_seeds
     from dct_audit.tag import Attribute, Vocabulary
 
     rng = np.random.default_rng(0)
-    attributes = [Attribute(n, n, (f"{{}} {n}",), f"{{}} {n}", f"{{}} no {n}") for n in ("weak", "none", "strong")]
+    attributes = [
+        Attribute(n, n, (f"{{}} {n}",), f"{{}} {n}", f"{{}} no {n}") for n in ("weak", "none", "strong")
+    ]
     vocabulary = Vocabulary(tuple(attributes), (), "test")
     change = {"weak": 0.3, "none": -0.5, "strong": 0.9}
     full = {}
@@ -189,7 +192,7 @@ def test_more_seeds_go_only_to_the_attributes_the_first_seeds_leave_open():
         noise = 0.25 if a.name == "weak" else 0.02
         full[a.with_context] = {"probs": list(base + change[a.name] + rng.normal(0, noise, 32)), "rates": {}}
         full[a.without_context] = {"probs": list(base + rng.normal(0, noise, 32)), "rates": {}}
-    for t, e in full.items():
+    for e in full.values():
         e["seeds"] = list(range(32))
     asked = []
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import dct_audit.pipeline as pipeline
-from dct_audit import analyse, rundir
+from dct_audit import check, rundir
 from dct_audit.adapters.classifier import load_classifier, load_notes
 from dct_audit.adapters.generator_load import check_generator_spec, load_generator, resolve_dtype
 from dct_audit.cli import main
@@ -378,25 +378,25 @@ def test_the_counterfactual_sweep_uses_the_plain_prompt_and_a_resume_generates_o
     opts = pipeline.RunOptions(classifier="x", classes="0", steps=1, guidance=0.0)
     cache = tmp_path / "counterfactual" / "sweep.json"
     first = {"{} on a plate": "plate", "{} on a bare table": "without plate"}
-    out = analyse.counterfactual_sweep(lambda: models, cache, cls, first, [1, 2], opts, 2)
+    out = check.counterfactual_sweep(lambda: models, cache, cls, first, [1, 2], opts, 2)
     assert sorted(prompts_seen) == sorted(["plate on a plate"] * 2 + ["plate on a bare table"] * 2)
     assert set(out) == set(first) and all(len(e["probs"]) == 2 for e in out.values())
     assert not any("<dct" in p for p in prompts_seen)
 
     prompts_seen.clear()
     more = {**first, "{} in the snow": "snow"}
-    again = analyse.counterfactual_sweep(lambda: models, cache, cls, more, [1, 2], opts, 2)
+    again = check.counterfactual_sweep(lambda: models, cache, cls, more, [1, 2], opts, 2)
     assert prompts_seen == ["plate in the snow"] * 2  # the cached prompts were not generated again
     assert again["{} on a plate"]["probs"] == out["{} on a plate"]["probs"]
 
     prompts_seen.clear()  # more seeds (--confirm-max-seeds): only the new seed is generated
-    longer = analyse.counterfactual_sweep(lambda: models, cache, cls, first, [1, 2, 3], opts, 2)
+    longer = check.counterfactual_sweep(lambda: models, cache, cls, first, [1, 2, 3], opts, 2)
     assert sorted(prompts_seen) == ["plate on a bare table", "plate on a plate"]
     assert longer["{} on a plate"]["probs"][:2] == out["{} on a plate"]["probs"]
     assert longer["{} on a plate"]["seeds"] == [1, 2, 3]
 
     prompts_seen.clear()  # fewer seeds: served from the cache, in the order asked
-    fewer = analyse.counterfactual_sweep(lambda: models, cache, cls, first, [2], opts, 2)
+    fewer = check.counterfactual_sweep(lambda: models, cache, cls, first, [2], opts, 2)
     assert prompts_seen == [] and fewer["{} on a plate"]["probs"] == out["{} on a plate"]["probs"][1:]
 
 
