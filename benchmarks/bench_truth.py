@@ -3,10 +3,11 @@
 Draws ``--worlds`` random planted sets (1-3 classes each; a background, a colour or a context object; strength
 0.9 or 0.99; planted values never shown with the other classes), trains one biased world classifier per set
 plus ``--controls`` unbiased ones, measures each classifier's reliance on its planted values
-(``dct_audit.world.classifiers.measure_reliance``), audits every classifier with the demo's settings
-(``dct-audit demo --classifier FOLDER``) and scores the *confirmed* findings against the truth.
+(``dct_audit.world.classifiers.measure_reliance``), audits every classifier as ``dct-audit demo --classifier
+FOLDER`` does (the demo's settings with the thorough check, ``demo.THOROUGH``; ``--no-thorough``: the shipped
+demo's 8-seed check) and scores the *confirmed* findings against the truth.
 
-    python benchmarks/bench_truth.py --worlds 8 --seed 1 [--steps 200] [--controls 2] [--out bench-truth]
+    python benchmarks/bench_truth.py --worlds 8 --seed 1 [--steps 200] [--controls 2] [--no-thorough] [--out DIR]
 
 Reliance: a classifier relies on a planted value when adding the value to its own class's scenes raises the
 class's probability by at least ``RELIES_MIN`` (0.2) on 300 paired procedural scenes (with and without the
@@ -36,7 +37,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from dct_audit.demo import DEMO_SETTINGS, audit_world_classifier
+from dct_audit.demo import DEMO_SETTINGS, THOROUGH, audit_world_classifier
 from dct_audit.world.classifiers import ClassifierTrainConfig, remeasure, train_classifier
 from dct_audit.world.truth import PlantedSet, random_planted_set
 
@@ -54,9 +55,13 @@ def train(folder: Path, planted: PlantedSet | None, seed: int, steps: int) -> di
     return remeasure(folder)
 
 
-def audit(folder: Path, runs: Path, overrides: dict, models: dict) -> tuple[dict, float, Path]:
+def audit(
+    folder: Path, runs: Path, thorough: bool, overrides: dict, models: dict
+) -> tuple[dict, float, Path]:
     t0 = time.perf_counter()
-    result = audit_world_classifier(str(folder), str(runs), quiet=True, **overrides, **models)
+    result = audit_world_classifier(
+        str(folder), str(runs), quiet=True, thorough=thorough, **overrides, **models
+    )
     return result["truth"], time.perf_counter() - t0, Path(result["run"].run_dir)
 
 
@@ -150,12 +155,17 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="bench-truth")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--override", default="{}", help="JSON of audit settings replacing the demo's")
+    p.add_argument(
+        "--no-thorough", action="store_true", help="the shipped demo's check (8 seeds, unadjusted)"
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     overrides = json.loads(args.override)
     out = Path(args.out)
     rng = np.random.default_rng(args.seed)
-    print(f"demo settings: {json.dumps({**DEMO_SETTINGS, **overrides})}", flush=True)
+    thorough = not args.no_thorough
+    settings = {**DEMO_SETTINGS, **(THOROUGH if thorough else {}), **overrides}
+    print(f"audit settings: {json.dumps(settings)}", flush=True)
     from dct_audit.world.checker import AttributeChecker
 
     checker = AttributeChecker.from_pretrained().eval()
@@ -177,7 +187,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         train(folder, planted, seed=args.seed * 1000 + j, steps=args.steps)
         train_s = time.perf_counter() - t0
-        score, audit_s, run_dir = audit(folder, out / "runs", overrides, models)
+        score, audit_s, run_dir = audit(folder, out / "runs", thorough, overrides, models)
         if planted is None:
             controls.append(
                 {"world": name, "n_confirmed": score["n_confirmed"], "audit_s": audit_s, "train_s": train_s}
@@ -237,7 +247,8 @@ def main(argv=None) -> int:
     (out / "summary.md").write_text(
         f"`python benchmarks/bench_truth.py --worlds {args.worlds} --seed {args.seed} --controls {args.controls} "
         f"--steps {args.steps}"
-        + (f" --override '{args.override}'" if args.override else "")
+        + (" --no-thorough" if args.no_thorough else "")
+        + (f" --override '{args.override}'" if overrides else "")
         + f"`\n\n{text}\n"
     )
     print(text)

@@ -131,10 +131,16 @@ def audit_world_classifier(  # noqa: D417
     name: str | None = None,
     quiet: bool = False,
     classes: str | None = None,
+    thorough: bool = True,
     **overrides,
 ) -> dict:
     """``dct-audit demo --classifier FOLDER``: audit a world classifier with the demo's settings and score
-    its confirmed findings against the planted set in its ``training.json``."""
+    its confirmed findings against the planted set in its ``training.json``.
+
+    ``thorough`` (default): the check of ``THOROUGH``, which the shipped demo leaves out only for its time
+    budget. On four fresh truth-benchmark seeds it confirmed 35/40 relied-on planted biases and nothing
+    unplanted (44/44 confirmed findings planted), where the shipped demo's check confirmed 30/40 and 31/32;
+    an audit of another classifier has no 180 s target, so it gets the better check."""
     from .world.truth import PlantedSet
 
     path = Path(folder)
@@ -159,7 +165,8 @@ def audit_world_classifier(  # noqa: D417
             "order); `demo --classifier` audits world classifiers; audit other models with `dct-audit run`"
         )
     t0 = time.perf_counter()
-    run = demo_run(str(path), name or f"demo-{path.resolve().name}", out, quiet, classes, **overrides)
+    settings = {**(THOROUGH if thorough else {}), **overrides}
+    run = demo_run(str(path), name or f"demo-{path.resolve().name}", out, quiet, classes, **settings)
     score = score_truth(run, path)
     return {"run": run, "truth": score, "seconds": {"total": time.perf_counter() - t0}}
 

@@ -18,7 +18,7 @@ No other module spells a run-folder file name: they use the constants below. Lay
         class.json                  CLASS_SUMMARY: the class summary (``ClassSummary``)
         DONE                        MARKER, written last: JSON listing every file of the class with its size
                                     and SHA-256
-      counterfactual/<class folder>.json   COUNTERFACTUAL_DIR: scored counterfactual prompts, keyed by seeds
+      counterfactual/<class folder>.json   COUNTERFACTUAL_DIR: scored counterfactual prompts, by prompt and seed
       enrichment.csv                ENRICHMENT: ENRICHMENT_COLUMNS, one row per class x attribute
       findings.json                 FINDINGS: flagged and confirmed attributes (``Finding``; ``write_findings``)
       discovered.csv                DISCOVERED: open-vocabulary discovery (``discover``), one row per tested concept

@@ -122,23 +122,33 @@ def test_findings_match_the_planted_biases(world):
             assert f["counterfactual"]["diff"] > 0.5, f  # the classifier's confidence depends on it
 
 
-def test_the_adjusted_check_keeps_exactly_the_planted_biases_and_shows_what_else_explains(world, tmp_path):
-    """`finish --adjust` re-decides the demo's run from its cached check (no image is generated): the same
-    three confirmed findings, each change adjusted for the other attributes drawn, shown on the class page."""
+def test_the_thorough_check_keeps_exactly_the_planted_biases_and_shows_what_else_explains(world, tmp_path):
+    """`finish --adjust --confirm-max-seeds 32` (the demo's --thorough) re-decides the demo's run: its cached
+    8-seed check rules out what lies clearly below the bar, only the open attributes' prompts get 24 more
+    seeds, and the same three findings are confirmed, each change adjusted for the other attributes drawn
+    (shown on the class page)."""
     import shutil
 
+    from dct_audit import rundir
     from dct_audit.pipeline import finish_run
 
-    run = tmp_path / "adjusted"
+    run = tmp_path / "thorough"
     shutil.copytree(world["biased"].run_dir, run)
-    result = finish_run(run, adjust=True, quiet=True)
+    result = finish_run(run, adjust=True, confirm_max_seeds=32, quiet=True)
     assert {(f["class_name"], f["attribute"]) for f in result.findings if f["confirmed"]} == PLANTED
-    assert json.loads((run / "manifest.json").read_text())["analysis"]["adjust"] is True
+    analysis = json.loads((run / "manifest.json").read_text())["analysis"]
+    assert analysis["adjust"] is True and analysis["confirm_max_seeds"] == 32
     for f in result.findings:
         if f["counterfactual"]:
             assert all(r["explained"] is not None for r in f["counterfactual"]["replacements"])
             if (f["class_name"], f["attribute"]) in PLANTED:
-                assert f["counterfactual"]["ci_low"] > 0.5
+                assert f["counterfactual"]["ci_low"] > 0.5 and f["counterfactual"]["n"] == 32
+    counts = [
+        len(e["seeds"])
+        for cache in (run / rundir.COUNTERFACTUAL_DIR).glob("*.json")
+        for e in rundir.read_json(cache)["prompts"].values()
+    ]
+    assert set(counts) == {8, 32}, counts  # the open attributes' prompts only
     page = (run / "report" / "classes" / _class_dir(world["biased"], "star").name).with_suffix(".html")
     assert "explained by what else the generator drew" in page.read_text()
     # the unadjusted run is unchanged: no such column
