@@ -125,8 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="FOLDER",
         help="audit this world classifier folder (e.g. trained by `python -m dct_audit.world.classifiers "
-        "--planted SPEC --out DIR`) with the demo's settings, no comparison, and score its confirmed findings "
-        "against the planted set in its training.json (writes truth.json)",
+        "--planted SPEC --out DIR`) with the demo's settings and the thorough check, no comparison, and score its "
+        "confirmed findings against the planted set in its training.json (writes truth.json)",
     )
     p.add_argument(
         "--thorough",

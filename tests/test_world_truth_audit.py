@@ -1,10 +1,10 @@
-"""Regression: the audit finds a planted set that is *not* the shipped one, with the demo's settings.
+"""Regression: the audit finds a planted set that is *not* the shipped one, as `demo --classifier` audits.
 
 A loop tuned on the shipped world alone (star/water, cross/grass, ring/snow) can pass the demo tests and
 still miss other biases (the outside check found 1 of 3 on another set). Here a classifier is trained in the
 test session on another planted set (a colour and a background, on other classes), its reliance is measured,
 and the audit of its planted classes and one unplanted class must confirm exactly the planted biases it
-relies on. About 2-3 minutes on 2 cores.
+relies on, audited as `dct-audit demo --classifier` does (the thorough check). About 2-3 minutes on 2 cores.
 """
 
 from __future__ import annotations
