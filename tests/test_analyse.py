@@ -328,3 +328,43 @@ def test_the_manifest_round_trips_keeps_unknown_keys_merges_shards_and_refuses_b
         with pytest.raises(DctAuditError, match=match) as err:
             run.read_manifest()
         assert "\n" not in str(err.value)
+
+
+def test_an_older_check_cache_is_served_where_it_can_be_and_scored_again_where_it_cannot(tmp_path):
+    """The check's cache keeps scores by prompt and seed; a cache of an older version names its seeds once at
+    the top and may lack the per-image tags. It serves as it is for its own seeds, and for fewer seeds when it
+    was untagged; a tagged one is scored again for other seeds or under --adjust (its per-image tags are
+    needed then)."""
+    from types import SimpleNamespace
+
+    import pytest
+
+    from dct_audit import rundir
+    from dct_audit.check import counterfactual_sweep
+    from dct_audit.resolve import ResolvedClass
+
+    cls = ResolvedClass(0, "star", "star")
+    prompts = {"{} on water": "water"}
+
+    class Generates(Exception):
+        pass
+
+    def ensure_models():
+        raise Generates
+
+    def sweep(entry, seeds, adjust=False):
+        cache = tmp_path / "cache.json"
+        rundir.write_json(cache, {"class": "star", "seeds": [1, 2], "prompts": {"{} on water": entry}})
+        opts = SimpleNamespace(adjust=adjust, gen_batch=None, steps=1, guidance=None)
+        return counterfactual_sweep(ensure_models, cache, cls, prompts, seeds, opts, 2)["{} on water"]
+
+    tagged = {"name": "water", "prompt": "star on water", "probs": [0.9, 0.7], "rates": {"water": 1.0}}
+    untagged = {**tagged, "rates": {}}
+    assert sweep(tagged, [1, 2])["probs"] == [0.9, 0.7]  # its own seeds: served
+    assert sweep(untagged, [2])["probs"] == [0.7]  # untagged: any of its seeds
+    for entry, seeds, adjust in ((tagged, [2], False), (tagged, [1, 2], True), (untagged, [1, 2, 3], False)):
+        with pytest.raises(Generates):  # rates of other seeds, per-image tags, a new seed: generate
+            sweep(entry, seeds, adjust)
+    shown = {**tagged, "shown": [["water"], []]}  # this version's entry, named by the top-level seeds
+    out = sweep(shown, [2], adjust=True)
+    assert out["probs"] == [0.7] and out["shown"] == [[]] and out["rates"] == {"water": 0.0}
