@@ -151,6 +151,9 @@ def test_the_thorough_check_keeps_exactly_the_planted_biases_and_shows_what_else
     assert set(counts) == {8, 32}, counts  # the open attributes' prompts only
     page = (run / "report" / "classes" / _class_dir(world["biased"], "star").name).with_suffix(".html")
     assert "explained by what else the generator drew" in page.read_text()
+    assert "the same 32 seeds" in page.read_text()  # the planted water, decided on 32
+    index = (run / "report" / "index.html").read_text()
+    assert "8 seeds per prompt, then 32 for the attributes those leave open" in index
     # the unadjusted run is unchanged: no such column
     assert all(
         r["explained"] is None

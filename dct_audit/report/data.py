@@ -69,7 +69,18 @@ def read_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, self_contai
         "tagging": pick(manifest.tagging, "tagger", "vocabulary", "attributes", "thresholds")
         if manifest.tagging
         else None,
-        "analysis": pick(manifest.analysis, "alpha", "min_effect", "findings") if manifest.analysis else None,
+        "analysis": pick(
+            manifest.analysis,
+            "alpha",
+            "min_effect",
+            "findings",
+            "confirm",
+            "confirm_seeds",
+            "confirm_max_seeds",
+            "adjust",
+        )
+        if manifest.analysis
+        else None,
         "command": " ".join(manifest.command) if manifest.command else None,
         "n_classes": len(rows),
         "n_done": len(done),
