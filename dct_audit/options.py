@@ -273,10 +273,11 @@ class RunOptions:
         "an interval reaching 0.10); only their prompts get the new seeds (default 0: off)",
         type=int,
     )
-    # Measured on three fresh truth-benchmark seeds (README "Truth benchmark"): with 32 seeds (or 8, then 32
-    # for the open attributes: --confirm-max-seeds 32) it confirmed 25 of 28 relied-on planted biases and
-    # nothing unplanted, where the default (8 seeds, unadjusted) confirmed 23 and 1 unplanted; at 8 seeds it is
-    # no better (seeds 53, 59: one more plant, one more unplanted). `dct-audit demo --thorough` turns it on.
+    # Measured on six fresh truth-benchmark seeds (README "Truth benchmark"): with 8 seeds, then 32 for the
+    # open attributes (--confirm-max-seeds 32) it confirmed 53 of 59 relied-on planted biases and 2 unplanted
+    # attributes in 66, where the default (8 seeds, unadjusted) confirmed 46 and 1 in 48; at 8 seeds alone it
+    # is no better (seeds 53, 59: one more plant, one more unplanted). `dct-audit demo --thorough` turns both
+    # on; off here because the real vocabulary's check is already 1,536 images per class at 8 seeds.
     adjust: bool = _opt(
         False,
         "adjust each counterfactual change for the other attributes the generator drew with the prompt "
