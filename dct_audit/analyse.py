@@ -115,7 +115,7 @@ def analyse_run(
     rundir.write_csv(run_dir.root / rundir.ENRICHMENT, enrichment)
 
     seeds = eval_seeds(opts.seed, opts.confirm_seeds)
-    more = eval_seeds(opts.seed, opts.confirm_max_seeds) if getattr(opts, "confirm_max_seeds", 0) else None
+    more = eval_seeds(opts.seed, opts.confirm_max_seeds) if opts.confirm_max_seeds else None
     findings = []
     for cls in targets:
         rows = enrichment[enrichment["class_index"] == cls.index]

@@ -168,7 +168,7 @@ def check_class(
     adjusted by ``class_response`` fitted on every image scored. With ``more_seeds`` (``--confirm-max-seeds``),
     the attributes the first ``seeds`` leave open (``undecided``) are checked again on ``more_seeds``, which
     start with ``seeds``: only their prompts get the new seeds. Measured on the truth benchmark's runs (README
-    "Truth benchmark"): 8 then 32 seeds decides like 32 seeds everywhere, on about 60% of the prompts.
+    "Truth benchmark"): 8 then 32 seeds decides like 32 seeds everywhere, on about 70% of the prompts.
     """
     sweep = sweep_on(attribute_prompts(checked, vocabulary), seeds)
     response = class_response(sweep, vocabulary.names) if adjust else None
