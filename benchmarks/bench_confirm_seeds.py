@@ -83,6 +83,12 @@ def main(argv=None) -> int:
     p.add_argument("folders", nargs="+", help="output folders of bench_truth.py")
     p.add_argument("--shipped", default=None, help="the --out folder of `dct-audit demo`")
     p.add_argument("--out", default="benchmarks/results/bench_confirm_seeds")
+    p.add_argument(
+        "--max-seeds",
+        type=int,
+        default=32,
+        help="also decide as --confirm-max-seeds N does (8, 32, then 4x per stage up to N) where N > 32",
+    )
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     vocabulary = load_vocabulary(str(ATTRIBUTES_FILE))
@@ -97,6 +103,7 @@ def main(argv=None) -> int:
     bank = AttributeBank.build(load_tagger("world", "cpu"), vocabulary)
     opts = SimpleNamespace(steps=6, guidance=None)  # the demo's
     seeds = eval_seeds(0, max(SEEDS))
+    most = eval_seeds(0, args.max_seeds) if args.max_seeds > max(SEEDS) else None
     rows, cost = [], []  # cost: share of a class's prompts the adjusted adaptive check took to 32 seeds
     with tempfile.TemporaryDirectory() as tmp:
         for label, run, planted, control in runs_with_truth(args.folders, args.shipped):
@@ -113,9 +120,15 @@ def main(argv=None) -> int:
                 # the audit's own adaptive check (--confirm-max-seeds 32), on the same images
                 extended: set[str] = set()
 
-                def sweep_on(ps, at, sweep=sweep, extended=extended):
+                def sweep_on(
+                    ps, at, sweep=sweep, extended=extended, models=models, cache=cache, i=i, cls=cls
+                ):
                     if len(at) > SEEDS[0]:
                         extended.update(ps)
+                    if len(at) > len(seeds):  # a later stage of --max-seeds: generated as the audit would
+                        return counterfactual_sweep(
+                            lambda: models, cache, ResolvedClass(i, cls, cls), ps, at, opts, 8
+                        )
                     return {t: on_seeds(sweep[t], at) for t in ps}
 
                 adaptive = {}
@@ -123,6 +136,11 @@ def main(argv=None) -> int:
                     extended.clear()
                     adaptive[adj] = check_class(checked, vocabulary, cls, sweep_on, seeds[:8], seeds, adj)
                 cost.append(len(extended) / len(prompts))
+                if most:
+                    for adj in (False, True):
+                        adaptive[("most", adj)] = check_class(
+                            checked, vocabulary, cls, sweep_on, seeds[:8], most, adj
+                        )
                 for a in checked:
                     row = {
                         "run": label,
@@ -147,6 +165,15 @@ def main(argv=None) -> int:
                         row[f"adj_low_{n}"] = round(e["ci_low"], 3)
                     row["adaptive"] = confirmed(adaptive[False][a.name])
                     row["adj_adaptive"] = confirmed(adaptive[True][a.name])
+                    if most:
+                        e = adaptive[("most", True)][a.name]
+                        row["adaptive_most"] = confirmed(adaptive[("most", False)][a.name])
+                        row["adj_adaptive_most"] = confirmed(e)
+                        row["adj_most_change"], row["adj_most_low"] = (
+                            round(e["diff"], 3),
+                            round(e["ci_low"], 3),
+                        )
+                        row["adj_most_n"] = e["n"]
                     rows.append(row)
             print(f"{label}: {time.perf_counter() - t0:.0f} s", flush=True)
     df = pd.DataFrame(rows)
@@ -158,6 +185,11 @@ def main(argv=None) -> int:
     rules[
         f"8 seeds, then 32 for the open ones, adjusted (--thorough; {share:.0%} of prompts on 32 seeds)"
     ] = df["adj_adaptive"]
+    if most:
+        rules[
+            f"8, 32, then {args.max_seeds} seeds for the open ones (--confirm-max-seeds {args.max_seeds})"
+        ] = df["adaptive_most"]
+        rules[f"8, 32, then {args.max_seeds} seeds for the open ones, adjusted"] = df["adj_adaptive_most"]
     for n in (8, 16):
         d = df[f"adj_depends_{n}"]
         rules[f"{n} seeds, adjusted, interval from 0.05"] = d & (df[f"adj_low_{n}"] >= 0.05)
@@ -199,29 +231,33 @@ def main(argv=None) -> int:
         "",
         "Unplanted confirmations, with the classifier's reliance on them on procedural scenes:",
         "",
-        "| run | class/attribute | change at 8 / 32 seeds (interval from) | adjusted | confirmed at | "
-        "procedural reliance |",
-        "|---|---|---|---|---|---|",
+        "| run | class/attribute | change at 8 / 32 seeds (interval from) | adjusted | adjusted, staged "
+        "(seeds) | confirmed at | procedural reliance |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in df[any_rule & unplanted].itertuples():
         at = ", ".join(str(n) for n in SEEDS if getattr(r, f"confirmed_{n}"))
+        if most and r.adj_adaptive_most:
+            at = f"{at}, staged" if at else "staged"
+        staged = f"{r.adj_most_change:.2f} ({r.adj_most_low:.2f}; {r.adj_most_n})" if most else "-"
         lines.append(
             f"| {r.run} | {r.cls}/{r.attribute} | {r.change_8:.2f} ({r.low_8:.2f}) / {r.change_32:.2f} "
             f"({r.low_32:.2f}) | {r.adj_change_8:.2f} ({r.adj_low_8:.2f}) / {r.adj_change_32:.2f} "
-            f"({r.adj_low_32:.2f}) | {at or 'another rule'} | {r.procedural_reliance:.2f} |"
+            f"({r.adj_low_32:.2f}) | {staged} | {at or 'another rule'} | {r.procedural_reliance:.2f} |"
         )
     lines += [
         "",
         "Relied-on planted biases, unadjusted and adjusted (change, interval from; 8 / 32 seeds):",
         "",
-        "| run | class/attribute | unadjusted | adjusted |",
-        "|---|---|---|---|",
+        "| run | class/attribute | unadjusted | adjusted | adjusted, staged up to --max-seeds (seeds) |",
+        "|---|---|---|---|---|",
     ]
     for r in df[relied].itertuples():
+        staged = f"{r.adj_most_change:.2f} ({r.adj_most_low:.2f}; {r.adj_most_n})" if most else "-"
         lines.append(
             f"| {r.run} | {r.cls}/{r.attribute} | {r.change_8:.2f} ({r.low_8:.2f}) / {r.change_32:.2f} "
             f"({r.low_32:.2f}) | {r.adj_change_8:.2f} ({r.adj_low_8:.2f}) / {r.adj_change_32:.2f} "
-            f"({r.adj_low_32:.2f}) |"
+            f"({r.adj_low_32:.2f}) | {staged} |"
         )
     text = "\n".join(lines) + "\n"
     out.with_suffix(".md").write_text(text)

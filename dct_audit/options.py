@@ -269,8 +269,9 @@ class RunOptions:
     )
     confirm_max_seeds: int = _opt(
         0,
-        "check again on this many seeds every attribute the first --confirm-seeds leave open (confirmed, or "
-        "an interval reaching 0.10); only their prompts get the new seeds (default 0: off)",
+        "check again on four times the seeds every attribute the first --confirm-seeds leave open (confirmed, "
+        "or an interval reaching 0.10), and so on up to this many (8, 32, 128); only their prompts get the "
+        "new seeds (default 0: off)",
         type=int,
     )
     # Measured on six fresh truth-benchmark seeds (README "Truth benchmark"): with 8 seeds, then 32 for the

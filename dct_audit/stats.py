@@ -97,3 +97,13 @@ def mean_diff_ci(x: np.ndarray, y: np.ndarray, z: float = 1.959964) -> tuple[flo
         return m, float("nan"), float("nan")
     se = float(d.std(ddof=1)) / math.sqrt(d.size)
     return m, m - z * se, m + z * se
+
+
+def seed_stages(first: int, most: int, factor: int = 4) -> list[int]:
+    """Seeds of each stage of the counterfactual check (``check.check_class``): ``first``, then ``factor``
+    times more per stage for the attributes still open, up to ``most`` (8, 32: ``[8, 32]``; 8, 128: ``[8,
+    32, 128]``; 8, 100: ``[8, 32, 100]``; ``most`` 0 or not above ``first``: ``[first]``)."""
+    stages = [first]
+    while most > stages[-1]:
+        stages.append(min(most, stages[-1] * factor))
+    return stages

@@ -213,6 +213,41 @@ def test_more_seeds_go_only_to_the_attributes_the_first_seeds_leave_open():
     assert out["strong"]["n"] == 32 and confirmed(out["strong"])
 
 
+def test_each_stage_of_the_check_takes_only_the_attributes_still_open_to_four_times_the_seeds():
+    """--confirm-max-seeds 128: 8 seeds, then 32 for what they leave open, then 128 for what 32 leave open; a
+    small real change that 32 seeds cannot tell from the bar is decided on 128."""
+    from dct_audit.check import check_class, confirmed, on_seeds
+    from dct_audit.stats import seed_stages
+    from dct_audit.tag import Attribute, Vocabulary
+
+    assert seed_stages(8, 0) == [8] and seed_stages(8, 8) == [8] and seed_stages(8, 32) == [8, 32]
+    assert seed_stages(8, 128) == [8, 32, 128] and seed_stages(8, 100) == [8, 32, 100]
+    rng = np.random.default_rng(1)
+    attributes = [Attribute(n, n, (f"{{}} {n}",), f"{{}} {n}", f"{{}} no {n}") for n in ("small", "none")]
+    vocabulary = Vocabulary(tuple(attributes), (), "test")
+    full = {}
+    for a, change, noise in ((attributes[0], 0.25, 0.3), (attributes[1], 0.0, 0.02)):
+        base = rng.uniform(0.2, 0.3, 128)
+        full[a.with_context] = {"probs": list(base + change + rng.normal(0, noise, 128)), "rates": {}}
+        full[a.without_context] = {"probs": list(base + rng.normal(0, noise, 128)), "rates": {}}
+    for e in full.values():
+        e["seeds"] = list(range(128))
+    asked = []
+
+    def sweep_on(prompts, seeds):
+        asked.append((len(seeds), set(prompts)))
+        return {t: on_seeds(full[t], seeds) for t in prompts}
+
+    at32 = check_class(attributes, vocabulary, "x", sweep_on, list(range(8)), list(range(32)))
+    assert not confirmed(at32["small"]) and at32["small"]["ci_high"] >= 0.10  # still open on 32 seeds
+    asked.clear()
+    out = check_class(attributes, vocabulary, "x", sweep_on, list(range(8)), list(range(128)))
+    assert [n for n, _ in asked] == [8, 32, 128]
+    assert asked[1][1] == asked[2][1] == {"{} small", "{} no small"}
+    assert out["small"]["n"] == 128 and confirmed(out["small"])
+    assert out["none"]["n"] == 8 and not confirmed(out["none"])
+
+
 def test_findings_file_round_trips_and_a_broken_one_is_one_clear_error(tmp_path):
     import pytest
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .. import __version__, rundir
 from ..errors import DctAuditError
+from ..stats import seed_stages
 from .readers import (
     mean_of,
     pick,
@@ -69,18 +70,7 @@ def read_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, self_contai
         "tagging": pick(manifest.tagging, "tagger", "vocabulary", "attributes", "thresholds")
         if manifest.tagging
         else None,
-        "analysis": pick(
-            manifest.analysis,
-            "alpha",
-            "min_effect",
-            "findings",
-            "confirm",
-            "confirm_seeds",
-            "confirm_max_seeds",
-            "adjust",
-        )
-        if manifest.analysis
-        else None,
+        "analysis": _analysis(manifest.analysis) if manifest.analysis else None,
         "command": " ".join(manifest.command) if manifest.command else None,
         "n_classes": len(rows),
         "n_done": len(done),
@@ -97,6 +87,17 @@ def read_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, self_contai
         "classes": rows,
         "findings": _finding_rows(read_findings(run_dir), rows),
     }
+
+
+def _analysis(analysis: dict) -> dict:
+    """The analysis settings the index names, with the check's later stages (``[32, 128]``: seeds of each)."""
+    out = pick(
+        analysis, "alpha", "min_effect", "findings", "confirm", "confirm_seeds", "confirm_max_seeds", "adjust"
+    )
+    first, most = out.get("confirm_seeds"), out.get("confirm_max_seeds")
+    ok = isinstance(first, int) and isinstance(most, int) and first > 0
+    out["more_seeds"] = seed_stages(first, most)[1:] if ok else []
+    return out
 
 
 def _finding_rows(findings: list | None, rows: list[dict]) -> dict | None:
