@@ -131,6 +131,7 @@ def test_the_thorough_check_keeps_exactly_the_planted_biases_and_shows_what_else
 
     from dct_audit import rundir
     from dct_audit.pipeline import finish_run
+    from dct_audit.report import read_run
 
     run = tmp_path / "thorough"
     shutil.copytree(world["biased"].run_dir, run)
@@ -154,6 +155,12 @@ def test_the_thorough_check_keeps_exactly_the_planted_biases_and_shows_what_else
     assert "the same 32 seeds" in page.read_text()  # the planted water, decided on 32
     index = (run / "report" / "index.html").read_text()
     assert "8 seeds per prompt, then 32 for the attributes those leave open" in index
+    data = read_run(run, run / "report")
+    assert data["run"]["analysis"]["more_seeds"] == [32]  # what the index names: each later stage's seeds
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["analysis"]["confirm_max_seeds"] = 128  # as --confirm-max-seeds 128 records it
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    assert read_run(run, run / "report")["run"]["analysis"]["more_seeds"] == [32, 128]
     # the unadjusted run is unchanged: no such column
     assert all(
         r["explained"] is None
