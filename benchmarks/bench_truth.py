@@ -93,6 +93,7 @@ def summarise(rows: pd.DataFrame, controls: pd.DataFrame) -> str:
     false = int(planted.groupby("world")["false_confirmations"].first().sum())
     conf_t = int(planted.groupby("world")["n_confirmed_token"].first().sum())
     false_t = int(planted.groupby("world")["false_confirmations_token"].first().sum())
+    learned = int(planted.groupby("world")["learned_unplanted"].first().sum())
     lines += [
         f"| recall, planted biases the classifier relies on | {frac(int(relied['found'].sum()), len(relied))} |",
         "| recall, relied on, confirmed *and brought in by the token* (what `--confirm flagged` finds) | "
@@ -100,6 +101,8 @@ def summarise(rows: pd.DataFrame, controls: pd.DataFrame) -> str:
         f"| precision of those (`--confirm flagged`) | {frac(conf_t - false_t, conf_t)} |",
         f"| recall, all planted biases | {frac(int(planted['found'].sum()), len(planted))} |",
         f"| precision of confirmed findings (biased classifiers) | {frac(conf - false, conf)} |",
+        "| precision, counting as true the unplanted cues the classifier relies on (reliance >= 0.2) | "
+        f"{frac(conf - false + learned, conf)} |",
         f"| confirmed findings on unbiased controls | {int(controls['n_confirmed'].sum())} in {len(controls)} controls |",
     ]
     lines += [
@@ -226,6 +229,8 @@ def main(argv=None) -> int:
                     "false_confirmations": score["false_confirmations"],
                     "n_confirmed_token": score["n_confirmed_token"],
                     "false_confirmations_token": score["false_confirmations_token"],
+                    # unplanted confirmations the classifier relies on all the same (measured by the audit)
+                    "learned_unplanted": score.get("learned_unplanted") or 0,
                     "audit_s": audit_s,
                     "train_s": train_s,
                 }

@@ -116,6 +116,17 @@ def test_shipped_biased_classifier_relies_on_its_planted_contexts():
         assert r["cls_accuracy_with"] > r["cls_accuracy_without"], (cls, r)
 
 
+def test_reliance_on_an_unplanted_value_is_measured_as_if_it_were_planted():
+    """``measure_unplanted``: the shipped biased classifier relies on water for the star (planted), not on
+    water for the circle (another class's background: evidence against the circle); non-values are skipped."""
+    out = K.measure_unplanted(
+        _shipped("biased"), [("star", "water"), ("circle", "water"), ("star", "alone")], n=N
+    )
+    assert set(out) == {("star", "water"), ("circle", "water")}
+    assert out[("star", "water")]["relies"] and out[("star", "water")]["reliance"] >= 0.5
+    assert not out[("circle", "water")]["relies"] and out[("circle", "water")]["reliance"] < 0.05
+
+
 @pytest.mark.parametrize("name", ["unbiased", "unbiased_seed1"])
 def test_shipped_unbiased_classifiers_do_not(name):
     rel = K.measure_reliance(_shipped(name), n=N)

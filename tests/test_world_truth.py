@@ -90,6 +90,30 @@ def test_scoring_counts_confirmed_findings_against_the_truth():
     assert control["false_confirmations"] == 1 and control["recall"] is None
 
 
+def test_an_unplanted_confirmation_the_classifier_relies_on_is_named_as_a_learned_cue():
+    """A confirmed finding nobody planted stays false for precision; with its measured reliance the score says
+    whether the classifier learned it all the same (and counts it true only in ``precision_learned``)."""
+    planted = T.PlantedSet.parse("circle:background:brick")
+    findings = [
+        _finding("circle", "brick", True),
+        _finding("circle", "red", True),  # brick walls are red: learned along
+        _finding("star", "frame", True),  # the generator's framed star: false
+    ]
+    measured = {
+        ("circle", "red"): {"reliance": 0.44, "relies": True},
+        ("star", "frame"): {"reliance": 0.05, "relies": False},
+    }
+    score = T.score_findings(findings, planted, None, measured)
+    assert score["false_confirmations"] == 2 and score["precision"] == pytest.approx(1 / 3)
+    assert score["learned_unplanted"] == 1 and score["precision_learned"] == pytest.approx(2 / 3)
+    assert [r.get("relies") for r in score["confirmed"]] == [None, True, False]
+    line = T.format_score(score)
+    assert "2 false (precision 0.33)" in line and "relies on all the same: circle/red 0.44" in line
+    assert "star/frame" not in line
+    unmeasured = T.score_findings(findings, planted)
+    assert unmeasured["learned_unplanted"] is None and "relies on" not in T.format_score(unmeasured)
+
+
 def test_the_truth_travels_with_the_classifier(tmp_path):
     planted = T.PlantedSet.parse("triangle:colour:blue@0.9")
     (tmp_path / "training.json").write_text(json.dumps({"train": {}, **planted.to_dict()}))

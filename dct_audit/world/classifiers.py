@@ -210,6 +210,23 @@ def reliance_scenes(planted: T.PlantedSet, n: int = 300, seed: int = EVAL_SEED) 
 
 
 @torch.no_grad()
+def measure_unplanted(
+    classifier: Callable[[torch.Tensor], torch.Tensor], pairs, n: int = 300, seed: int = EVAL_SEED
+) -> dict[tuple[str, str], dict]:
+    """``measure_reliance`` of each (class, value) in ``pairs`` as if it were planted (a value of the world's
+    backgrounds, colours or context objects; others are skipped): ``{(class, value): {"reliance",
+    "relies"}}``. What an audit's unplanted confirmations are: cues the classifier learned anyway, or false."""
+    type_of = {v: k for k, values in S.VOCAB.items() if k != "shape" for v in values}
+    out = {}
+    for cls, value in pairs:
+        if cls not in S.SHAPES or value not in type_of:
+            continue
+        planted = T.PlantedSet.parse(f"{cls}:{type_of[value]}:{value}@0.9")
+        res = measure_reliance(classifier, planted, n=n, seed=seed)[cls]
+        out[(cls, value)] = {"reliance": round(float(res["reliance"]), 4), "relies": bool(res["relies"])}
+    return out
+
+
 def measure_reliance(
     classifier: Callable[[torch.Tensor], torch.Tensor],
     planted: T.PlantedSet = T.SHIPPED,

@@ -218,12 +218,23 @@ def expected_rates(
     }
 
 
-def score_findings(findings: list[dict], planted: PlantedSet, reliance: dict | None = None) -> dict:
+def score_findings(
+    findings: list[dict],
+    planted: PlantedSet,
+    reliance: dict | None = None,
+    unplanted_reliance: dict[tuple[str, str], dict] | None = None,
+) -> dict:
     """Score an audit's *confirmed* findings against the planted truth.
 
     A planted bias is found when a confirmed finding names its class and its attribute. Recall is over all
     planted biases and, separately, over those the classifier relies on (``reliance[cls]["relies"]``, see
     ``classifiers.measure_reliance``); precision is the share of confirmed findings that are planted.
+
+    A confirmed finding nobody planted is false by the planted truth, but the classifier may have learned it
+    anyway, from the planted contexts of other classes (red, where a red brick wall was planted on the
+    circle). ``unplanted_reliance`` (``classifiers.measure_unplanted``: ``{(class, attribute): {"reliance",
+    "relies"}}``) records the classifier's measured reliance on each; ``learned_unplanted`` counts those it
+    relies on and ``precision_learned`` counts them as true. ``precision`` stays the planted truth's.
     """
     confirmed = [(f["class_name"], f["attribute"]) for f in findings if f.get("confirmed")]
     flagged = {(f["class_name"], f["attribute"]) for f in findings if f.get("flagged", True)}
@@ -252,10 +263,18 @@ def score_findings(findings: list[dict], planted: PlantedSet, reliance: dict | N
     truth = {(b.cls, b.attribute_name) for b in planted.biases}
     correct = [c for c in confirmed if c in truth]
     relied = [r for r in rows if r["relies"]]
+    found = []
+    for c, a in confirmed:
+        row = {"class_name": c, "attribute": a, "planted": (c, a) in truth}
+        measured = (unplanted_reliance or {}).get((c, a))
+        if not row["planted"] and measured:
+            row.update(reliance=measured["reliance"], relies=measured["relies"])
+        found.append(row)
+    learned = sum(1 for r in found if r.get("relies"))
     return {
         "planted_spec": planted.spec(),
         "planted": rows,
-        "confirmed": [{"class_name": c, "attribute": a, "planted": (c, a) in truth} for c, a in confirmed],
+        "confirmed": found,
         "found": sum(r["found"] for r in rows),
         "n_planted": len(rows),
         "recall": sum(r["found"] for r in rows) / len(rows) if rows else None,
@@ -265,6 +284,10 @@ def score_findings(findings: list[dict], planted: PlantedSet, reliance: dict | N
         "n_confirmed": len(confirmed),
         "false_confirmations": len(confirmed) - len(correct),
         "precision": len(correct) / len(confirmed) if confirmed else None,
+        "learned_unplanted": learned if unplanted_reliance is not None else None,
+        "precision_learned": (len(correct) + learned) / len(confirmed)
+        if confirmed and unplanted_reliance is not None
+        else None,
         "n_confirmed_token": len(by_token),
         "false_confirmations_token": len(by_token - truth),
     }
@@ -276,9 +299,14 @@ def format_score(score: dict) -> str:
     def frac(x):
         return "n/a" if x is None else f"{x:.2f}"
 
-    return (
+    line = (
         f"truth: {score['found']}/{score['n_planted']} planted biases confirmed (recall {frac(score['recall'])}; "
         f"{score['n_relied']} relied on, recall {frac(score['recall_relied'])}), "
         f"{score['n_confirmed']} confirmed finding(s), {score['false_confirmations']} false "
         f"(precision {frac(score['precision'])})"
     )
+    learned = [r for r in score["confirmed"] if r.get("relies")]
+    if learned:
+        cues = ", ".join(f"{r['class_name']}/{r['attribute']} {r['reliance']:.2f}" for r in learned)
+        line += f"; of those, unplanted cues the classifier relies on all the same: {cues}"
+    return line
