@@ -121,19 +121,14 @@ def score_truth(run, classifier_folder) -> dict | None:
         return None
     record = json.loads((Path(classifier_folder) / "training.json").read_text())
     reliance = record.get("reliance") if isinstance(record.get("reliance"), dict) else None
-    truth = {(b.cls, b.attribute_name) for b in planted.biases}
-    unplanted = [
-        (f["class_name"], f["attribute"])
-        for f in run.findings
-        if f.get("confirmed") and (f["class_name"], f["attribute"]) not in truth
-    ]
-    measured = {}
+    score = score_findings(run.findings, planted, reliance, {})
+    unplanted = [(r["class_name"], r["attribute"]) for r in score["confirmed"] if not r["planted"]]
     if unplanted:  # is each a cue the classifier learned all the same, or false? (300 procedural scenes each)
         from .adapters.classifier import load_classifier
         from .world.classifiers import measure_unplanted
 
         measured = measure_unplanted(load_classifier(str(classifier_folder), None, "cpu"), unplanted)
-    score = score_findings(run.findings, planted, reliance, measured)
+        score = score_findings(run.findings, planted, reliance, measured)
     score["classifier"] = str(classifier_folder)
     rundir.write_json(Path(run.run_dir) / rundir.TRUTH, score)
     return score
