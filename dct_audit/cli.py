@@ -12,7 +12,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import DctAuditError
-from .options import ANALYSIS_OPTIONS, add_run_arguments, fraction, options_from_args, positive_int
+from .options import ANALYSIS_OPTIONS, add_run_arguments, options_from_args, positive_int
 
 
 class _Parser(argparse.ArgumentParser):
@@ -50,8 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tagger", help="with --classifiers: the tagger")
     p.add_argument("--labels", help="with --classifiers: labels file for file: classifiers")
     p.add_argument("--out", help="compare folder (default beside the first run)")
-    p.add_argument("--alpha", type=fraction, default=0.05)
-    p.add_argument("--min-effect", type=fraction, default=0.25)
+    add_run_arguments(p, only=("alpha", "min_effect"))
     p.add_argument(
         "--no-cross-score", action="store_true", help="skip scoring each run's images by the other classifier"
     )
@@ -62,21 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="analyse and report a run whose classes were audited by `run --shard K/N` jobs",
     )
     p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
-    p.add_argument("--alpha", type=fraction, default=None, help="as for run (default: the run's)")
-    p.add_argument("--min-effect", type=fraction, default=None, help="as for run (default: the run's)")
-    p.add_argument(
-        "--confirm", choices=("all", "flagged"), default=None, help="as for run (default: the run's)"
-    )
-    p.add_argument("--confirm-seeds", type=int, default=None, help="as for run (default: the run's)")
-    p.add_argument("--confirm-max-seeds", type=int, default=None, help="as for run (default: the run's)")
-    p.add_argument(
-        "--adjust",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="as for run (default: the run's)",
-    )
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_run_arguments(p, only=("device", "quiet"))
+    add_run_arguments(p, only=ANALYSIS_OPTIONS, override="as for run (default: the run's)")
 
     # discover ----------------------------------------------------------------------------------
     p = sub.add_parser(
@@ -98,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=10,
         help="concepts per class tested on held-out seeds (default 10)",
     )
-    p.add_argument("--alpha", type=fraction, default=None, help="false discovery rate (default: the run's)")
+    add_run_arguments(p, only=("alpha",), override="false discovery rate (default: the run's)")
     p.add_argument(
         "--discover-with",
         default="{} with {}",
@@ -107,8 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-check", action="store_true", help="skip the counterfactual check (generates no image)"
     )
-    p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_run_arguments(p, only=("device", "quiet"))
 
     # verify ------------------------------------------------------------------------------------
     p = sub.add_parser(

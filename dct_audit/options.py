@@ -477,16 +477,25 @@ def shard_classes(targets: list, shard: str | None) -> list:
 # the command line -------------------------------------------------------------------------------------
 
 
-def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per ``RunOptions`` field (``cli=False`` ones excepted), with its default and help."""
+def add_run_arguments(
+    parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None, override: str | None = None
+) -> None:
+    """One flag per ``RunOptions`` field (``cli=False`` ones excepted), with its default and help.
+
+    ``only``: just these fields (another command's flags that mean what they mean for ``run``). ``override``:
+    the flags default to None (not given) and their help is this text: ``dct-audit finish`` changes a
+    finished run's analysis options only where they are given, a boolean both ways (``--adjust/--no-adjust``).
+    """
     for f in fields(RunOptions):
         meta = dict(f.metadata)
-        if not meta.pop("cli"):
+        if not meta.pop("cli") or (only is not None and f.name not in only):
             continue
         meta.pop("setting")
         flag = meta.pop("flag", None) or "--" + f.name.replace("_", "-")
         hidden = meta.pop("hidden_opposite", None)
-        kw = {"dest": f.name, "help": meta.pop("help")}
+        kw = {"dest": f.name, "help": meta.pop("help") if override is None else override}
+        if override is not None:
+            meta.pop("help", None)
         default = (
             f.default
             if f.default is not MISSING
@@ -499,14 +508,18 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                 action="append", default=None
             )  # None: the field's default (argparse would append to it)
         elif isinstance(default, bool):
-            kw.update(action="store_false" if default else "store_true", default=default)
+            action = argparse.BooleanOptionalAction if override is not None else None
+            kw.update(action=action or ("store_false" if default else "store_true"), default=default)
         elif meta.get("required"):
             pass
         else:
             kw["default"] = ",".join(default) if isinstance(default, tuple) else default
+        if override is not None:
+            kw["default"] = None
+            meta.pop("required", None)
         kw.update(meta)
         parser.add_argument(flag, **kw)
-        if hidden:  # the flag that restates the default, accepted and not listed
+        if hidden and override is None:  # the flag that restates the default, accepted and not listed
             parser.add_argument(hidden, dest=f.name, action="store_true", help=argparse.SUPPRESS)
 
 

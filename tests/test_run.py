@@ -210,6 +210,22 @@ def test_bad_flag_values_are_one_line():
     assert "Traceback" not in proc.stderr
 
 
+def test_finish_takes_the_run_flags_it_changes_from_the_one_source_and_leaves_the_rest_to_the_run():
+    from dct_audit.cli import build_parser
+    from dct_audit.options import ANALYSIS_OPTIONS
+
+    parser = build_parser()
+    given = parser.parse_args(["finish", "R", "--no-adjust", "--confirm-max-seeds", "32", "--alpha", "0.1"])
+    assert (given.adjust, given.confirm_max_seeds, given.alpha) == (False, 32, 0.1)
+    assert parser.parse_args(["finish", "R", "--adjust"]).adjust is True
+    # not given: None, so the run's own recorded value stands
+    assert all(getattr(parser.parse_args(["finish", "R"]), k) is None for k in ANALYSIS_OPTIONS)
+    # values are checked as for run, in one line
+    with pytest.raises(SystemExit):
+        parser.parse_args(["finish", "R", "--alpha", "2"])
+    assert parser.parse_args(["compare", "A", "B"]).alpha == 0.05
+
+
 def test_missing_hub_model_offline_names_download(tmp_path, monkeypatch, tiny_classifier):
     import huggingface_hub.constants
 
