@@ -550,7 +550,16 @@ def check_free_space(root: Path, needed_bytes: int) -> None:
     probe = root
     while not probe.exists():
         probe = probe.parent
-    free = shutil.disk_usage(probe).free
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise DctAuditError(
+            f"cannot write the run folder '{root}': '{probe}' is not a folder you can write to; choose another --out"
+        )
+    usage = shutil.disk_usage(probe)
+    if usage.total == 0:  # /proc, /sys: folders that hold no files
+        raise DctAuditError(
+            f"cannot write the run folder '{root}': '{probe}' is not on a disk (a system folder); choose another --out"
+        )
+    free = usage.free
     if free < needed_bytes * 1.2:
         raise DctAuditError(
             f"not enough free disk for the run in '{root}': about {needed_bytes * 1.2 / 2**20:.0f} MiB needed, "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -324,6 +325,12 @@ def test_a_run_that_does_not_fit_on_disk_is_refused_before_writing(tmp_path):
     with pytest.raises(DctAuditError, match="not enough free disk"):
         rundir.check_free_space(tmp_path / "run", 10**18)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs a /proc file system")
+def test_an_out_folder_that_holds_no_files_is_named_not_reported_as_a_full_disk():
+    with pytest.raises(DctAuditError, match="'/proc' is not on a disk"):
+        rundir.check_free_space(Path("/proc/nowhere/run"), 1)
 
 
 def test_a_disk_that_fills_mid_run_is_one_line_and_the_same_command_resumes(
