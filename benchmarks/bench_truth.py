@@ -105,6 +105,15 @@ def summarise(rows: pd.DataFrame, controls: pd.DataFrame) -> str:
         f"{frac(conf - false + learned, conf)} |",
         f"| confirmed findings on unbiased controls | {int(controls['n_confirmed'].sum())} in {len(controls)} controls |",
     ]
+    if "open" in planted:  # findings the check left open (neither confirmed nor ruled out)
+        missed = relied[~relied["found"]]
+        n_open = int(planted.groupby("world")["n_open"].first().sum())
+        n_open_planted = int(planted.groupby("world")["n_open_planted"].first().sum())
+        lines += [
+            f"| relied-on biases missed, of them left open by the check | {int(missed['open'].sum())} of {len(missed)} |",
+            f"| findings left open (biased classifiers), planted of them | {n_open_planted} of {n_open} |",
+            f"| findings left open on unbiased controls | {int(controls['n_open'].sum())} in {len(controls)} controls |",
+        ]
     lines += [
         "",
         "| attribute type | planted | relied on | found (all) | found (relied on) |",
@@ -135,7 +144,7 @@ def summarise(rows: pd.DataFrame, controls: pd.DataFrame) -> str:
         lines.append(
             f"| {r['world']} | {r['planted']} | {r['reliance']:.2f} | {r['token_accuracy']:.2f} | "
             f"{r['drawn_token']:.2f} vs {r['drawn_baseline']:.2f} | {'yes' if r['flagged'] else 'no'} | "
-            f"{('**yes**' if r['found_by_token'] else '**yes** (check only)') if r['found'] else 'no'} |"
+            f"{('**yes**' if r['found_by_token'] else '**yes** (check only)') if r['found'] else 'open' if r.get('open') else 'no'} |"
         )
     lines += ["", "| world | confirmed findings (false) | audit s |", "|---|---|---|"]
     for w, g in planted.groupby("world", sort=True):
@@ -193,7 +202,13 @@ def main(argv=None) -> int:
         score, audit_s, run_dir = audit(folder, out / "runs", thorough, overrides, models)
         if planted is None:
             controls.append(
-                {"world": name, "n_confirmed": score["n_confirmed"], "audit_s": audit_s, "train_s": train_s}
+                {
+                    "world": name,
+                    "n_confirmed": score["n_confirmed"],
+                    "n_open": len(score.get("open") or []),
+                    "audit_s": audit_s,
+                    "train_s": train_s,
+                }
             )
             print(
                 f"{name}: unbiased control, {score['n_confirmed']} confirmed finding(s) ({audit_s:.0f} s)",
@@ -222,6 +237,9 @@ def main(argv=None) -> int:
                             "found_by_token",
                         )
                     },
+                    "open": bool(r.get("open")),  # not confirmed, left open by the check
+                    "n_open": len(score.get("open") or []),
+                    "n_open_planted": sum(o["planted"] for o in score.get("open") or []),
                     "drawn_token": token_rate,
                     "drawn_baseline": baseline_rate,
                     "token_accuracy": token_acc,
@@ -243,7 +261,7 @@ def main(argv=None) -> int:
         )
     table, ctrl = (
         pd.DataFrame(rows),
-        pd.DataFrame(controls, columns=["world", "n_confirmed", "audit_s", "train_s"]),
+        pd.DataFrame(controls, columns=["world", "n_confirmed", "n_open", "audit_s", "train_s"]),
     )
     pd.concat([table, ctrl.assign(planted="(control)")], ignore_index=True).to_csv(
         out / "worlds.csv", index=False

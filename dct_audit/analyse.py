@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from . import rundir
-from .check import check_class, confirmed, counterfactual_sweep
+from .check import check_class, confirmed, counterfactual_sweep, is_open
 from .generate import eval_seeds
 from .options import ALPHA, MIN_EFFECT  # noqa: F401  (the defaults live with the options)
 from .stats import benjamini_hochberg, paired_rates
@@ -100,7 +100,8 @@ def analyse_run(
     replacements, on the same seeds (``counterfactual_sweep``). With ``opts.confirm == "all"`` every
     non-absence attribute of the vocabulary is checked, so a bias the token did not bring in is still
     confirmed (such findings carry ``source: "sweep"``); with ``"flagged"`` only the token's flagged ones.
-    A finding is every flagged attribute plus every confirmed one. Writes ``enrichment.csv`` and
+    A finding is every flagged attribute plus every confirmed or open one (``check.is_open``: the check
+    could neither confirm nor rule out a dependence). Writes ``enrichment.csv`` and
     ``findings.json`` at the run's root. The prompts' scores are cached per class at the run's root
     (``counterfactual/<class folder>.json``; a finished class folder is never written again), so a
     resumed run only generates what is missing.
@@ -137,7 +138,8 @@ def analyse_run(
             attribute = vocabulary.attributes[vocabulary.names.index(row.attribute)]
             cf = cfs.get(row.attribute)
             is_confirmed = confirmed(cf, attribute.absence)
-            if not (row.flagged or is_confirmed):
+            undecided = is_open(cf, attribute.absence)
+            if not (row.flagged or is_confirmed or undecided):
                 continue
             findings.append(
                 rundir.Finding(
@@ -146,7 +148,7 @@ def analyse_run(
                     attribute=row.attribute,
                     group=row.group,
                     # "token": the token brings it in (flagged); "sweep": not flagged, but the counterfactual
-                    # check of every attribute found that the classifier depends on it
+                    # check of every attribute found that the classifier depends on it (or could not rule it out)
                     source="token" if row.flagged else "sweep",
                     flagged=bool(row.flagged),
                     token_rate=row.token_rate,
@@ -161,6 +163,8 @@ def analyse_run(
                     # the classifier's confidence depends on the attribute against every replacement, with
                     # the interval of the smallest change at or above CONFIRM_MIN_CHANGE
                     confirmed=is_confirmed,
+                    # every replacement lowers the confidence, but the seeds leave it open whether by 0.10
+                    open=undecided,
                     attribution_outside_object=attribution.get("outside_object"),
                     overlays=[f"classes/{folder.name}/{p}" for p in attribution.get("overlays", [])],
                 )

@@ -133,6 +133,23 @@ def confirmed(
     return bool(counterfactual.get("depends")) and low is not None and float(low) >= min_change
 
 
+def is_open(
+    counterfactual: dict | None, absence: bool = False, min_change: float = CONFIRM_MIN_CHANGE
+) -> bool:
+    """Whether a check leaves a finding *open*: not confirmed, yet every effective replacement lowers the
+    classifier's confidence (``depends``) and the smallest change's interval reaches ``min_change``, so the
+    seeds checked can neither confirm nor rule out a dependence that matters.
+
+    Measured on the truth benchmark's thorough runs (``benchmarks/bench_open.py``): open attributes are about
+    one in five of a class's checked ones at most, and a quarter of them are planted biases, mostly the weak
+    ones the classifier barely uses; a bias that is neither confirmed nor open was rarely planted.
+    """
+    if not counterfactual or absence or confirmed(counterfactual):
+        return False
+    high = counterfactual.get("ci_high")
+    return bool(counterfactual.get("depends")) and high is not None and float(high) >= min_change
+
+
 def attribute_prompts(attributes, vocabulary: Vocabulary) -> dict[str, str]:
     """Template -> name of every prompt the check of ``attributes`` scores: each one's own and its
     replacements'."""

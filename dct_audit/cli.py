@@ -261,6 +261,12 @@ def _print_findings(findings: list[dict]) -> None:
             )
         elif f.get("absence"):
             verdict = "an absence: the token removes other contexts, not a bias of this class"
+        elif f.get("open"):
+            verdict = (
+                f"open: every replacement lowers the target probability (smallest change {cf.get('diff', 0):.2f}, "
+                f"interval {cf.get('ci_low', 0):.2f} to {cf.get('ci_high', 0):.2f} on {cf.get('n', 0)} seeds), "
+                "too few to confirm or rule out a change of 0.10; more seeds (--confirm-max-seeds) may decide it"
+            )
         elif cf:
             verdict = (
                 f"not confirmed: replaced by '{cf.get('worst_replacement', 'its opposite')}' the target probability "

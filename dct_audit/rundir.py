@@ -97,14 +97,14 @@ ENRICHMENT_COLUMNS = (
 
 @dataclass
 class Finding:
-    """One entry of ``findings.json``: a flagged or confirmed attribute of a class (the report's docstring
+    """One entry of ``findings.json``: a flagged, confirmed or open attribute of a class (the report's docstring
     describes each field as the pages show it)."""
 
     class_index: int
     class_name: str
     attribute: str
     group: str
-    source: str  # "token" (the token brings it in), "sweep" (confirmed only) or "discovered"
+    source: str  # "token" (the token brings it in), "sweep" (confirmed or open only) or "discovered"
     flagged: bool
     token_rate: float | None  # None for a discovered concept (no presence tag)
     baseline_rate: float | None
@@ -118,6 +118,7 @@ class Finding:
     attribution_outside_object: float | None = None
     overlays: list = field(default_factory=list)
     discovered: dict | None = None  # discovery's own record (rank, wins, ...), for source "discovered"
+    open: bool = False  # the check could neither confirm nor rule out a dependence (``check.is_open``)
 
     def to_dict(self) -> dict:
         out = asdict(self)

@@ -83,6 +83,19 @@ def test_a_finding_is_confirmed_by_a_dependence_that_matters():
     assert not confirmed({"depends": True, "diff": 0.9, "ci_low": 0.8}, absence=True)  # an absence
 
 
+def test_a_check_that_can_neither_confirm_nor_rule_out_a_change_that_matters_leaves_the_finding_open():
+    from dct_audit.check import is_open
+
+    assert is_open({"depends": True, "diff": 0.15, "ci_low": 0.05, "ci_high": 0.25})  # may reach 0.10, or not
+    assert not is_open({"depends": True, "diff": 0.9, "ci_low": 0.8, "ci_high": 1.0})  # confirmed
+    assert not is_open({"depends": True, "diff": 0.04, "ci_low": 0.01, "ci_high": 0.07})  # real but tiny
+    assert not is_open(
+        {"depends": False, "diff": 0.3, "ci_low": -0.1, "ci_high": 0.7}
+    )  # one replacement fails
+    assert not is_open({"depends": True, "diff": 0.15, "ci_low": 0.05, "ci_high": 0.25}, absence=True)
+    assert not is_open(None) and not is_open({})
+
+
 def test_replacements_that_all_bring_in_another_context_cannot_confirm():
     """Measured on a seed-13 world: 'square next to a person' was drawn on snow, 'square on a plate', 'in a
     frame' and 'alone' on water in 50-88% of images, and water was another class's planted background. Every

@@ -303,3 +303,23 @@ def test_the_index_opens_with_confirmed_findings_and_lists_unconfirmed_flags_apa
     assert "Flagged by the token, not confirmed" in text  # the second class's finding has no confirmation
     page = " ".join(parse(run / "report" / "classes" / "0000-american-lobster.html").texts)
     assert "though the token did not bring it in" in page
+
+
+def test_a_finding_the_check_left_open_is_listed_apart_as_open_not_as_confirmed_or_ruled_out(
+    tiny_run, tmp_path
+):
+    run = with_unfinished(tiny_run, tmp_path / "run")
+    add_analysis(run)
+    findings = rundir.read_json(run / "findings.json")
+    cf = {**findings[0]["counterfactual"], "depends": True, "diff": 0.17, "ci_low": 0.06, "ci_high": 0.28}
+    findings[0].update(class_name="american lobster", source="sweep", flagged=False, confirmed=False)
+    findings[0].update(open=True, attribute="snow", counterfactual={**cf, "n": 32})
+    rundir.write_json(run / "findings.json", findings[:1])
+    index = parse(report.render_report(run))
+    text = " ".join(index.texts)
+    assert "Open: the check could not decide" in text
+    assert "No finding was confirmed" in text and "0.06" in text and "0.28" in text
+    assert "Flagged by the token, not confirmed" not in text
+    page = " ".join(parse(run / "report" / "classes" / "0000-american-lobster.html").texts)
+    assert "open: the classifier may depend on it; the check could not decide" in page
+    assert "can neither confirm nor rule out" in page

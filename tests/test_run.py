@@ -84,7 +84,11 @@ def test_run_writes_a_complete_run_folder(run_args, tmp_path, capsys):
     enrichment = pd.read_csv(root / "enrichment.csv")
     assert len(enrichment) == 3 * len(tags.columns[4:]) and enrichment["q_value"].between(0, 1).all()
     findings = json.loads((root / "findings.json").read_text())
-    assert isinstance(findings, list) and len(findings) == int(enrichment["flagged"].sum())
+    # every flagged attribute, plus every other the check confirmed or left open (source "sweep")
+    assert isinstance(findings, list) and len(findings) == int(enrichment["flagged"].sum()) + sum(
+        f["source"] == "sweep" and (f["confirmed"] or f["open"]) for f in findings
+    )
+    assert all(f["flagged"] or f["confirmed"] or f["open"] for f in findings)
     assert (root / "report" / "index.html").is_file() and "report:" in out
 
 

@@ -114,6 +114,25 @@ def test_an_unplanted_confirmation_the_classifier_relies_on_is_named_as_a_learne
     assert unmeasured["learned_unplanted"] is None and "relies on" not in T.format_score(unmeasured)
 
 
+def test_findings_the_check_left_open_count_as_neither_found_nor_false_and_are_named():
+    planted = T.PlantedSet.parse("star:background:water,cross:colour:red")
+    reliance = {"star": {"reliance": 0.95, "relies": True}, "cross": {"reliance": 0.3, "relies": True}}
+    findings = [
+        _finding("star", "water", True),
+        {**_finding("cross", "red", False), "open": True},  # a weak plant: the seeds could not decide
+        {**_finding("ring", "grass", False), "open": True},  # nobody planted it
+    ]
+    score = T.score_findings(findings, planted, reliance)
+    assert score["found"] == 1 and score["n_confirmed"] == 1 and score["precision"] == 1.0
+    assert [r["open"] for r in score["planted"]] == [False, True] and score["open_relied"] == 1
+    assert score["open"] == [
+        {"class_name": "cross", "attribute": "red", "planted": True},
+        {"class_name": "ring", "attribute": "grass", "planted": False},
+    ]
+    assert "2 left open by the check (1 planted: cross/red)" in T.format_score(score)
+    assert "left open" not in T.format_score(T.score_findings(findings[:1], planted, reliance))
+
+
 def test_the_truth_travels_with_the_classifier(tmp_path):
     planted = T.PlantedSet.parse("triangle:colour:blue@0.9")
     (tmp_path / "training.json").write_text(json.dumps({"train": {}, **planted.to_dict()}))

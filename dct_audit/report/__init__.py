@@ -27,12 +27,13 @@ Optional analysis files (each section of a class page appears only when its file
     the attribute, 0-1), diff (token_rate - baseline_rate, paired by context and seed), ci_low,
     ci_high (interval of diff), p_value, q_value (Benjamini-Hochberg over the run), flagged (bool)
 
-``findings.json`` (run folder root), a list of findings (flagged by the token, or confirmed by the
-counterfactual check of every attribute); extra keys are ignored::
+``findings.json`` (run folder root), a list of findings (flagged by the token, or confirmed or left open
+by the counterfactual check of every attribute); extra keys are ignored::
 
     [{"class_index": 122, "attribute": "plate", "effect": 0.62, "ci": [0.41, 0.80], "q": 0.001,
-      "source": "token",                 # or "sweep": not flagged, confirmed by the check (optional)
+      "source": "token",                 # or "sweep": not flagged, confirmed or open (optional)
       "confirmed": true,                 # optional
+      "open": false,                     # optional: the check could neither confirm nor rule it out
       "token_rate": 0.83, "baseline_rate": 0.21,            # optional
       "counterfactual": {"with_prob": 0.81, "without_prob": 0.42, "diff": 0.39,   # or null
                          "ci_low": 0.30, "ci_high": 0.48,

@@ -101,11 +101,12 @@ def _analysis(analysis: dict) -> dict:
 
 
 def _finding_rows(findings: list | None, rows: list[dict]) -> dict | None:
-    """What the index says first: confirmed findings, then flags the check did not confirm."""
+    """What the index says first: confirmed findings, then those the check left open, then flags it ruled
+    out (or absences)."""
     if findings is None:
         return None
     pages = {r["index"]: r.get("page") for r in rows}
-    confirmed, unconfirmed = [], []
+    confirmed, undecided, unconfirmed = [], [], []
     for f in findings:
         if not isinstance(f, dict):
             continue
@@ -123,11 +124,14 @@ def _finding_rows(findings: list | None, rows: list[dict]) -> dict | None:
             "with_prob": to_number(cf.get("with_prob")),
             "diff": to_number(cf.get("diff")),
             "ci_low": to_number(cf.get("ci_low")),
+            "ci_high": to_number(cf.get("ci_high")),
+            "n": to_int(cf.get("n")),
             "worst": cf.get("worst_replacement"),
             "absence": bool(f.get("absence")),
         }
-        (confirmed if f.get("confirmed") else unconfirmed).append(item)
-    return {"confirmed": confirmed, "unconfirmed": unconfirmed}
+        group = confirmed if f.get("confirmed") else undecided if f.get("open") else unconfirmed
+        group.append(item)
+    return {"confirmed": confirmed, "open": undecided, "unconfirmed": unconfirmed}
 
 
 _SUMMARY_KEYS = ("token_accuracy", "baseline_accuracy", "token_target_prob", "baseline_target_prob")
@@ -347,6 +351,7 @@ def _finding(f: dict, run_dir: Path, out_dir: Path) -> dict:
             **{k: cf.get(k) for k in ("with_prompt", "without_prompt", "n", "unconfounded_replacements")},
         }
         cf["confirmed"] = f.get("confirmed")
+        cf["open"] = bool(f.get("open"))
         cf["replacements"] = replacements
         cf["adjusted"] = any(r["explained"] is not None for r in replacements)
     ci = f.get("ci") if isinstance(f.get("ci"), list) and len(f["ci"]) == 2 else [None, None]
@@ -368,6 +373,7 @@ def _finding(f: dict, run_dir: Path, out_dir: Path) -> dict:
         if f.get("source") == "discovered" and isinstance(f.get("discovered"), dict)
         else None,
         "confirmed": bool(f.get("confirmed")),
+        "open": bool(f.get("open")) and not f.get("confirmed"),
         "absence": bool(f.get("absence")),
         "attribution_outside_object": to_number(f.get("attribution_outside_object")),
         "overlays": overlays,

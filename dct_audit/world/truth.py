@@ -235,9 +235,15 @@ def score_findings(
     circle). ``unplanted_reliance`` (``classifiers.measure_unplanted``: ``{(class, attribute): {"reliance",
     "relies"}}``) records the classifier's measured reliance on each; ``learned_unplanted`` counts those it
     relies on and ``precision_learned`` counts them as true. ``precision`` stays the planted truth's.
+
+    Findings the check left *open* (``check.is_open``) count as neither found nor false; ``open`` lists them
+    with whether each was planted, and a planted bias's row says whether it was left open.
     """
     confirmed = [(f["class_name"], f["attribute"]) for f in findings if f.get("confirmed")]
     flagged = {(f["class_name"], f["attribute"]) for f in findings if f.get("flagged", True)}
+    undecided = [
+        (f["class_name"], f["attribute"]) for f in findings if f.get("open") and not f.get("confirmed")
+    ]
     # confirmed and brought in by the token: what ``--confirm flagged`` would have found
     by_token = {
         (f["class_name"], f["attribute"]) for f in findings if f.get("confirmed") and f.get("flagged", True)
@@ -258,6 +264,7 @@ def score_findings(
                 "flagged": key in flagged,
                 "found": key in confirmed,
                 "found_by_token": key in by_token,
+                "open": key in undecided,
             }
         )
     truth = {(b.cls, b.attribute_name) for b in planted.biases}
@@ -288,6 +295,8 @@ def score_findings(
         "precision_learned": (len(correct) + learned) / len(confirmed)
         if confirmed and unplanted_reliance is not None
         else None,
+        "open": [{"class_name": c, "attribute": a, "planted": (c, a) in truth} for c, a in undecided],
+        "open_relied": sum(r["open"] for r in relied),
         "n_confirmed_token": len(by_token),
         "false_confirmations_token": len(by_token - truth),
     }
@@ -309,4 +318,8 @@ def format_score(score: dict) -> str:
     if learned:
         cues = ", ".join(f"{r['class_name']}/{r['attribute']} {r['reliance']:.2f}" for r in learned)
         line += f"; of those, unplanted cues the classifier relies on all the same: {cues}"
+    undecided = score.get("open") or []
+    if undecided:
+        planted = [f"{r['class_name']}/{r['attribute']}" for r in undecided if r["planted"]]
+        line += f"; {len(undecided)} left open by the check ({len(planted)} planted{': ' if planted else ''}{', '.join(planted)})"
     return line
