@@ -116,6 +116,14 @@ def test_findings_match_the_planted_biases(world):
     assert confirmed == PLANTED
     assert all(f["absence"] == (f["attribute"] in ABSENCE) for f in findings)
     assert world["truth"]["recall"] == 1.0 and world["truth"]["precision"] == 1.0
+    # what the check left open: every replacement lowers the probability, but its interval reaches below 0.10
+    undecided = [f for f in findings if f["open"]]
+    for f in undecided:
+        cf = f["counterfactual"]
+        assert not f["confirmed"] and cf["depends"] and cf["ci_low"] < 0.10 <= cf["ci_high"], f
+    assert world["truth"]["open"] == [
+        {"class_name": f["class_name"], "attribute": f["attribute"], "planted": False} for f in undecided
+    ]
     for f in findings:
         if (f["class_name"], f["attribute"]) in PLANTED:
             assert f["token_rate"] - f["baseline_rate"] >= 0.25
