@@ -148,6 +148,8 @@ def _cmd_run(args) -> int:
             f"{c['updates']} updates ({c['stop_reason']}), {c['timings']['total_s']:.1f} s"
         )
     _print_findings(result.findings)
+    if result.findings:
+        print(_count(result.findings))
     print(f"run folder: {result.run_dir}")
     if args.shard:
         print(f"shard {args.shard} finished; when every shard is done: dct-audit finish {result.run_dir}")
@@ -162,7 +164,7 @@ def _cmd_finish(args) -> int:
     overrides = {k: getattr(args, k) for k in ANALYSIS_OPTIONS if getattr(args, k, None) is not None}
     result = finish_run(args.run_dir, device=args.device, quiet=args.quiet, **overrides)
     _print_findings(result.findings)
-    print(f"{len(result.classes)} classes analysed: {result.run_dir}")
+    print(f"{len(result.classes)} classes analysed, {_count(result.findings)}: {result.run_dir}")
     if result.report:
         print(f"report: {result.report}")
     return 0
@@ -251,6 +253,13 @@ def _cmd_compare(args) -> int:
     return 0
 
 
+def _count(findings: list[dict]) -> str:
+    """ "12 finding(s): 3 confirmed, 2 open"."""
+    confirmed = sum(bool(f.get("confirmed")) for f in findings)
+    undecided = sum(bool(f.get("open")) and not f.get("confirmed") for f in findings)
+    return f"{len(findings)} finding(s): {confirmed} confirmed, {undecided} open"
+
+
 def _print_findings(findings: list[dict]) -> None:
     for f in findings:
         cf = f.get("counterfactual") or {}
@@ -293,7 +302,7 @@ def _cmd_demo(args) -> int:
         result = audit_world_classifier(args.classifier, args.out, quiet=args.quiet, thorough=thorough)
         run = result["run"]
         _print_findings(run.findings)
-        print(f"{len(run.findings)} finding(s); report: {run.report}")
+        print(f"{_count(run.findings)}; report: {run.report}")
         if result["truth"] is None:
             print(f"{args.classifier}/training.json records no planted set: nothing to score")
         else:
@@ -303,12 +312,12 @@ def _cmd_demo(args) -> int:
     result = demo(args.out, compare_unbiased=not args.no_compare, quiet=args.quiet, **thorough)
     biased = result["biased"]
     _print_findings(biased.findings)
-    print(f"biased classifier: {len(biased.findings)} finding(s); report: {biased.report}")
+    print(f"biased classifier: {_count(biased.findings)}; report: {biased.report}")
     if result.get("truth"):
         print(format_score(result["truth"]))
     if "unbiased" in result:
         print(
-            f"unbiased classifier: {len(result['unbiased'].findings)} finding(s); report: {result['unbiased'].report}"
+            f"unbiased classifier: {_count(result['unbiased'].findings)}; report: {result['unbiased'].report}"
         )
         print(
             f"comparison: {len(result['compare'].flagged)} flagged attribute difference(s); "
