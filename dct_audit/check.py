@@ -143,7 +143,7 @@ def is_open(
 
     Measured on the truth benchmark's runs (``benchmarks/bench_open.py``): the thorough check leaves about 0.27
     attributes per class open on biased classifiers (0.11 on unbiased ones), a fifth of them planted biases,
-    mostly weak ones; a relied-on bias it neither confirms nor leaves open was planted 3 times in 100.
+    mostly weak ones; a relied-on bias it neither confirms nor leaves open was planted 3 times in 106.
     """
     if not counterfactual or absence or confirmed(counterfactual):
         return False

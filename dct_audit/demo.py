@@ -53,8 +53,8 @@ DEMO_SETTINGS = dict(
 # (check.class_response), on 8 seeds, then on 32 for the attributes the 8 leave open (check.check_class).
 # Measured (README "Truth benchmark", benchmarks/bench_confirm_seeds.py): 8-then-32 decides exactly as 32
 # seeds everywhere on the runs of seeds 53, 59, 61 and the shipped world (28/31, 0 unplanted) with 72% of the
-# prompts on 32 seeds; on eleven fresh seeds (53-101) it confirmed 108/119 relied-on planted biases and 8
-# unplanted attributes in 135, where the default check (8 seeds, unadjusted) confirmed 92/119 and 5 in 99. The default of
+# prompts on 32 seeds; on twelve fresh seeds (53-103) it confirmed 114/125 relied-on planted biases and 9
+# unplanted attributes in 143, where the default check (8 seeds, unadjusted) confirmed 96/125 and 6 in 104. The default of
 # `demo --classifier`, not of the shipped demo: about 3x the check's images (229 s for the demo), which its
 # 180 s on a 2-core CPU cannot afford.
 THOROUGH = dict(confirm_seeds=8, confirm_max_seeds=32, adjust=True)
@@ -147,8 +147,8 @@ def audit_world_classifier(  # noqa: D417
     its confirmed findings against the planted set in its ``training.json``.
 
     ``thorough`` (default): the check of ``THOROUGH``, which the shipped demo leaves out only for its time
-    budget. On eleven fresh truth-benchmark seeds (53-101) it confirmed 108/119 relied-on planted biases, 127 of
-    its 135 confirmed findings planted, where the shipped demo's check confirmed 92/119 and 94/99; an audit of
+    budget. On twelve fresh truth-benchmark seeds (53-103) it confirmed 114/125 relied-on planted biases, 134 of
+    its 143 confirmed findings planted, where the shipped demo's check confirmed 96/125 and 98/104; an audit of
     another classifier has no 180 s target, so it gets the better check."""
     from .world.truth import PlantedSet
 
