@@ -134,12 +134,10 @@ def confirmed(
     return bool(counterfactual.get("depends")) and low is not None and float(low) >= min_change
 
 
-def is_open(
-    counterfactual: dict | None, absence: bool = False, min_change: float = CONFIRM_MIN_CHANGE
-) -> bool:
+def is_open(counterfactual: dict | None, absence: bool = False) -> bool:
     """Whether a check leaves a finding *open*: not confirmed, yet every effective replacement lowers the
-    classifier's confidence (``depends``) and the smallest change's interval reaches ``min_change``, so the
-    seeds checked can neither confirm nor rule out a dependence that matters.
+    classifier's confidence (``depends``) and the smallest change's interval reaches ``CONFIRM_MIN_CHANGE``
+    (``undecided``), so the seeds checked can neither confirm nor rule out a dependence that matters.
 
     Measured on the truth benchmark's runs (``benchmarks/bench_open.py``): the thorough check leaves about 0.27
     attributes per class open on biased classifiers (0.11 on unbiased ones), a fifth of them planted biases,
@@ -147,8 +145,7 @@ def is_open(
     """
     if not counterfactual or absence or confirmed(counterfactual):
         return False
-    high = counterfactual.get("ci_high")
-    return bool(counterfactual.get("depends")) and high is not None and float(high) >= min_change
+    return bool(counterfactual.get("depends")) and undecided(counterfactual)
 
 
 def attribute_prompts(attributes, vocabulary: Vocabulary) -> dict[str, str]:

@@ -254,7 +254,7 @@ def _cmd_compare(args) -> int:
 
 
 def _count(findings: list[dict]) -> str:
-    """ "12 finding(s): 3 confirmed, 2 open"."""
+    """The count line of a run's findings, e.g. "12 finding(s): 3 confirmed, 2 open"."""
     confirmed = sum(bool(f.get("confirmed")) for f in findings)
     undecided = sum(bool(f.get("open")) and not f.get("confirmed") for f in findings)
     return f"{len(findings)} finding(s): {confirmed} confirmed, {undecided} open"

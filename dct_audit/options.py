@@ -493,9 +493,8 @@ def add_run_arguments(
         meta.pop("setting")
         flag = meta.pop("flag", None) or "--" + f.name.replace("_", "-")
         hidden = meta.pop("hidden_opposite", None)
-        kw = {"dest": f.name, "help": meta.pop("help") if override is None else override}
-        if override is not None:
-            meta.pop("help", None)
+        own_help = meta.pop("help")
+        kw = {"dest": f.name, "help": own_help if override is None else override}
         default = (
             f.default
             if f.default is not MISSING
