@@ -17,7 +17,8 @@ import numpy as np
 import pandas as pd
 
 from . import rundir
-from .check import check_class, confirmed, counterfactual_sweep, is_open
+from .association import association_sweep, check_associations, subjects_for
+from .check import check_class, class_specific, confirmed, counterfactual_sweep, is_open
 from .generate import eval_seeds
 from .options import ALPHA, MIN_EFFECT  # noqa: F401  (the defaults live with the options)
 from .stats import benjamini_hochberg, paired_rates
@@ -117,7 +118,8 @@ def analyse_run(
 
     seeds = eval_seeds(opts.seed, opts.confirm_seeds)
     more = eval_seeds(opts.seed, opts.confirm_max_seeds) if opts.confirm_max_seeds else None
-    findings = []
+    # 1. The check of every class; 2. the association stage of what it would confirm, one sweep for all
+    checks, candidates = {}, {}
     for cls in targets:
         rows = enrichment[enrichment["class_index"] == cls.index]
         flagged = set(rows.loc[rows["flagged"], "attribute"])
@@ -130,7 +132,27 @@ def analyse_run(
         def sweep_on(prompts, at, cls=cls, cache=cache):
             return counterfactual_sweep(ensure_models, cache, cls, prompts, at, opts, batch)
 
-        cfs = check_class(checked, vocabulary, cls.name, sweep_on, seeds, more, opts.adjust)
+        checks[cls.index] = check_class(checked, vocabulary, cls.name, sweep_on, seeds, more, opts.adjust)
+        if found := [a for a in checked if confirmed(checks[cls.index][a.name])]:
+            candidates[cls.index] = found
+    association_cache = run_dir.root / rundir.COUNTERFACTUAL_DIR / rundir.ASSOCIATION
+    subjects = {
+        c.index: subjects_for(c, targets, lambda: ensure_models().classifier.labels.names, association_cache)
+        for c in targets
+        if c.index in candidates
+    }
+
+    def associate_on(texts, indices):
+        return association_sweep(ensure_models, association_cache, texts, seeds, indices, opts, batch, subjects)
+
+    check_associations(candidates, checks, vocabulary, subjects, associate_on)
+
+    # 3. The findings: every flagged attribute, and every one the check confirms, leaves open or finds specific
+    findings = []
+    for cls in targets:
+        rows = enrichment[enrichment["class_index"] == cls.index]
+        cfs = checks[cls.index]
+        folder = run_dir.class_dir(cls.index, cls.name)
         attribution = (
             rundir.read_json(folder / rundir.ATTRIBUTION) if (folder / rundir.ATTRIBUTION).is_file() else {}
         )
@@ -139,7 +161,7 @@ def analyse_run(
             cf = cfs.get(row.attribute)
             is_confirmed = confirmed(cf, attribute.absence)
             undecided = is_open(cf, attribute.absence)
-            if not (row.flagged or is_confirmed or undecided):
+            if not (row.flagged or is_confirmed or undecided or class_specific(cf)):
                 continue
             findings.append(
                 rundir.Finding(

@@ -123,15 +123,28 @@ def counterfactual_effect(with_probs, replacements: dict[str, dict], with_rate: 
 def confirmed(
     counterfactual: dict | None, absence: bool = False, min_change: float = CONFIRM_MIN_CHANGE
 ) -> bool:
-    """Whether a counterfactual check confirms a finding as a bias (see ``CONFIRM_MIN_CHANGE``).
+    """Whether a counterfactual check confirms a finding as a bias (see ``CONFIRM_MIN_CHANGE``), and, where
+    the association stage ran (``check_associations``), the attribute also pulls other classes' images
+    toward the class.
 
     An absence attribute ("plain background", "alone") is never confirmed as a bias: a token that brings it
     in is removing other contexts, which the report says as such.
     """
     if not counterfactual or absence:
         return False
+    association = counterfactual.get("association")
+    if association is not None and not association.get("associated"):
+        return False
     low = counterfactual.get("ci_low")
     return bool(counterfactual.get("depends")) and low is not None and float(low) >= min_change
+
+
+def class_specific(counterfactual: dict | None) -> bool:
+    """Whether the check found a dependence on the attribute that matters for this class's own images, but
+    the attribute does not pull other classes' images toward the class (``check_associations``): a
+    dependence on how the generator draws this class with it, not an association learned from data."""
+    association = (counterfactual or {}).get("association")
+    return association is not None and not association.get("associated")
 
 
 def is_open(counterfactual: dict | None, absence: bool = False) -> bool:
@@ -143,7 +156,7 @@ def is_open(counterfactual: dict | None, absence: bool = False) -> bool:
     attributes per class open on biased classifiers (0.11 on unbiased ones), a fifth of them planted biases,
     mostly weak ones; a relied-on bias it neither confirms nor leaves open was planted 3 times in 106.
     """
-    if not counterfactual or absence or confirmed(counterfactual):
+    if not counterfactual or absence or confirmed(counterfactual) or class_specific(counterfactual):
         return False
     return bool(counterfactual.get("depends")) and undecided(counterfactual)
 

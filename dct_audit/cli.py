@@ -270,6 +270,13 @@ def _print_findings(findings: list[dict]) -> None:
             )
         elif f.get("absence"):
             verdict = "an absence: the token removes other contexts, not a bias of this class"
+        elif (assoc := cf.get("association")) and not assoc.get("associated"):
+            verdict = (
+                f"not confirmed: the classifier depends on it for these images (smallest change {cf.get('diff', 0):.2f}), "
+                f"but drawn with other classes it does not raise this class (smallest change {assoc.get('diff', 0):.2f}, "
+                f"interval {assoc.get('ci_low', 0):.2f} to {assoc.get('ci_high', 0):.2f}): how the generator draws this "
+                "class with it, not an association learned from data"
+            )
         elif f.get("open"):
             verdict = (
                 f"open: every replacement lowers the target probability (smallest change {cf.get('diff', 0):.2f}, "

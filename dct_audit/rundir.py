@@ -19,6 +19,8 @@ No other module spells a run-folder file name: they use the constants below. Lay
         DONE                        MARKER, written last: JSON listing every file of the class with its size
                                     and SHA-256
       counterfactual/<class folder>.json   COUNTERFACTUAL_DIR: scored counterfactual prompts, by prompt and seed
+      counterfactual/association.json      ASSOCIATION: other classes drawn with the attributes the check would
+                                    confirm, every checked class's probability on them (``association.py``)
       enrichment.csv                ENRICHMENT: ENRICHMENT_COLUMNS, one row per class x attribute
       findings.json                 FINDINGS: flagged and confirmed attributes (``Finding``; ``write_findings``)
       discovered.csv                DISCOVERED: open-vocabulary discovery (``discover``), one row per tested concept
@@ -55,6 +57,7 @@ MARKER = "DONE"
 MANIFEST = "manifest.json"
 CLASSES_DIR = "classes"
 COUNTERFACTUAL_DIR = "counterfactual"
+ASSOCIATION = "association.json"  # inside COUNTERFACTUAL_DIR
 ENRICHMENT = "enrichment.csv"
 FINDINGS = "findings.json"
 DISCOVERED = "discovered.csv"

@@ -10,6 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .. import __version__, rundir
+from ..check import class_specific
 from ..errors import DctAuditError
 from ..stats import seed_stages
 from .readers import (
@@ -128,6 +129,8 @@ def _finding_rows(findings: list | None, rows: list[dict]) -> dict | None:
             "n": to_int(cf.get("n")),
             "worst": cf.get("worst_replacement"),
             "absence": bool(f.get("absence")),
+            "specific": class_specific(cf),
+            "association_diff": to_number((cf.get("association") or {}).get("diff")),
         }
         group = confirmed if f.get("confirmed") else undecided if f.get("open") else unconfirmed
         group.append(item)
@@ -319,6 +322,23 @@ def _py_str(text) -> str:
     return json.dumps(str(text), ensure_ascii=False)
 
 
+def _association(a) -> dict | None:
+    """The association stage's numbers for the class page (``association.association_effect``)."""
+    if not isinstance(a, dict):
+        return None
+    return {
+        **{k: to_number(a.get(k)) for k in ("with_prob", "diff", "ci_low", "ci_high")},
+        "n": to_int(a.get("n")),
+        "subjects": [str(x) for x in a.get("subjects") or []],
+        "associated": bool(a.get("associated")),
+        "replacements": [
+            {"name": str(r.get("name", "")), **{k: to_number(r.get(k)) for k in ("prob", "diff", "ci_low", "ci_high")}}
+            for r in a.get("replacements") or []
+            if isinstance(r, dict)
+        ],
+    }
+
+
 def _finding(f: dict, run_dir: Path, out_dir: Path) -> dict:
     cf = f.get("counterfactual") or None
     if cf:
@@ -354,6 +374,7 @@ def _finding(f: dict, run_dir: Path, out_dir: Path) -> dict:
         cf["open"] = bool(f.get("open"))
         cf["replacements"] = replacements
         cf["adjusted"] = any(r["explained"] is not None for r in replacements)
+        cf["association"] = _association(f["counterfactual"].get("association"))
     ci = f.get("ci") if isinstance(f.get("ci"), list) and len(f["ci"]) == 2 else [None, None]
     overlays = []
     for o in f.get("overlays") or []:
