@@ -22,13 +22,43 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pandas as pd
+import torch
 
-from dct_audit.check import check_class, confirmed, counterfactual_sweep, is_open
+from dct_audit.adapters.classifier import load_classifier
+from dct_audit.adapters.generator_load import load_generator
+from dct_audit.association import association_sweep, check_associations, subjects_for
+from dct_audit.check import check_class, class_specific, confirmed, counterfactual_sweep, is_open
 from dct_audit.generate import eval_seeds
+from dct_audit.pipeline import Models
 from dct_audit.resolve import ResolvedClass
 from dct_audit.tag import load_vocabulary
 from dct_audit.world import scenes as S
-from dct_audit.world.paths import ATTRIBUTES_FILE
+from dct_audit.world.paths import ATTRIBUTES_FILE, GENERATOR
+
+ASSOCIATION_CACHE = Path("/tmp/bench_open_association")
+
+
+class _PerImageMemo:
+    """The generator, keeping every image by (prompt, seed): every world of the benchmark draws the same
+    association prompts on the same seeds with the same generator, so each image is made once."""
+
+    def __init__(self, generator):
+        self._g, self._images = generator, {}
+
+    def __getattr__(self, name):
+        return getattr(self._g, name)
+
+    def sample(self, prompts, seeds, steps, guidance, **kw):
+        todo = [
+            (p, s) for p, s in zip(prompts, seeds, strict=True) if (p, s, steps, guidance) not in self._images
+        ]
+        if todo:
+            made = self._g.sample([p for p, _ in todo], [s for _, s in todo], steps, guidance, **kw)
+            for (p, s), image in zip(todo, made, strict=True):
+                self._images[(p, s, steps, guidance)] = image
+        return torch.stack(
+            [self._images[(p, s, steps, guidance)] for p, s in zip(prompts, seeds, strict=True)]
+        )
 
 
 class _NotCached(Exception):
@@ -45,49 +75,85 @@ CHECKS = {  # name: (seeds, more seeds, adjust)
 }
 
 
-def decide(folder: Path, vocabulary, checked, check: str) -> list[dict] | None:
-    """One row per run x class x attribute of a bench_truth folder; None when its caches lack seeds."""
+def decide(folder: Path, vocabulary, checked, check: str, generator) -> list[dict] | None:
+    """One row per run x class x attribute of a bench_truth folder; None when its caches lack seeds. The
+    association stage (``association.py``) generates its images with ``generator`` (cached under
+    ``ASSOCIATION_CACHE``, not in the benchmark's folders)."""
     first, most, adjust = CHECKS[check]
-    opts = SimpleNamespace(steps=6, guidance=None, adjust=adjust)  # the demo's; nothing is generated
+    opts = SimpleNamespace(steps=6, guidance=None, adjust=adjust, gen_batch=64)  # the demo's
     worlds = pd.read_csv(folder / "worlds.csv")
+    targets = [ResolvedClass(i, cls, cls) for i, cls in enumerate(S.SHAPES)]
     rows = []
     for world, g in worlds.groupby("world"):
         planted = {
             (r.cls, r.value): (bool(r.relies), r.reliance) for r in g.itertuples() if isinstance(r.cls, str)
         }
         run = folder / "runs" / f"demo-{world}"
-        for i, cls in enumerate(S.SHAPES):
-            cache = run / "counterfactual" / f"{i:04d}-{cls}.json"
+        checks, candidates = {}, {}
+        for c in targets:
+            cache = run / "counterfactual" / f"{c.index:04d}-{c.name}.json"
 
-            def sweep_on(prompts, seeds, cache=cache, i=i, cls=cls):
-                return counterfactual_sweep(
-                    _no_models, cache, ResolvedClass(i, cls, cls), prompts, seeds, opts, 8
-                )
+            def sweep_on(prompts, seeds, cache=cache, c=c):
+                return counterfactual_sweep(_no_models, cache, c, prompts, seeds, opts, 8)
 
             try:
                 more = eval_seeds(0, most) if most else None
-                cfs = check_class(checked, vocabulary, cls, sweep_on, eval_seeds(0, first), more, adjust)
+                checks[c.index] = check_class(
+                    checked, vocabulary, c.name, sweep_on, eval_seeds(0, first), more, adjust
+                )
             except _NotCached:
                 return None
+            before = {a.name: confirmed(checks[c.index][a.name]) for a in checked}
+            checks[c.index] = {k: {**v, "confirmed_by_check": before[k]} for k, v in checks[c.index].items()}
+            if found := [a for a in checked if before[a.name]]:
+                candidates[c.index] = found
+        models: dict = {}
+
+        def ensure(world=world, models=models):
+            if not models:
+                clf = load_classifier(str(folder / "classifiers" / world), None, torch.device("cpu"))
+                models["m"] = Models(generator=generator, classifier=clf)
+            return models["m"]
+
+        subjects = {i: subjects_for(targets[i], targets, lambda: list(S.SHAPES)) for i in candidates}
+        cache = ASSOCIATION_CACHE / folder.name / f"{world}-{first}.json"
+        check_associations(
+            candidates,
+            checks,
+            vocabulary,
+            subjects,
+            lambda texts, idx, c=cache, s=subjects: association_sweep(
+                ensure, c, texts, eval_seeds(0, first), idx, opts, 64, s
+            ),
+        )
+        for c in targets:
             for a in checked:
-                cf = cfs[a.name]
-                relies, reliance = planted.get((cls, a.name), (False, None))
+                cf = checks[c.index][a.name]
+                relies, reliance = planted.get((c.name, a.name), (False, None))
                 rows.append(
                     {
                         "check": check,
                         "run": f"{folder.name}/{world}",
                         "control": not planted,
-                        "cls": cls,
+                        "cls": c.name,
                         "attribute": a.name,
-                        "planted": (cls, a.name) in planted,
+                        "planted": (c.name, a.name) in planted,
                         "relies": relies,
                         "reliance": reliance,
                         "confirmed": confirmed(cf),
+                        "confirmed_by_check": cf["confirmed_by_check"],
+                        "specific": class_specific(cf),
                         "open": is_open(cf),
                         "change": round(cf["diff"], 3),
                         "low": round(cf["ci_low"], 3),
                         "high": round(cf["ci_high"], 3),
                         "seeds": cf["n"],
+                        "association": None
+                        if "association" not in cf
+                        else round(cf["association"]["diff"], 3),
+                        "association_low": None
+                        if "association" not in cf
+                        else round(cf["association"]["ci_low"], 3),
                     }
                 )
     return rows
@@ -110,13 +176,36 @@ def table(df: pd.DataFrame, check: str, used: list[str], skipped: list[str]) -> 
         "| verdict | relied-on plants | weak plants (reliance < 0.2) | unplanted | of them on controls | per class |",
         "|---|---|---|---|---|---|",
     ]
-    ruled_out = ~df["confirmed"] & ~df["open"]
-    for name, c in (("confirmed", df["confirmed"]), ("open", df["open"]), ("ruled out", ruled_out)):
+    ruled_out = ~df["confirmed"] & ~df["open"] & ~df["specific"]
+    verdicts = (
+        ("confirmed by the check alone (before the association stage)", df["confirmed_by_check"]),
+        ("confirmed (check and association)", df["confirmed"]),
+        ("this class's images only (association failed)", df["specific"]),
+        ("open", df["open"]),
+        ("ruled out", ruled_out),
+    )
+    for name, c in verdicts:
         lines.append(
             f"| {name} | {int((c & relied).sum())}/{int(relied.sum())} | {int((c & weak).sum())}/{int(weak.sum())} | "
             f"{int((c & unplanted).sum())} | {int((c & control).sum())} | {c.sum() / classes:.2f} |"
         )
     is_open_ = df["open"]
+    for name, c in verdicts[:2]:
+        n, good = int(c.sum()), int((c & planted).sum())
+        lines.append(f"\nPrecision, {name}: {good}/{n} = {good / max(1, n):.3f} planted.")
+    lines += [
+        "",
+        "Failed the association stage:",
+        "",
+        "| run | class/attribute | planted | reliance | check's smallest change | with other classes | interval from |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in df[df["specific"]].itertuples():
+        rel = "" if pd.isna(r.reliance) else f"{r.reliance:.2f}"
+        lines.append(
+            f"| {r.run} | {r.cls}/{r.attribute} | {'yes' if r.planted else 'no'} | {rel} | {r.change:.2f} | "
+            f"{r.association:.2f} | {r.association_low:.2f} |"
+        )
     lines += [
         "",
         f"Of the open findings, {int((is_open_ & planted).sum())} of {int(is_open_.sum())} were planted "
@@ -144,11 +233,12 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     vocabulary = load_vocabulary(str(ATTRIBUTES_FILE))
     checked = [a for a in vocabulary.attributes if not a.absence]
+    generator = _PerImageMemo(load_generator(str(GENERATOR), torch.device("cpu"), torch.float32, None, None))
     rows, lines = [], []
     for check in CHECKS:
         used, skipped, got_rows = [], [], []
         for folder in map(Path, args.folders):
-            got = decide(folder, vocabulary, checked, check)
+            got = decide(folder, vocabulary, checked, check, generator)
             (skipped if got is None else used).append(folder.name)
             got_rows += got or []
         rows += got_rows

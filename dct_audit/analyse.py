@@ -143,7 +143,9 @@ def analyse_run(
     }
 
     def associate_on(texts, indices):
-        return association_sweep(ensure_models, association_cache, texts, seeds, indices, opts, batch, subjects)
+        return association_sweep(
+            ensure_models, association_cache, texts, seeds, indices, opts, batch, subjects
+        )
 
     check_associations(candidates, checks, vocabulary, subjects, associate_on)
 

@@ -37,7 +37,10 @@ SUBJECTS = 5
 
 
 def subjects_for(
-    cls: ResolvedClass, targets: list[ResolvedClass], labels: Callable[[], list[str]], cache: Path | None = None
+    cls: ResolvedClass,
+    targets: list[ResolvedClass],
+    labels: Callable[[], list[str]],
+    cache: Path | None = None,
 ) -> list[str]:
     """The other classes drawn as subjects of ``cls``'s association check (``SUBJECTS`` of them, fewer only
     when the classifier has fewer other classes). ``labels()`` gives the classifier's class names; it is called
@@ -59,11 +62,15 @@ def subjects_for(
     return names
 
 
-def association_prompts(attribute, counterfactual: dict, vocabulary: Vocabulary, subjects: list[str]) -> list[str]:
+def association_prompts(
+    attribute, counterfactual: dict, vocabulary: Vocabulary, subjects: list[str]
+) -> list[str]:
     """Every prompt an attribute's association check scores: its own and each effective replacement's (those
     that removed it in the check), with each subject."""
     effective = {r["name"] for r in counterfactual.get("replacements") or () if r.get("effective", True)}
-    templates = [attribute.with_context] + [t for n, t in vocabulary.replacements(attribute) if n in effective]
+    templates = [attribute.with_context] + [
+        t for n, t in vocabulary.replacements(attribute) if n in effective
+    ]
     return [t.format(s) for t in templates for s in subjects]
 
 
@@ -105,14 +112,19 @@ def association_sweep(
         models = ensure_models()
         jobs = [Job(t, 0, t, s, t) for t in todo for s in seeds]
         made: dict[str, dict[int, list[float]]] = {t: {} for t in todo}
-        for chunk, images in generate(models.generator, jobs, nograd_batch(opts, batch), opts.steps, opts.guidance):
+        for chunk, images in generate(
+            models.generator, jobs, nograd_batch(opts, batch), opts.steps, opts.guidance
+        ):
             with torch.no_grad():
                 probs = models.classifier(images.to(models.classifier.device)).float().softmax(-1)
             for job, p in zip(chunk, probs, strict=True):
                 made[job.variant][job.seed] = [float(p[i]) for i in indices]
         for t, by_seed in made.items():
             order = sorted(by_seed)
-            entries[t] = {"seeds": order, "probs": {k: [by_seed[s][j] for s in order] for j, k in enumerate(keys)}}
+            entries[t] = {
+                "seeds": order,
+                "probs": {k: [by_seed[s][j] for s in order] for j, k in enumerate(keys)},
+            }
     if todo or new_subjects:
         rundir.write_json(cache, {"subjects": {**recorded, **new_subjects}, "prompts": entries})
     out = {}
@@ -140,7 +152,15 @@ def association_effect(
     for name, template in vocabulary.replacements(attribute):
         if name in effective:
             diff, low, high = mean_diff_ci(with_probs, probs(template))
-            rows.append({"name": name, "prob": float(np.mean(probs(template))), "diff": diff, "ci_low": low, "ci_high": high})
+            rows.append(
+                {
+                    "name": name,
+                    "prob": float(np.mean(probs(template))),
+                    "diff": diff,
+                    "ci_low": low,
+                    "ci_high": high,
+                }
+            )
     worst = min(rows, key=lambda r: r["diff"]) if rows else None
     return {
         "subjects": list(subjects),
@@ -167,11 +187,16 @@ def check_associations(
     counterfactual}). ``sweep_on(texts, indices)`` scores prompts for classes (``association_sweep``), once
     for every class: images are shared."""
     texts = [
-        t for i, attrs in candidates.items() for a in attrs for t in association_prompts(a, cfs[i][a.name], vocabulary, subjects[i])
+        t
+        for i, attrs in candidates.items()
+        for a in attrs
+        for t in association_prompts(a, cfs[i][a.name], vocabulary, subjects[i])
     ]
     if not texts:
         return
     sweep = sweep_on(texts, sorted(candidates))
     for i, attrs in candidates.items():
         for a in attrs:
-            cfs[i][a.name]["association"] = association_effect(a, cfs[i][a.name], vocabulary, subjects[i], sweep, i)
+            cfs[i][a.name]["association"] = association_effect(
+                a, cfs[i][a.name], vocabulary, subjects[i], sweep, i
+            )

@@ -5,7 +5,9 @@ replacements ("... on grass", "... on snow"), on the same seeds, and the classif
 compared pair by pair (``counterfactual_effect``). A dependence must hold against every replacement that
 removed the attribute, with the interval of the smallest change at or above ``CONFIRM_MIN_CHANGE``
 (``confirmed``); a dependence whose interval still reaches below it is left *open* (``is_open``), anything
-else is ruled out. Optionally the change is adjusted for what else the generator drew (``class_response``,
+else is ruled out. What the check would confirm is then drawn with other classes (``association.py``): a
+dependence that does not pull their images toward the class is this class's images only (``class_specific``),
+not confirmed. Optionally the change is adjusted for what else the generator drew (``class_response``,
 ``--adjust``) and the attributes a few seeds leave open are decided on more (``check_class``,
 ``--confirm-max-seeds``). Scores are cached by prompt and seed in the run folder (``counterfactual_sweep``).
 """

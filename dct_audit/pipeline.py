@@ -22,6 +22,7 @@ from .adapters.generator import Generator
 from .adapters.generator_load import load_generator
 from .adapters.in_memory import models_in_memory
 from .analyse import analyse_run
+from .association import SUBJECTS as ASSOCIATION_SUBJECTS
 from .check import CONFIRM_MIN_CHANGE
 from .errors import DctAuditError
 from .explain import explain_class
@@ -187,6 +188,7 @@ def _run_locked(opts: RunOptions, plan: Plan) -> RunResult:
             "confirm_max_seeds": opts.confirm_max_seeds,
             "adjust": opts.adjust,
             "confirm_min_change": CONFIRM_MIN_CHANGE,
+            "association_subjects": ASSOCIATION_SUBJECTS,  # other classes drawn per confirmed attribute
             "findings": len(findings),
             "finished": _dt.datetime.now().isoformat(timespec="seconds"),
         }

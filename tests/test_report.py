@@ -300,7 +300,7 @@ def test_the_index_opens_with_confirmed_findings_and_lists_unconfirmed_flags_apa
     assert index.headings[0] == "Confirmed findings"
     text = " ".join(index.texts)
     assert "the token and the check" in text and "the check only (the token did not bring it in)" in text
-    assert "Flagged by the token, not confirmed" in text  # the second class's finding has no confirmation
+    assert "Not confirmed" in text  # the second class's finding has no confirmation
     page = " ".join(parse(run / "report" / "classes" / "0000-american-lobster.html").texts)
     assert "though the token did not bring it in" in page
 
@@ -319,7 +319,37 @@ def test_a_finding_the_check_left_open_is_listed_apart_as_open_not_as_confirmed_
     text = " ".join(index.texts)
     assert "Open: the check could not decide" in text
     assert "No finding was confirmed" in text and "0.06" in text and "0.28" in text
-    assert "Flagged by the token, not confirmed" not in text
+    assert "Not confirmed" not in text
     page = " ".join(parse(run / "report" / "classes" / "0000-american-lobster.html").texts)
     assert "open: the classifier may depend on it; the check could not decide" in page
     assert "can neither confirm nor rule out" in page
+
+
+def test_a_dependence_of_this_classs_images_only_is_not_confirmed_and_shows_the_other_classes_numbers(
+    tiny_run, tmp_path
+):
+    run = with_unfinished(tiny_run, tmp_path / "run")
+    add_analysis(run)
+    findings = rundir.read_json(run / "findings.json")
+    association = {
+        "subjects": ["tench", "goldfish"],
+        "n": 16,
+        "with_prob": 0.04,
+        "diff": -0.013,
+        "ci_low": -0.061,
+        "ci_high": 0.035,
+        "worst_replacement": "grass",
+        "associated": False,
+        "replacements": [{"name": "grass", "prob": 0.05, "diff": -0.013, "ci_low": -0.061, "ci_high": 0.035}],
+    }
+    cf = {**findings[0]["counterfactual"], "depends": True, "diff": 0.25, "ci_low": 0.14, "ci_high": 0.36}
+    findings[0].update(class_name="american lobster", source="sweep", flagged=False, confirmed=False, open=False)
+    findings[0].update(attribute="snow", counterfactual={**cf, "association": association})
+    rundir.write_json(run / "findings.json", findings[:1])
+    index = parse(report.render_report(run))
+    text = " ".join(index.texts)
+    assert "No finding was confirmed" in text and "Not confirmed" in text
+    assert "this class's images only" in text and "-0.013" in text
+    page = " ".join(parse(run / "report" / "classes" / "0000-american-lobster.html").texts)
+    assert "not confirmed: a dependence of this class's images only" in page
+    assert "tench, goldfish" in page and "-0.061" in page and "no association" in page

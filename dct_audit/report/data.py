@@ -332,7 +332,10 @@ def _association(a) -> dict | None:
         "subjects": [str(x) for x in a.get("subjects") or []],
         "associated": bool(a.get("associated")),
         "replacements": [
-            {"name": str(r.get("name", "")), **{k: to_number(r.get(k)) for k in ("prob", "diff", "ci_low", "ci_high")}}
+            {
+                "name": str(r.get("name", "")),
+                **{k: to_number(r.get(k)) for k in ("prob", "diff", "ci_low", "ci_high")},
+            }
             for r in a.get("replacements") or []
             if isinstance(r, dict)
         ],
