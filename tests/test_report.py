@@ -343,7 +343,9 @@ def test_a_dependence_of_this_classs_images_only_is_not_confirmed_and_shows_the_
         "replacements": [{"name": "grass", "prob": 0.05, "diff": -0.013, "ci_low": -0.061, "ci_high": 0.035}],
     }
     cf = {**findings[0]["counterfactual"], "depends": True, "diff": 0.25, "ci_low": 0.14, "ci_high": 0.36}
-    findings[0].update(class_name="american lobster", source="sweep", flagged=False, confirmed=False, open=False)
+    findings[0].update(
+        class_name="american lobster", source="sweep", flagged=False, confirmed=False, open=False
+    )
     findings[0].update(attribute="snow", counterfactual={**cf, "association": association})
     rundir.write_json(run / "findings.json", findings[:1])
     index = parse(report.render_report(run))

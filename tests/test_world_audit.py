@@ -20,6 +20,7 @@ from dct_audit.compare import compare
 from dct_audit.demo import DEMO_SETTINGS, demo, demo_run
 from dct_audit.world import truth as T
 from dct_audit.world.checker import AttributeChecker
+from dct_audit.world.scenes import SHAPES
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -128,6 +129,12 @@ def test_findings_match_the_planted_biases(world):
         if (f["class_name"], f["attribute"]) in PLANTED:
             assert f["token_rate"] - f["baseline_rate"] >= 0.25
             assert f["counterfactual"]["diff"] > 0.5, f  # the classifier's confidence depends on it
+            # and the planted background pulls the other five shapes toward the class (association.py)
+            a = f["counterfactual"]["association"]
+            assert a["associated"] and a["ci_low"] > 0 and a["n"] == 5 * 8, a
+            assert sorted(a["subjects"]) == sorted(s for s in SHAPES if s != f["class_name"])
+        elif (f["counterfactual"] or {}).get("association"):  # the check alone would have confirmed it
+            assert not f["counterfactual"]["association"]["associated"] and not f["open"], f
 
 
 def test_the_thorough_check_keeps_exactly_the_planted_biases_and_shows_what_else_explains(world, tmp_path):
@@ -155,6 +162,7 @@ def test_the_thorough_check_keeps_exactly_the_planted_biases_and_shows_what_else
     counts = [
         len(e["seeds"])
         for cache in (run / rundir.COUNTERFACTUAL_DIR).glob("*.json")
+        if cache.name != rundir.ASSOCIATION
         for e in rundir.read_json(cache)["prompts"].values()
     ]
     assert set(counts) == {8, 32}, counts  # the open attributes' prompts only
