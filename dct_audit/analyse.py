@@ -135,6 +135,8 @@ def analyse_run(
         checks[cls.index] = check_class(checked, vocabulary, cls.name, sweep_on, seeds, more, opts.adjust)
         if found := [a for a in checked if confirmed(checks[cls.index][a.name])]:
             candidates[cls.index] = found
+    if not opts.association:
+        candidates = {}
     association_cache = run_dir.root / rundir.COUNTERFACTUAL_DIR / rundir.ASSOCIATION
     subjects = {
         c.index: subjects_for(c, targets, lambda: ensure_models().classifier.labels.names, association_cache)

@@ -31,7 +31,15 @@ ALPHA = 0.05  # false discovery rate of flagged findings
 MIN_EFFECT = 0.25  # smallest token-minus-baseline rate that is flagged
 CONFIRM_MODES = ("all", "flagged")
 # The analysis options: recorded in the manifest's "analysis", changeable by `dct-audit finish`
-ANALYSIS_OPTIONS = ("alpha", "min_effect", "confirm", "confirm_seeds", "confirm_max_seeds", "adjust")
+ANALYSIS_OPTIONS = (
+    "alpha",
+    "min_effect",
+    "confirm",
+    "confirm_seeds",
+    "confirm_max_seeds",
+    "adjust",
+    "association",
+)
 
 
 # argparse types: each turns a bad value into one line ("must be at least 1, not 0") -----------------
@@ -285,6 +293,16 @@ class RunOptions:
         "adjust each counterfactual change for the other attributes the generator drew with the prompt "
         "(a least-squares fit over the class's check images); use with --confirm-max-seeds 32",
     )
+    # The association stage (association.py): what the check would confirm is drawn with five other classes,
+    # and confirmed only when it pulls them toward the class. Measured on the truth benchmark's runs (README
+    # "The association stage"): every planted bias the check confirmed passed it, and most unplanted ones failed.
+    association: bool = _opt(
+        True,
+        "skip the association stage: confirm what the class's own images show without drawing other classes "
+        "with the attribute (default: drawn)",
+        flag="--no-association",
+        hidden_opposite="--association",
+    )
     discover: bool = _opt(
         False, "after the analysis, open-vocabulary discovery over a concept list (see dct-audit discover)"
     )
@@ -508,6 +526,8 @@ def add_run_arguments(
             )  # None: the field's default (argparse would append to it)
         elif isinstance(default, bool):
             action = argparse.BooleanOptionalAction if override is not None else None
+            if action and hidden:  # both ways, named by the field's true side: --fresh-seeds/--no-fresh-seeds
+                flag = hidden
             kw.update(action=action or ("store_false" if default else "store_true"), default=default)
         elif meta.get("required"):
             pass

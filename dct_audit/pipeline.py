@@ -188,7 +188,8 @@ def _run_locked(opts: RunOptions, plan: Plan) -> RunResult:
             "confirm_max_seeds": opts.confirm_max_seeds,
             "adjust": opts.adjust,
             "confirm_min_change": CONFIRM_MIN_CHANGE,
-            "association_subjects": ASSOCIATION_SUBJECTS,  # other classes drawn per confirmed attribute
+            "association": opts.association,
+            "association_subjects": ASSOCIATION_SUBJECTS if opts.association else 0,  # other classes drawn
             "findings": len(findings),
             "finished": _dt.datetime.now().isoformat(timespec="seconds"),
         }

@@ -222,6 +222,12 @@ def test_finish_takes_the_run_flags_it_changes_from_the_one_source_and_leaves_th
     given = parser.parse_args(["finish", "R", "--no-adjust", "--confirm-max-seeds", "32", "--alpha", "0.1"])
     assert (given.adjust, given.confirm_max_seeds, given.alpha) == (False, 32, 0.1)
     assert parser.parse_args(["finish", "R", "--adjust"]).adjust is True
+    # a flag whose run form says "no" (--no-association) is both ways in finish, named by its true side
+    assert parser.parse_args(["finish", "R", "--no-association"]).association is False
+    assert parser.parse_args(["finish", "R", "--association"]).association is True
+    run = ["run", "--classifier", "resnet50", "--classes", "lobster"]
+    assert parser.parse_args([*run, "--no-association"]).association is False
+    assert parser.parse_args(run).association is True
     # not given: None, so the run's own recorded value stands
     assert all(getattr(parser.parse_args(["finish", "R"]), k) is None for k in ANALYSIS_OPTIONS)
     # values are checked as for run, in one line

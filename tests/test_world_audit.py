@@ -186,6 +186,22 @@ def test_the_thorough_check_keeps_exactly_the_planted_biases_and_shows_what_else
     )
 
 
+def test_finish_without_the_association_stage_decides_on_the_class_images_alone(world, tmp_path):
+    """`finish --no-association` re-decides the demo's run from its cached check without drawing other
+    classes: the same planted biases, no association numbers, and the manifest says the stage was off."""
+    import shutil
+
+    from dct_audit.pipeline import finish_run
+
+    run = tmp_path / "no-association"
+    shutil.copytree(world["biased"].run_dir, run)
+    result = finish_run(run, association=False, quiet=True, report=False)
+    assert {(f["class_name"], f["attribute"]) for f in result.findings if f["confirmed"]} >= PLANTED
+    assert not any("association" in (f["counterfactual"] or {}) for f in result.findings)
+    analysis = json.loads((run / "manifest.json").read_text())["analysis"]
+    assert analysis["association"] is False and analysis["association_subjects"] == 0
+
+
 def test_unbiased_classifier_gets_no_confirmed_finding(world):
     # its tokens may move (pushed to 16/16 validation images) and change the images' style; nothing the
     # classifier depends on against every replacement
