@@ -114,6 +114,14 @@ def summarise(rows: pd.DataFrame, controls: pd.DataFrame) -> str:
             f"| findings left open (biased classifiers), planted of them | {n_open_planted} of {n_open} |",
             f"| findings left open on unbiased controls | {int(controls['n_open'].sum())} in {len(controls)} controls |",
         ]
+    if "specific" in planted:  # the association stage: a dependence of the class's own images only
+        n_spec = int(planted.groupby("world")["n_specific"].first().sum())
+        n_spec_planted = int(planted.groupby("world")["n_specific_planted"].first().sum())
+        lines += [
+            f"| relied-on biases the association stage did not confirm | {int(relied['specific'].sum())} of {len(relied)} |",
+            f"| dependences of a class's own images only (biased classifiers), planted of them | {n_spec_planted} of {n_spec} |",
+            f"| dependences of a class's own images only on unbiased controls | {int(controls['n_specific'].sum())} in {len(controls)} controls |",
+        ]
     lines += [
         "",
         "| attribute type | planted | relied on | found (all) | found (relied on) |",
@@ -206,6 +214,7 @@ def main(argv=None) -> int:
                     "world": name,
                     "n_confirmed": score["n_confirmed"],
                     "n_open": len(score.get("open") or []),
+                    "n_specific": len(score.get("specific") or []),
                     "audit_s": audit_s,
                     "train_s": train_s,
                 }
@@ -240,6 +249,10 @@ def main(argv=None) -> int:
                     "open": bool(r.get("open")),  # not confirmed, left open by the check
                     "n_open": len(score.get("open") or []),
                     "n_open_planted": sum(o["planted"] for o in score.get("open") or []),
+                    # the class's own images only (the association stage): not confirmed
+                    "specific": bool(r.get("specific")),
+                    "n_specific": len(score.get("specific") or []),
+                    "n_specific_planted": sum(o["planted"] for o in score.get("specific") or []),
                     "drawn_token": token_rate,
                     "drawn_baseline": baseline_rate,
                     "token_accuracy": token_acc,
@@ -261,7 +274,9 @@ def main(argv=None) -> int:
         )
     table, ctrl = (
         pd.DataFrame(rows),
-        pd.DataFrame(controls, columns=["world", "n_confirmed", "n_open", "audit_s", "train_s"]),
+        pd.DataFrame(
+            controls, columns=["world", "n_confirmed", "n_open", "n_specific", "audit_s", "train_s"]
+        ),
     )
     pd.concat([table, ctrl.assign(planted="(control)")], ignore_index=True).to_csv(
         out / "worlds.csv", index=False

@@ -133,6 +133,19 @@ def test_findings_the_check_left_open_count_as_neither_found_nor_false_and_are_n
     assert "left open" not in T.format_score(T.score_findings(findings[:1], planted, reliance))
 
 
+def test_dependences_of_a_class_s_own_images_only_are_not_found_and_are_named():
+    planted = T.PlantedSet.parse("triangle:context:frame")
+    specific = {"depends": True, "ci_low": 0.14, "association": {"associated": False, "diff": -0.01}}
+    findings = [
+        _finding("triangle", "frame", True),
+        {**_finding("triangle", "brick", False), "counterfactual": specific},  # the generator's brick wall
+    ]
+    score = T.score_findings(findings, planted, {"triangle": {"reliance": 0.98, "relies": True}})
+    assert score["found"] == 1 and score["precision"] == 1.0 and score["specific_relied"] == 0
+    assert score["specific"] == [{"class_name": "triangle", "attribute": "brick", "planted": False}]
+    assert "1 dependence(s) of a class's own images only, not confirmed (0 planted)" in T.format_score(score)
+
+
 def test_the_truth_travels_with_the_classifier(tmp_path):
     planted = T.PlantedSet.parse("triangle:colour:blue@0.9")
     (tmp_path / "training.json").write_text(json.dumps({"train": {}, **planted.to_dict()}))

@@ -237,12 +237,19 @@ def score_findings(
     relies on and ``precision_learned`` counts them as true. ``precision`` stays the planted truth's.
 
     Findings the check left *open* (``check.is_open``) count as neither found nor false; ``open`` lists them
-    with whether each was planted, and a planted bias's row says whether it was left open.
+    with whether each was planted, and a planted bias's row says whether it was left open. ``specific`` lists
+    the dependences the association stage found to be the class's own images only (``check.class_specific``),
+    also with whether each was planted: what the stage removed from the confirmations.
     """
+    from ..check import class_specific
+
     confirmed = [(f["class_name"], f["attribute"]) for f in findings if f.get("confirmed")]
     flagged = {(f["class_name"], f["attribute"]) for f in findings if f.get("flagged", True)}
     undecided = [
         (f["class_name"], f["attribute"]) for f in findings if f.get("open") and not f.get("confirmed")
+    ]
+    specific = [
+        (f["class_name"], f["attribute"]) for f in findings if class_specific(f.get("counterfactual"))
     ]
     # confirmed and brought in by the token: what ``--confirm flagged`` would have found
     by_token = {
@@ -265,6 +272,7 @@ def score_findings(
                 "found": key in confirmed,
                 "found_by_token": key in by_token,
                 "open": key in undecided,
+                "specific": key in specific,
             }
         )
     truth = {(b.cls, b.attribute_name) for b in planted.biases}
@@ -297,6 +305,8 @@ def score_findings(
         else None,
         "open": [{"class_name": c, "attribute": a, "planted": (c, a) in truth} for c, a in undecided],
         "open_relied": sum(r["open"] for r in relied),
+        "specific": [{"class_name": c, "attribute": a, "planted": (c, a) in truth} for c, a in specific],
+        "specific_relied": sum(r["specific"] for r in relied),
         "n_confirmed_token": len(by_token),
         "false_confirmations_token": len(by_token - truth),
     }
@@ -322,4 +332,11 @@ def format_score(score: dict) -> str:
     if undecided:
         planted = [f"{r['class_name']}/{r['attribute']}" for r in undecided if r["planted"]]
         line += f"; {len(undecided)} left open by the check ({len(planted)} planted{': ' if planted else ''}{', '.join(planted)})"
+    specific = score.get("specific") or []
+    if specific:
+        planted = [f"{r['class_name']}/{r['attribute']}" for r in specific if r["planted"]]
+        line += (
+            f"; {len(specific)} dependence(s) of a class's own images only, not confirmed ({len(planted)} planted"
+            f"{': ' if planted else ''}{', '.join(planted)})"
+        )
     return line
