@@ -186,6 +186,7 @@ def check_associations(
     ``candidates`` (class index -> attributes the check confirms), in ``cfs`` (class index -> {attribute name:
     counterfactual}). ``sweep_on(texts, indices)`` scores prompts for classes (``association_sweep``), once
     for every class: images are shared."""
+    candidates = {i: attrs for i, attrs in candidates.items() if subjects.get(i)}  # a one-class classifier: none
     texts = [
         t
         for i, attrs in candidates.items()

@@ -170,3 +170,13 @@ def test_check_associations_scores_every_candidate_in_one_sweep():
     check_associations({0: [a], 1: [a]}, cfs, voc, subjects, sweep_on)
     assert len(calls) == 1 and calls[0][1] == [0, 1]
     assert confirmed(cfs[0]["water"]) and not confirmed(cfs[1]["water"]) and class_specific(cfs[1]["water"])
+
+
+def test_a_class_without_other_classes_to_draw_keeps_the_checks_verdict():
+    voc, cfs = _vocabulary(), {0: {"water": _cf()}}
+
+    def sweep_on(texts, indices):
+        raise AssertionError("nothing to draw")
+
+    check_associations({0: [voc.attributes[0]]}, cfs, voc, {0: []}, sweep_on)
+    assert "association" not in cfs[0]["water"] and confirmed(cfs[0]["water"])
