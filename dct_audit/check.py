@@ -21,8 +21,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from . import rundir
-from .generate import generate, nograd_batch
-from .score import score_images
 from .stats import mean_diff_ci, seed_stages
 
 if TYPE_CHECKING:
@@ -309,7 +307,8 @@ def counterfactual_sweep(
     The class's token is not in these prompts: the check asks whether the classifier depends on the
     attribute itself, whatever the token learned.
     """
-    from .generate import Job
+    from .generate import Job, generate, nograd_batch  # torch: the report reads check.py's verdicts without it
+    from .score import score_images
 
     old = rundir.read_json(cache) if cache.is_file() else None
     entries: dict[str, dict] = {}
