@@ -186,7 +186,8 @@ def check_associations(
     ``candidates`` (class index -> attributes the check confirms), in ``cfs`` (class index -> {attribute name:
     counterfactual}). ``sweep_on(texts, indices)`` scores prompts for classes (``association_sweep``), once
     for every class: images are shared."""
-    candidates = {i: attrs for i, attrs in candidates.items() if subjects.get(i)}  # a one-class classifier: none
+    # a class with no other class to draw (a one-class classifier) keeps the check's verdict
+    candidates = {i: attrs for i, attrs in candidates.items() if subjects.get(i)}
     texts = [
         t
         for i, attrs in candidates.items()

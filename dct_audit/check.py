@@ -307,7 +307,8 @@ def counterfactual_sweep(
     The class's token is not in these prompts: the check asks whether the classifier depends on the
     attribute itself, whatever the token learned.
     """
-    from .generate import Job, generate, nograd_batch  # torch: the report reads check.py's verdicts without it
+    # imported here: they need torch, and the report reads this module's verdicts without it
+    from .generate import Job, generate, nograd_batch
     from .score import score_images
 
     old = rundir.read_json(cache) if cache.is_file() else None
