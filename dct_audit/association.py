@@ -46,8 +46,7 @@ def subjects_for(
     when the classifier has fewer other classes). ``labels()`` gives the classifier's class names; it is called
     only when the run has fewer than ``SUBJECTS`` other classes and ``cache`` (``association_sweep``'s) does
     not record the subjects drawn before."""
-    old = rundir.read_json(cache) if cache is not None and cache.is_file() else None
-    recorded = (old.get("subjects") or {}).get(str(cls.index)) if isinstance(old, dict) else None
+    recorded = _read_cache(cache)["subjects"].get(str(cls.index))
     if isinstance(recorded, list) and recorded:
         return [str(s) for s in recorded]
     pos = next(i for i, t in enumerate(targets) if t.index == cls.index)
@@ -60,6 +59,19 @@ def subjects_for(
         for i in rng.permutation(pool)[: SUBJECTS - len(names)]:
             names.append(all_names[int(i)])
     return names
+
+
+def _read_cache(cache: Path | None) -> dict:
+    """The association cache's ``subjects`` and ``prompts``, empty where there is none or where it cannot be
+    read (what is missing is drawn again)."""
+    old = None
+    if cache is not None and cache.is_file():
+        try:
+            old = rundir.read_json(cache)
+        except (OSError, ValueError):
+            old = None
+    old = old if isinstance(old, dict) else {}
+    return {k: old[k] if isinstance(old.get(k), dict) else {} for k in ("subjects", "prompts")}
 
 
 def association_prompts(
@@ -93,20 +105,24 @@ def association_sweep(
     """
     from .generate import Job, generate, nograd_batch
 
-    old = rundir.read_json(cache) if cache.is_file() else None
-    entries = dict(old.get("prompts") or {}) if isinstance(old, dict) else {}
+    old = _read_cache(cache)
+    entries = dict(old["prompts"])
     keys = [str(i) for i in indices]
 
-    def usable(e) -> bool:
-        probs = e.get("probs") if isinstance(e, dict) else None
-        return (
-            isinstance(probs, dict)
-            and all(len(probs.get(k) or ()) == len(e.get("seeds") or ()) for k in keys)
-            and set(seeds) <= set(e["seeds"])
+    def usable(e) -> bool:  # every seed and every class asked for, each list as long as the seeds
+        if (
+            not isinstance(e, dict)
+            or not isinstance(e.get("seeds"), list)
+            or not isinstance(e.get("probs"), dict)
+        ):
+            return False
+        n = len(e["seeds"])
+        return set(seeds) <= set(e["seeds"]) and all(
+            isinstance(e["probs"].get(k), list) and len(e["probs"][k]) == n for k in keys
         )
 
     todo = [t for t in dict.fromkeys(texts) if not usable(entries.get(t))]
-    recorded = dict(old.get("subjects") or {}) if isinstance(old, dict) else {}
+    recorded = dict(old["subjects"])
     new_subjects = {str(i): list(v) for i, v in (subjects or {}).items() if recorded.get(str(i)) != list(v)}
     if todo:
         models = ensure_models()

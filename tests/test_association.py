@@ -180,3 +180,17 @@ def test_a_class_without_other_classes_to_draw_keeps_the_checks_verdict():
 
     check_associations({0: [voc.attributes[0]]}, cfs, voc, {0: []}, sweep_on)
     assert "association" not in cfs[0]["water"] and confirmed(cfs[0]["water"])
+
+
+def test_a_broken_association_cache_is_drawn_again_not_a_traceback(tmp_path):
+    gen = _Generator()
+    models = SimpleNamespace(generator=gen, classifier=_Classifier())
+    opts = SimpleNamespace(steps=1, guidance=None, gen_batch=4)
+    cache = tmp_path / rundir.ASSOCIATION
+    for broken in ("{not json", '{"subjects": [], "prompts": {"b on water": {"seeds": 3}}}'):
+        cache.write_text(broken)
+        targets = [ResolvedClass(0, "a", "a"), ResolvedClass(1, "b", "b")]
+        assert subjects_for(targets[0], targets, lambda: ["a", "b"], cache) == ["b"]
+        out = association_sweep(lambda: models, cache, ["b on water"], [1], [0], opts, 4)
+        assert len(out["b on water"][0]) == 1
+    assert rundir.read_json(cache)["prompts"]["b on water"]["seeds"] == [1]  # written again, whole
