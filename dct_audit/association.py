@@ -74,12 +74,17 @@ def _read_cache(cache: Path | None) -> dict:
     return {k: old[k] if isinstance(old.get(k), dict) else {} for k in ("subjects", "prompts")}
 
 
+def _effective(counterfactual: dict) -> set[str]:
+    """The replacements that removed the attribute in the check (``check.counterfactual_effect``)."""
+    return {r["name"] for r in counterfactual.get("replacements") or () if r.get("effective", True)}
+
+
 def association_prompts(
     attribute, counterfactual: dict, vocabulary: Vocabulary, subjects: list[str]
 ) -> list[str]:
     """Every prompt an attribute's association check scores: its own and each effective replacement's (those
     that removed it in the check), with each subject."""
-    effective = {r["name"] for r in counterfactual.get("replacements") or () if r.get("effective", True)}
+    effective = _effective(counterfactual)
     templates = [attribute.with_context] + [
         t for n, t in vocabulary.replacements(attribute) if n in effective
     ]
@@ -163,7 +168,7 @@ def association_effect(
         return np.concatenate([sweep[template.format(s)][index] for s in subjects])
 
     with_probs = probs(attribute.with_context)
-    effective = {r["name"] for r in counterfactual.get("replacements") or () if r.get("effective", True)}
+    effective = _effective(counterfactual)
     rows = []
     for name, template in vocabulary.replacements(attribute):
         if name in effective:
