@@ -39,6 +39,7 @@ ANALYSIS_OPTIONS = (
     "confirm_max_seeds",
     "adjust",
     "association",
+    "gen_batch",  # speed only: a finished run's analysis may use another batch (floats differ in the last bits)
 )
 
 

@@ -190,6 +190,7 @@ def _run_locked(opts: RunOptions, plan: Plan) -> RunResult:
             "confirm_min_change": CONFIRM_MIN_CHANGE,
             "association": opts.association,
             "association_subjects": ASSOCIATION_SUBJECTS if opts.association else 0,  # other classes drawn
+            "gen_batch": opts.gen_batch,
             "findings": len(findings),
             "finished": _dt.datetime.now().isoformat(timespec="seconds"),
         }

@@ -275,6 +275,7 @@ def build_tiny_run(tmp_path_factory, pipelines, classifier, clip) -> Path:
         snapshot_every=1,
         lr=0.2,
         confirm_seeds=2,  # every attribute is still checked, on fewer seeds
+        gen_batch=64,  # tiny images: few generator calls (at the default 4 the time goes to Python calls)
         quiet=True,
     )
     return root / "tiny"

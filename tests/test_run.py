@@ -222,6 +222,7 @@ def test_finish_takes_the_run_flags_it_changes_from_the_one_source_and_leaves_th
     given = parser.parse_args(["finish", "R", "--no-adjust", "--confirm-max-seeds", "32", "--alpha", "0.1"])
     assert (given.adjust, given.confirm_max_seeds, given.alpha) == (False, 32, 0.1)
     assert parser.parse_args(["finish", "R", "--adjust"]).adjust is True
+    assert parser.parse_args(["finish", "R", "--gen-batch", "32"]).gen_batch == 32  # speed, e.g. after shards
     # a flag whose run form says "no" (--no-association) is both ways in finish, named by its true side
     assert parser.parse_args(["finish", "R", "--no-association"]).association is False
     assert parser.parse_args(["finish", "R", "--association"]).association is True

@@ -47,7 +47,8 @@ def test_two_shards_then_finish_give_the_serial_results(serial, tmp_path):
     manifest = rundir.read_json(tmp_path / "sharded" / "manifest.json")
     assert sorted(manifest["class_runs"]) == ["0", "1", "2", "3"]  # no shard dropped another's records
     assert {r["shard"] for r in manifest["class_runs"].values()} == {"1/2", "2/2"}
-    finished = finish_run(tmp_path / "sharded", quiet=True)
+    # images per generator call: a speed option shards do not record, given to finish as a user would
+    finished = finish_run(tmp_path / "sharded", quiet=True, gen_batch=common["gen_batch"])
     assert finished.skipped == [0, 1, 2, 3]  # nothing audited again
     for name in ("enrichment.csv", "findings.json"):
         assert (serial.run_dir / name).read_bytes() == (finished.run_dir / name).read_bytes(), name

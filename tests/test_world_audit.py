@@ -154,6 +154,7 @@ def test_the_thorough_check_keeps_exactly_the_planted_biases_and_shows_what_else
     assert {(f["class_name"], f["attribute"]) for f in result.findings if f["confirmed"]} == PLANTED
     analysis = json.loads((run / "manifest.json").read_text())["analysis"]
     assert analysis["adjust"] is True and analysis["confirm_max_seeds"] == 32
+    assert analysis["gen_batch"] == 32  # the run's own images per generator call, not finish's default
     for f in result.findings:
         if f["counterfactual"]:
             assert all(r["explained"] is not None for r in f["counterfactual"]["replacements"])
