@@ -49,16 +49,31 @@ def subjects_for(
     recorded = _read_cache(cache)["subjects"].get(str(cls.index))
     if isinstance(recorded, list) and recorded:
         return [str(s) for s in recorded]
+    # a subject must be another class by name too: ImageNet has two "crane"s (bird, machine), and "a crane on
+    # a plate" drawn as a subject would be this class's own prompt
+    seen = {_key(cls.name)}
     pos = next(i for i, t in enumerate(targets) if t.index == cls.index)
-    names = [t.name for t in targets[pos + 1 :] + targets[:pos]][:SUBJECTS]
+    names = []
+    for t in targets[pos + 1 :] + targets[:pos]:
+        if len(names) < SUBJECTS and _key(t.name) not in seen:
+            seen.add(_key(t.name))
+            names.append(t.name)
     if len(names) < SUBJECTS:
         all_names = labels()
         taken = {t.index for t in targets}
         pool = [i for i in range(len(all_names)) if i not in taken]
         rng = np.random.default_rng(cls.index)
-        for i in rng.permutation(pool)[: SUBJECTS - len(names)]:
-            names.append(all_names[int(i)])
+        for i in rng.permutation(pool):
+            if len(names) == SUBJECTS:
+                break
+            if _key(all_names[int(i)]) not in seen:
+                seen.add(_key(all_names[int(i)]))
+                names.append(all_names[int(i)])
     return names
+
+
+def _key(name: str) -> str:
+    return " ".join(str(name).lower().split())
 
 
 def _read_cache(cache: Path | None) -> dict:

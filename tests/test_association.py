@@ -102,6 +102,11 @@ def test_subjects_are_the_runs_other_classes_then_drawn_from_the_labels_and_reco
     assert got[0] == "bar" and len(got) == SUBJECTS and len(set(got)) == SUBJECTS
     assert "lobster" not in got and got == subjects_for(few[0], few, lambda: labels)  # fixed by the class
 
+    # a label with the class's own name (ImageNet's two "crane"s) or one already drawn is not a subject
+    twins = [ResolvedClass(134, "crane", "crane"), ResolvedClass(7, "Bar", "Bar")]
+    named = ["crane", "bar", "crane ", "BAR", "kite"] * 40
+    got = subjects_for(twins[0], twins, lambda: named)
+    assert got == ["Bar", "kite"]  # five were asked for: the label list has only one other name
     cache = tmp_path / rundir.ASSOCIATION
     rundir.write_json(cache, {"subjects": {"3": ["x", "y"]}, "prompts": {}})
     assert subjects_for(few[0], few, lambda: pytest.fail("recorded"), cache) == ["x", "y"]
