@@ -165,8 +165,8 @@ def _run_locked(opts: RunOptions, plan: Plan) -> RunResult:
             "memory": summary["memory"],
             "finished": _dt.datetime.now().isoformat(timespec="seconds"),
         }
-        if opts.shard:
-            record["shard"] = opts.shard
+        if opts.shard:  # and its images per generator call, which finish then keeps (a speed option)
+            record.update(shard=opts.shard, gen_batch=opts.gen_batch)
         run_dir.update_manifest(class_runs={str(cls.index): record})
     bar.close()
 

@@ -62,7 +62,12 @@ def manifest_options(manifest: Manifest, overrides: dict | None = None) -> dict:
         if key in settings:
             settings[key] = tuple(settings[key])
     tagging = manifest.tagging or {}
-    analysis = manifest.analysis or {}
+    analysis = dict(manifest.analysis or {})
+    shards = {
+        r.get("gen_batch") for r in manifest.class_runs.values() if isinstance(r, dict) and "shard" in r
+    }
+    if "gen_batch" not in analysis and len(shards) == 1:  # never analysed: the shards' own --gen-batch
+        analysis["gen_batch"] = shards.pop()
     return {
         "tagger": tagging.get("tagger"),
         "attributes": tagging.get("attributes_file"),

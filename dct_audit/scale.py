@@ -14,7 +14,7 @@ import dataclasses
 
 from . import rundir
 from .errors import DctAuditError
-from .options import RunOptions
+from .options import ANALYSIS_OPTIONS, RunOptions
 
 LOCAL = "local"  # --ray without an address: start a Ray cluster on this machine
 
@@ -125,10 +125,5 @@ def run_on_ray(opts: RunOptions, classifier=None, generator=None, tagger=None):
         device=opts.device,
         quiet=opts.quiet,
         report=opts.report,
-        alpha=opts.alpha,
-        min_effect=opts.min_effect,
-        confirm=opts.confirm,
-        confirm_seeds=opts.confirm_seeds,
-        confirm_max_seeds=opts.confirm_max_seeds,
-        adjust=opts.adjust,
+        **{k: getattr(opts, k) for k in ANALYSIS_OPTIONS},  # all of them: --no-association was dropped here
     )

@@ -47,8 +47,12 @@ def test_two_shards_then_finish_give_the_serial_results(serial, tmp_path):
     manifest = rundir.read_json(tmp_path / "sharded" / "manifest.json")
     assert sorted(manifest["class_runs"]) == ["0", "1", "2", "3"]  # no shard dropped another's records
     assert {r["shard"] for r in manifest["class_runs"].values()} == {"1/2", "2/2"}
-    # images per generator call: a speed option shards do not record, given to finish as a user would
-    finished = finish_run(tmp_path / "sharded", quiet=True, gen_batch=common["gen_batch"])
+    assert {r["gen_batch"] for r in manifest["class_runs"].values()} == {common["gen_batch"]}
+    finished = finish_run(tmp_path / "sharded", quiet=True)  # keeps the shards' --gen-batch
+    assert (
+        rundir.read_json(tmp_path / "sharded" / "manifest.json")["analysis"]["gen_batch"]
+        == common["gen_batch"]
+    )
     assert finished.skipped == [0, 1, 2, 3]  # nothing audited again
     for name in ("enrichment.csv", "findings.json"):
         assert (serial.run_dir / name).read_bytes() == (finished.run_dir / name).read_bytes(), name
@@ -76,9 +80,15 @@ def test_overwrite_with_a_shard_is_refused(tiny_run_options, tiny_classifier, tm
         )
 
 
-def test_a_local_ray_cluster_gives_the_serial_results(serial, tmp_path):
+def test_a_local_ray_cluster_gives_the_serial_results(serial, tmp_path, monkeypatch):
     """Each class a Ray task on a local cluster of 2 CPUs, the analysis on the driver: the same files."""
     pytest.importorskip("ray", reason='needs Ray (pip install "dct-audit[ray]")')
+    import dct_audit.pipeline as P
+    from dct_audit.options import ANALYSIS_OPTIONS
+
+    given = {}
+    real_finish = P.finish_run  # what the driver calls (dct_audit.scale imports it when it runs)
+    monkeypatch.setattr(P, "finish_run", lambda root, **kw: given.update(kw) or real_finish(root, **kw))
     serial, model, common = serial
     result = dct_audit.run(model, "0,1,2,3", name="ray", out=str(tmp_path), ray="local", ray_cpus=2, **common)
     assert [c["index"] for c in result.classes] == [0, 1, 2, 3]
@@ -89,6 +99,8 @@ def test_a_local_ray_cluster_gives_the_serial_results(serial, tmp_path):
     # everything finished: a second call starts no task and analyses again to the same files
     again = dct_audit.run(model, "0,1,2,3", name="ray", out=str(tmp_path), ray="local", ray_cpus=2, **common)
     assert again.skipped == [0, 1, 2, 3] and again.findings == result.findings
+    # the driver's analysis gets every analysis option of the run (it once dropped --no-association)
+    assert set(ANALYSIS_OPTIONS) <= set(given) and given["gen_batch"] == common["gen_batch"]
 
 
 def test_ray_refuses_what_it_cannot_do(serial, tmp_path):
