@@ -71,6 +71,17 @@ def test_renders_index_class_pages_plots_and_json(rendered):
         assert "the classifier's confidence depends on it" in text and "+60 pp" in text
     index = " ".join(parse(rendered).texts)
     assert "plate +60 pp" in index and "stabilityai" not in index  # the tiny generator, as resolved
+    assert "drawn with 5 other classes too" in index  # the association stage, as the manifest records it
+
+
+def test_the_index_says_when_the_association_stage_was_off(tiny_run, tmp_path):
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["analysis"].update(association=False, association_subjects=0)
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    index = " ".join(parse(report.render_report(run)).texts)
+    assert "off ( --no-association ): decided on the class's own images" in index
+    assert "other classes too" not in index
 
 
 def test_report_imports_no_torch(rendered, tmp_path):

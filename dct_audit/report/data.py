@@ -93,7 +93,16 @@ def read_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, self_contai
 def _analysis(analysis: dict) -> dict:
     """The analysis settings the index names, with the check's later stages (``[32, 128]``: seeds of each)."""
     out = pick(
-        analysis, "alpha", "min_effect", "findings", "confirm", "confirm_seeds", "confirm_max_seeds", "adjust"
+        analysis,
+        "alpha",
+        "min_effect",
+        "findings",
+        "confirm",
+        "confirm_seeds",
+        "confirm_max_seeds",
+        "adjust",
+        "association",
+        "association_subjects",
     )
     first, most = out.get("confirm_seeds"), out.get("confirm_max_seeds")
     ok = isinstance(first, int) and isinstance(most, int) and first > 0
