@@ -181,16 +181,11 @@ def _run_locked(opts: RunOptions, plan: Plan) -> RunResult:
             run_dir, targets, vocabulary, lambda: load_models(models, opts, device, vocabulary), opts, batch
         )
         analysis = {
-            "alpha": opts.alpha,
-            "min_effect": opts.min_effect,
-            "confirm": opts.confirm,
-            "confirm_seeds": opts.confirm_seeds,
-            "confirm_max_seeds": opts.confirm_max_seeds,
-            "adjust": opts.adjust,
+            **{
+                k: getattr(opts, k) for k in ANALYSIS_OPTIONS
+            },  # what finish reads back (records.manifest_options)
             "confirm_min_change": CONFIRM_MIN_CHANGE,
-            "association": opts.association,
             "association_subjects": ASSOCIATION_SUBJECTS if opts.association else 0,  # other classes drawn
-            "gen_batch": opts.gen_batch,
             "findings": len(findings),
             "finished": _dt.datetime.now().isoformat(timespec="seconds"),
         }
