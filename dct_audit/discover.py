@@ -273,8 +273,20 @@ def discover_run(
         raise DctAuditError(
             f"'{root}' is not a dct-audit run folder (no manifest.json); give the folder of the run"
         )
+    # every argument checked, and the concepts read, before any model loads
     if with_template.count("{}") != 2:
         raise DctAuditError(f"--discover-with {with_template!r} needs two {{}}: the class, then the concept")
+    if concept_template.count("{}") != 1:
+        raise DctAuditError(
+            f"--concept-template {concept_template!r} needs one {{}} (where the concept goes)"
+        )
+    if top_k < 1:
+        raise DctAuditError(f"--top-k must be at least 1, not {top_k}")
+    concepts = (
+        read_concepts(concepts_file, concept_template)
+        if concepts_file
+        else wordnet_concepts(concept_template)
+    )
     kwargs = manifest_options(manifest, {"quiet": quiet, "report": False, "device": device})
     if not kwargs.get("tagger"):
         raise DctAuditError(
@@ -291,17 +303,6 @@ def discover_run(
     torch_device = opts.resolved_device()
     given = models or Models()
     tagger = given.tagger or load_tagger(opts.tagger, torch_device)
-    if concept_template.count("{}") != 1:
-        raise DctAuditError(
-            f"--concept-template {concept_template!r} needs one {{}} (where the concept goes)"
-        )
-    if top_k < 1:
-        raise DctAuditError(f"--top-k must be at least 1, not {top_k}")
-    concepts = (
-        read_concepts(concepts_file, concept_template)
-        if concepts_file
-        else wordnet_concepts(concept_template)
-    )
     feats = concept_features(tagger, concepts)
 
     # 1. Rank and test per class, from the stored image features

@@ -150,3 +150,19 @@ def test_discover_on_a_finished_run_keeps_every_tested_concept_and_only_confirme
     few = dct_audit.run(f"file:{model}", "0", name="few", **dict(opts, n_images=2)).run_dir
     with pytest.raises(DctAuditError, match="at least 4 seeds"):
         D.discover_run(few, str(words), "{}", check=False, quiet=True)
+
+    # bad arguments are one line before any model loads (a real CLIP takes seconds to load)
+    from dct_audit import tag
+
+    def no_load(*a, **k):
+        raise AssertionError("the tagger was loaded before the arguments were checked")
+
+    monkeypatch.setattr(tag, "load_tagger", no_load)
+    for kwargs, message in (
+        ({"concepts_file": str(tmp_path / "missing.txt")}, "cannot read it"),
+        ({"concepts_file": str(words), "concept_template": "no braces"}, "needs one"),
+        ({"concepts_file": str(words), "top_k": 0}, "at least 1"),
+        ({"concepts_file": str(words), "with_template": "{}"}, "needs two"),
+    ):
+        with pytest.raises(DctAuditError, match=message):
+            D.discover_run(run_dir, check=False, quiet=True, **kwargs)
