@@ -337,6 +337,7 @@ def _cmd_demo(args) -> int:
 
 def _cmd_verify(args) -> int:
     from . import rundir
+    from .report.readers import read_enrichment, read_findings
 
     root = Path(args.run_dir)
     run = rundir.RunDir(root)
@@ -351,9 +352,9 @@ def _cmd_verify(args) -> int:
     analysed = True  # a run with a tagger ends with its analysis files, and they must be readable
     for name in (rundir.ENRICHMENT, rundir.FINDINGS):
         state = "present" if (root / name).is_file() else "missing"
-        if state == "present" and name == rundir.FINDINGS:
+        if state == "present":
             try:
-                rundir.read_findings(root)
+                (read_findings if name == rundir.FINDINGS else read_enrichment)(root)
             except DctAuditError:
                 state = "broken"
         analysed &= state == "present"
@@ -368,9 +369,15 @@ def _cmd_verify(args) -> int:
 
 
 def _cmd_report(args) -> int:
+    import json
+
     from .report import render_report
 
-    print(f"report: {render_report(args.run_dir, args.out, args.self_contained)}")
+    path = render_report(args.run_dir, args.out, args.self_contained)
+    print(f"report: {path}")
+    rows = json.loads((path.parent / "report.json").read_text())["classes"]
+    for r in (r for r in rows if r["status"] == "broken"):  # listed as broken on the index, said here too
+        print(f"class {r['name']} is broken ({r['note']})")
     return 0
 
 

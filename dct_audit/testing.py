@@ -355,6 +355,7 @@ def add_analysis(run: Path, attributes=(("plate", "food"), ("person", "people"),
         ]
         header = ["file", "variant", "context_index", "seed", *(a for a, _ in attributes)]
         write_csv(folder / rundir.TAGS, header, tags)
+        rundir.RunDir(run).mark_done(c["index"], c["name"])  # tags.csv is written before the marker in a run
     write_csv(run / rundir.ENRICHMENT, list(rows[0]), [list(r.values()) for r in rows])
     rundir.write_json(run / rundir.FINDINGS, findings)
 
@@ -373,6 +374,7 @@ def synthetic_run(source: Path, dest: Path, classes: list[tuple[int, str]]) -> P
         rundir.write_json(
             folder / rundir.CLASS_SUMMARY, {**summary, "index": index, "name": name, "token_accuracy": acc}
         )
+        rundir.RunDir(dest).mark_done(index, name)
         manifest["classes"].append({"index": index, "name": name, "placeholder": f"<dct-{index}>"})
     rundir.write_json(dest / rundir.MANIFEST, manifest)
     return dest

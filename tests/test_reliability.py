@@ -258,6 +258,12 @@ def test_a_damaged_finished_class_is_redone_and_verify_reports_it(run_args, tmp_
     capsys.readouterr()
     assert main(["verify", str(root)]) == 1
     assert "broken     findings.json" in capsys.readouterr().out
+    (root / "findings.json").unlink()
+    (root / "enrichment.csv").write_text("\x00garbage{")  # read as the report reads it, not only found
+    assert main(["verify", str(root)]) == 1
+    assert "broken     enrichment.csv" in capsys.readouterr().out
+    assert main(["report", str(root)]) == 2
+    assert f"run `dct-audit finish {root}` to write the analysis again" in capsys.readouterr().err
 
 
 def test_a_resume_with_another_tagger_or_vocabulary_is_refused_before_anything_loads(

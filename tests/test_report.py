@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dct_audit import report, rundir
+from dct_audit.cli import main
 from dct_audit.errors import DctAuditError
 from dct_audit.testing import (
     add_analysis,
@@ -125,7 +126,7 @@ def test_unfinished_classes_are_shown_as_unfinished_without_a_page(rendered):
     assert notes == ["interrupted: no DONE marker", "not started"]
 
 
-def test_a_damaged_finished_class_is_listed_as_broken_and_the_rest_renders(tiny_run, tmp_path):
+def test_a_damaged_finished_class_is_listed_as_broken_and_the_rest_renders(tiny_run, tmp_path, capsys):
     run = shutil.copytree(tiny_run, tmp_path / "run")
     (run / "classes" / "0002-horizontal-bar" / "scores.csv").unlink()
     index = report.render_report(run)
@@ -133,6 +134,28 @@ def test_a_damaged_finished_class_is_listed_as_broken_and_the_rest_renders(tiny_
     assert [c["status"] for c in data["classes"]] == ["done", "broken"]
     assert "scores.csv is missing" in data["classes"][1]["note"] and data["classes"][1]["page"] is None
     assert (index.parent / "classes" / "0000-american-lobster.html").is_file()
+
+    # a file changed since the class finished (checked against the DONE marker's hashes, as verify does): broken,
+    # and `dct-audit report` says so; a report built from it would show numbers the run never made
+    lobster = run / "classes" / "0000-american-lobster"
+    (lobster / "history.csv").write_text("\x00garbage{")
+    capsys.readouterr()
+    assert main(["report", str(run)]) == 0
+    data = json.loads((index.parent / "report.json").read_text())
+    assert [c["status"] for c in data["classes"]] == ["broken", "broken"]
+    assert "history.csv has changed since the class finished" in data["classes"][0]["note"]
+    assert "class American lobster is broken (history.csv has changed" in capsys.readouterr().out
+
+
+def test_a_class_without_history_rows_renders_without_a_training_plot(tiny_run, tmp_path):
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    folder = run / "classes" / "0000-american-lobster"
+    header = (folder / "history.csv").read_text().splitlines()[0]
+    (folder / "history.csv").write_text(header + "\n")
+    rundir.RunDir(run).mark_done(0, "american lobster")
+    index = report.render_report(run)
+    page = (index.parent / "classes" / "0000-american-lobster.html").read_text()
+    assert "<h2>Training</h2>" in page and "loss and target probability over updates" not in page
 
 
 def test_sparse_metadata_still_renders(tiny_run, tmp_path):
@@ -143,6 +166,7 @@ def test_sparse_metadata_still_renders(tiny_run, tmp_path):
     summary_path = run / "classes" / "0000-american-lobster" / "class.json"
     summary = rundir.read_json(summary_path)
     rundir.write_json(summary_path, {k: summary[k] for k in ("index", "name", "placeholder")})
+    rundir.RunDir(run).mark_done(0, "american lobster")  # as an older run wrote it, not a damaged one
     index = report.render_report(run)
     assert "–" in " ".join(parse(index).texts)
     assert (index.parent / "classes" / "0000-american-lobster.html").is_file()
@@ -167,6 +191,8 @@ def test_no_analysis_files_means_no_analysis_sections(tiny_run, tmp_path):
         path.unlink(missing_ok=True)
     for path in run.glob("classes/*/attribution.json"):
         path.unlink()
+    for c in rundir.read_json(run / "manifest.json")["classes"]:  # as a run without them marks its classes
+        rundir.RunDir(run).mark_done(c["index"], c["name"])
     index = report.render_report(tmp_path / "run", tmp_path / "out")
     headings = parse(index.parent / "classes" / "0000-american-lobster.html").headings
     assert headings == [
@@ -189,6 +215,7 @@ def test_rerender_reuses_unchanged_plots_and_redraws_changed_ones(tiny_run, tmp_
     rows = read_csv(history)
     rows[0]["loss"] = "9.0"
     write_csv(history, list(rows[0]), [list(r.values()) for r in rows])
+    rundir.RunDir(run).mark_done(0, "american lobster")  # a class redone with another history
     report.render_report(run)
     [second] = folder.glob("training-*.svg")
     assert second != first and not first.exists()

@@ -189,9 +189,13 @@ def _class_row(run_dir: Path, c: dict, flagged: dict, self_contained: bool) -> d
         **{k: None for k in ("updates", "stop_reason", "best_update", "seconds")},
         "top_flagged": flagged.get(c["index"], []),
     }
-    if not (folder / rundir.MARKER).is_file():
+    state, detail = rundir.verify_folder(folder, quick=True)  # against its DONE marker, as verify checks
+    if state in ("missing", "incomplete"):
         row["status"] = "unfinished"
         row["note"] = "interrupted: no DONE marker" if folder.is_dir() else "not started"
+        return row
+    if state == "damaged":
+        row.update(status="broken", note=f"{detail}: run the same `dct-audit run` command to redo the class")
         return row
     try:
         summary = rundir.read_json(folder / rundir.CLASS_SUMMARY)

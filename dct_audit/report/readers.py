@@ -22,7 +22,10 @@ def read_enrichment(run_dir: str | os.PathLike) -> list[dict] | None:
     path = Path(run_dir) / rundir.ENRICHMENT
     if not path.is_file():
         return None
-    rows = read_csv(path, ENRICHMENT_REQUIRED)
+    try:
+        rows = read_csv(path, ENRICHMENT_REQUIRED)
+    except DctAuditError as e:
+        raise DctAuditError(f"{e}; {_refinish(run_dir)}") from None
     for r in rows:
         r["class_index"] = to_int(r["class_index"])
         for k in ("token_rate", "baseline_rate", "diff", "ci_low", "ci_high", "p_value", "q_value"):
@@ -36,10 +39,14 @@ def read_findings(run_dir: str | os.PathLike) -> list[dict] | None:
     path = Path(run_dir) / rundir.FINDINGS
     if not path.is_file():
         return None
-    data = rundir.read_json_file(path)
+    data = rundir.read_json_file(path, _refinish(run_dir))
     if not isinstance(data, list) or not all(isinstance(f, dict) and "class_index" in f for f in data):
-        raise DctAuditError(f"{path} must be a list of objects with a class_index")
+        raise DctAuditError(f"{path} must be a list of objects with a class_index; {_refinish(run_dir)}")
     return data
+
+
+def _refinish(run_dir) -> str:
+    return f"run `dct-audit finish {run_dir}` to write the analysis again"
 
 
 def read_tags(class_dir: str | os.PathLike, thresholds: dict | None = None) -> dict[tuple, list[str]] | None:
