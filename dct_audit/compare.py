@@ -154,9 +154,15 @@ def _confirmed_in(row, confirmed_a: set | None, confirmed_b: set | None) -> str:
 
 def _class_folder(run_dir: rundir.RunDir, c: rundir.ManifestClass) -> Path:
     folder = run_dir.class_dir(c.index, c.name)
-    if not (folder / rundir.MARKER).is_file():
+    state, detail = rundir.verify_folder(folder, quick=True)  # numbers hashed, images by size
+    if state in ("missing", "incomplete"):
         raise DctAuditError(
             f"class {c.name} ({c.index}) is not finished in '{run_dir.root}'; resume that run first"
+        )
+    if state == "damaged":
+        raise DctAuditError(
+            f"class {c.name} ({c.index}) in '{run_dir.root}' is damaged ({detail}); run that run's "
+            "`dct-audit run` command again to redo it"
         )
     return folder
 

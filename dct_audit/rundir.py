@@ -499,6 +499,7 @@ def verify_folder(folder: str | os.PathLike, quick: bool = False) -> tuple[str, 
             return "damaged", f"{rel} has changed since the class finished"
     return "done", f"finished, {len(files)} files verified"
 
+
 def check_writable(root: Path) -> None:
     """Fail early, before any model loads, if ``root`` cannot be created or written."""
     probe = root

@@ -73,3 +73,10 @@ def test_mismatched_runs_are_one_line_errors(two_runs, capsys):
         other.write_manifest(replace(manifest, tagging={**manifest.tagging, key: value}))
         with pytest.raises(DctAuditError, match=f"cannot be paired: {key}: "):
             compare(a, other.root, cross_score=False)
+    # a class whose numbers changed since it finished (a truncated or garbled file): refused, not a traceback
+    for name in ("scores.csv", "tags.csv", "token.safetensors"):
+        damaged = RunDir(shutil.copytree(a, Path(a).parent / f"damaged-{name}"))
+        (damaged.class_dir(2, "horizontal bar") / name).write_bytes(b"\x00garbage{")
+        assert main(["compare", str(a), str(damaged.root), "--no-cross-score"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"is damaged ({name} has changed since the class finished)" in err
