@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -296,6 +297,13 @@ def discover_run(
     done = [c for c in manifest.classes if run.is_done(c.index, c.name)]
     if not done:
         raise DctAuditError(f"'{root}' has no finished class to discover on")
+    left = [c.name for c in manifest.classes if c not in done]
+    if left:  # said, not skipped silently
+        print(
+            f"discovering on {len(done)} of {len(manifest.classes)} classes; not finished or damaged: "
+            f"{', '.join(left)} (`dct-audit verify {root}` says which)",
+            file=sys.stderr,
+        )
     opts = RunOptions(classes=[str(c.index) for c in done], out=str(root.parent), name=root.name, **kwargs)
     alpha = opts.alpha if alpha is None else alpha
     if not 0 < alpha < 1:

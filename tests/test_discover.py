@@ -102,7 +102,7 @@ def test_text_embeddings_are_cached_per_tagger_and_list(tmp_path):
 
 
 def test_discover_on_a_finished_run_keeps_every_tested_concept_and_only_confirmed_findings(
-    tiny_run_options, tiny_classifier, tmp_path, monkeypatch
+    tiny_run_options, tiny_classifier, tmp_path, monkeypatch, capsys
 ):
     """``dct-audit discover RUN_DIR`` end to end on tiny models: discovered.csv lists every tested concept;
     without the check the significant concepts become findings, unconfirmed; with it only confirmed ones do
@@ -150,6 +150,19 @@ def test_discover_on_a_finished_run_keeps_every_tested_concept_and_only_confirme
     few = dct_audit.run(f"file:{model}", "0", name="few", **dict(opts, n_images=2)).run_dir
     with pytest.raises(DctAuditError, match="at least 4 seeds"):
         D.discover_run(few, str(words), "{}", check=False, quiet=True)
+
+    # a class of the run that is not finished (or damaged) is named, not skipped silently
+    import shutil
+    from dataclasses import replace
+
+    partial = rundir.RunDir(shutil.copytree(run_dir, tmp_path / "partial"))
+    manifest = partial.read_manifest()
+    partial.write_manifest(
+        replace(manifest, classes=[*manifest.classes, replace(manifest.classes[0], index=1)])
+    )
+    capsys.readouterr()
+    D.discover_run(partial.root, str(words), "{}", top_k=4, alpha=0.5, check=False, quiet=True)
+    assert "discovering on 1 of 2 classes; not finished or damaged:" in capsys.readouterr().err
 
     # bad arguments are one line before any model loads (a real CLIP takes seconds to load)
     from dct_audit import tag
