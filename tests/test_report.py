@@ -85,6 +85,16 @@ def test_the_index_says_when_the_association_stage_was_off(tiny_run, tmp_path):
     assert "other classes too" not in index
 
 
+def test_the_index_points_to_the_thorough_check_only_when_the_run_did_not_use_it(tiny_run, tmp_path):
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    hint = "--adjust --confirm-max-seeds 32"
+    assert hint in " ".join(parse(report.render_report(run)).texts)  # the tiny run: 2 seeds, unadjusted
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["analysis"].update(adjust=True, confirm_max_seeds=8)
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    assert hint not in " ".join(parse(report.render_report(run)).texts)
+
+
 def test_report_imports_no_torch(rendered, tmp_path):
     """The report layer reads files only: rendering in a fresh interpreter never imports torch."""
     run = rendered.parent.parent
