@@ -236,9 +236,13 @@ def finish_run(run_dir: str | Path, classifier=None, generator=None, tagger=None
         raise DctAuditError(f"finish cannot change {', '.join(unknown)}: those are the run's own settings")
     run = rundir.RunDir(root)
     classes = manifest.classes
-    missing = [c for c in classes if not run.is_done(c.index, c.name)]
+    states = {c.index: run.verify_class(c.index, c.name) for c in classes}
+    missing = [c for c in classes if states[c.index][0] != "done"]
     if missing:
-        names = ", ".join(f"{c.name} ({c.index})" for c in missing[:5])
+        names = ", ".join(
+            f"{c.name} ({c.index}{', damaged: ' + states[c.index][1] if states[c.index][0] == 'damaged' else ''})"
+            for c in missing[:5]
+        )
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise DctAuditError(
             f"{len(missing)} class(es) of '{root}' are not finished: {names}{more}; run their shards again "
