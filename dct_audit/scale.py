@@ -31,6 +31,27 @@ def _task(values: dict, k: int, n: int, threads: int) -> list[int]:
     return [c["index"] for c in result.classes]
 
 
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """One line, in seconds, when a ``host:port`` (or ``ray://host:port``) Ray address cannot be reached;
+    ``ray.init`` itself retries for minutes. ``auto`` (the cluster this machine belongs to) is left to Ray."""
+    import socket
+
+    rest = address.removeprefix("ray://")
+    host, _, port = rest.rpartition(":")
+    if address == "auto" or not host:
+        return
+    if not port.isdigit():
+        raise DctAuditError(f"--ray {address}: the port must be a number (HOST:PORT, e.g. 10.0.0.5:6379)")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        why = "unknown host" if isinstance(e, socket.gaierror) else (e.strerror or type(e).__name__).lower()
+        raise DctAuditError(
+            f"--ray {address}: cannot reach a Ray cluster there ({why}); start one with `ray start --head` "
+            "and pass its address, or pass --ray alone for a cluster on this machine"
+        ) from None
+
+
 def run_on_ray(opts: RunOptions, classifier=None, generator=None, tagger=None):
     """``dct-audit run ... --ray [ADDRESS]``: see the module docstring. Returns ``finish_run``'s result."""
     if classifier is not None or generator is not None or tagger is not None:
@@ -69,6 +90,8 @@ def run_on_ray(opts: RunOptions, classifier=None, generator=None, tagger=None):
             kw = {"address": None if opts.ray == LOCAL else opts.ray, "include_dashboard": False}
             if opts.ray == LOCAL and opts.ray_cpus:
                 kw["num_cpus"] = opts.ray_cpus
+            if opts.ray != LOCAL:
+                check_reachable(opts.ray)
             try:
                 ray.init(**kw, log_to_driver=False, ignore_reinit_error=True)
             except (ConnectionError, RuntimeError, ValueError) as e:

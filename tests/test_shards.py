@@ -107,3 +107,21 @@ def test_ray_refuses_what_it_cannot_do(serial, tmp_path):
     serial, model, common = serial
     with pytest.raises(DctAuditError, match="--ray and --shard"):
         dct_audit.run(model, "0", out=str(tmp_path), ray="local", shard="1/2", **common)
+
+
+def test_an_unreachable_ray_address_is_one_line_in_seconds_not_minutes_of_retries():
+    import socket
+
+    from dct_audit.scale import check_reachable
+
+    with pytest.raises(DctAuditError, match="the port must be a number"):
+        check_reachable("10.0.0.5:x")
+    listener = socket.socket()  # a port that was free a moment ago: nothing listens there once closed
+    listener.bind(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    with pytest.raises(DctAuditError, match="cannot reach a Ray cluster there"):
+        check_reachable(f"127.0.0.1:{port}", timeout=1)  # before listen(): refused
+    listener.listen()
+    check_reachable(f"ray://127.0.0.1:{port}")  # something listens: left to Ray
+    listener.close()
+    check_reachable("auto")  # the machine's own cluster: Ray's to find
