@@ -43,7 +43,7 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
     if not port.isdigit():
         raise DctAuditError(f"--ray {address}: the port must be a number (HOST:PORT, e.g. 10.0.0.5:6379)")
     try:
-        socket.create_connection((host, int(port)), timeout=timeout).close()
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()  # [::1]:6379
     except OSError as e:
         why = "unknown host" if isinstance(e, socket.gaierror) else (e.strerror or type(e).__name__).lower()
         raise DctAuditError(
