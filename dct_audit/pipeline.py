@@ -239,10 +239,14 @@ def finish_run(run_dir: str | Path, classifier=None, generator=None, tagger=None
     states = {c.index: run.verify_class(c.index, c.name) for c in classes}
     missing = [c for c in classes if states[c.index][0] != "done"]
     if missing:
-        names = ", ".join(
-            f"{c.name} ({c.index}{', damaged: ' + states[c.index][1] if states[c.index][0] == 'damaged' else ''})"
-            for c in missing[:5]
-        )
+
+        def named(c) -> str:
+            state, detail = states[c.index]
+            return (
+                f"{c.name} ({c.index}, damaged: {detail})" if state == "damaged" else f"{c.name} ({c.index})"
+            )
+
+        names = ", ".join(named(c) for c in missing[:5])
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise DctAuditError(
             f"{len(missing)} class(es) of '{root}' are not finished: {names}{more}; run their shards again "

@@ -65,6 +65,12 @@ def test_finish_refuses_a_run_with_unfinished_classes(tiny_run_options, tiny_cla
     assert main(["finish", str(tmp_path / "half")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "1 class(es)" in err[0] and "not finished" in err[0]
+    # a finished class whose files changed since: named as damaged, with the file
+    [folder] = (tmp_path / "half" / "classes").glob("0000-*")
+    (folder / "scores.csv").write_text("x")
+    assert main(["finish", str(tmp_path / "half")]) == 2
+    err = capsys.readouterr().err
+    assert "2 class(es)" in err and "(0, damaged: scores.csv has changed since the class finished)" in err
     assert main(["finish", str(tmp_path / "nothing")]) == 2
 
 
