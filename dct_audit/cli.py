@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     # download ----------------------------------------------------------------------------------
     p = sub.add_parser("download", help="prefetch weights into the local caches for offline runs")
     p.add_argument("--generator")
-    p.add_argument("--classifier")
+    p.add_argument("--classifier", action="append", help="repeatable: a classifier and its held-out one")
     p.add_argument("--tagger", help="open_clip ARCH/TAG, e.g. ViT-B-32/laion2b_s34b_b79k")
     return parser
 

@@ -263,7 +263,7 @@ def discover_run(
     from .check import counterfactual_sweep
     from .generate import eval_seeds
     from .options import ALPHA
-    from .pipeline import Models, RunOptions, load_models
+    from .pipeline import Models, RunOptions, load_models, require_downloadable
     from .records import manifest_options
     from .resolve import ResolvedClass
     from .tag import AttributeBank, load_tagger, load_vocabulary
@@ -310,6 +310,7 @@ def discover_run(
         alpha = ALPHA
     torch_device = opts.resolved_device()
     given = models or Models()
+    require_downloadable(given, opts)  # the check's generator and classifier too: one line before any work
     tagger = given.tagger or load_tagger(opts.tagger, torch_device)
     feats = concept_features(tagger, concepts)
 

@@ -7,19 +7,34 @@ from .errors import DctAuditError
 
 
 def download(
-    generator: str | None = None, classifier: str | None = None, tagger: str | None = None, say=print
+    generator: str | None = None,
+    classifier: str | list[str] | None = None,
+    tagger: str | None = None,
+    say=print,
 ) -> list[str]:
-    """Prefetch the named models; returns what was fetched. Each lands where its library looks for it."""
-    if not (generator or classifier or tagger):
+    """Prefetch the named models (``classifier``: one or several); returns what was fetched. Each lands where
+    its library looks for it."""
+    classifiers = [classifier] if isinstance(classifier, str) else list(classifier or [])
+    if not (generator or classifiers or tagger):
         raise DctAuditError(
             "name something to fetch: --generator ID, --classifier NAME and/or --tagger ARCH/TAG"
         )
-    for flag, name in (("--classifier", classifier), ("--generator", generator)):
+    for flag, name in [*(("--classifier", c) for c in classifiers), ("--generator", generator)]:
         if name and (name.startswith("file:") or hub.looks_like_path(name.removeprefix("local-dir:"))):
             raise DctAuditError(f"{flag} {name} is a local file or folder: there is nothing to download")
     if hub.offline():
         raise DctAuditError(
             "HF_HUB_OFFLINE=1 is set, so nothing can be downloaded; unset it on a connected machine"
+        )
+    from .records import not_cached
+
+    missing = not_cached({"--generator": generator, "--tagger": tagger})
+    missing += [m for c in classifiers for m in not_cached({"--classifier": c})]
+    whys = dict.fromkeys(why for _, _, url in missing if (why := hub.unreachable(url)))
+    if whys:  # the hub's client would retry for over a minute per file first
+        raise DctAuditError(
+            f"cannot download ({'; '.join(whys)}); run `dct-audit download` on a machine that reaches it, then "
+            "copy its HF_HOME / TORCH_HOME caches here"
         )
     done = []
     if generator:
@@ -35,12 +50,12 @@ def download(
             )
         say(f"generator {generator} -> {path}")
         done.append(generator)
-    if classifier:
+    for name in classifiers:
         from .adapters.classifier import load_classifier
 
-        load_classifier(classifier)
-        say(f"classifier {classifier} cached")
-        done.append(classifier)
+        load_classifier(name)
+        say(f"classifier {name} cached")
+        done.append(name)
     if tagger:
         from .tag import load_tagger
 

@@ -101,16 +101,18 @@ def _run_locked(opts: RunOptions, plan: Plan) -> RunResult:
     fingerprints = model_fingerprints(opts)  # local files' hash, hub models' cached revision
     if skipped and not opts.overwrite:
         check_resume(plan.previous, opts, vocabulary, fingerprints, root)
-    if opts.tagger:
-        from .tag import check_tagger
-
-        if plan.tagger is None:
-            check_tagger(opts.tagger)  # before the classifier and generator load: fail fast and cheaply
     models = Models(
         classifier=plan.classifier.to(device) if plan.classifier is not None else None,
         generator=plan.generator,
         tagger=plan.tagger,
     )
+    if todo:
+        require_downloadable(models, opts)  # every model that cannot be had, in one line, in seconds
+    if opts.tagger:
+        from .tag import check_tagger
+
+        if plan.tagger is None:
+            check_tagger(opts.tagger)  # before the classifier and generator load: fail fast and cheaply
     batch_record = None
     if todo:
         load_models(models, opts, device, vocabulary)
@@ -272,9 +274,26 @@ def finish_run(run_dir: str | Path, classifier=None, generator=None, tagger=None
     return run_with_options(opts, classifier=clf, generator=gen, tagger=tg)
 
 
+def require_downloadable(models: Models, opts: RunOptions) -> None:
+    """One line naming every model still to load that is not cached and cannot be downloaded now."""
+    from .adapters import hub
+    from .records import not_cached
+
+    named = {
+        "--classifier": (models.classifier, opts.classifier),
+        "--holdout-classifier": (models.holdout, opts.holdout_classifier),
+        "--generator": (models.generator, opts.generator),
+        "--tagger": (models.tagger or models.bank, opts.tagger),
+    }
+    hub.require_downloadable(
+        not_cached({flag: spec for flag, (loaded, spec) in named.items() if loaded is None})
+    )
+
+
 def load_models(
     models: Models, opts: RunOptions, device: torch.device, vocabulary: Vocabulary | None
 ) -> Models:
+    require_downloadable(models, opts)
     if models.classifier is None:
         models.classifier = load_classifier(opts.classifier, opts.labels, device)
     for note in [] if opts.quiet else load_notes(models.classifier):

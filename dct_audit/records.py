@@ -194,19 +194,16 @@ def hub_repo(spec: str | None, role: str) -> tuple[str, tuple[str, ...]] | None:
     return (repo.rstrip("/"), hub.REVISION_FILES["timm"]) if repo else None
 
 
-def tagger_revision(spec: str | None) -> str | None:
-    """The commit of a hub tagger (open_clip ``ARCH/TAG``, ``hf:ORG/MODEL``) in the local cache, else None."""
+def tagger_repo(spec: str | None) -> tuple[str, tuple[str, ...]] | None:
+    """The Hugging Face repo a hub tagger (open_clip ``ARCH/TAG``, ``hf:ORG/MODEL``) loads from, and the files
+    that show its revision in the cache; None for plugins (the world) and local folders."""
     from .adapters import hub, registry
 
     if not spec or registry.matches("tagger", spec):
         return None
     if spec.startswith("hf:"):
         model_id = spec[3:]
-        return (
-            None
-            if hub.looks_like_path(model_id)
-            else hub.cached_revision(model_id, hub.REVISION_FILES["transformers"])
-        )
+        return None if hub.looks_like_path(model_id) else (model_id, hub.REVISION_FILES["transformers"])
     arch, _, tag = spec.partition("/")
     try:
         import open_clip
@@ -214,7 +211,45 @@ def tagger_revision(spec: str | None) -> str | None:
         repo = ((open_clip.get_pretrained_cfg(arch, tag) or {}).get("hf_hub") or "").strip("/") if tag else ""
     except Exception:  # an unknown architecture: the tagger's own check says so
         repo = ""
-    return hub.cached_revision(repo, hub.REVISION_FILES["open_clip"]) if repo else None
+    return (repo, hub.REVISION_FILES["open_clip"]) if repo else None
+
+
+def tagger_revision(spec: str | None) -> str | None:
+    """The commit of a hub tagger in the local cache, else None."""
+    from .adapters import hub
+
+    repo = tagger_repo(spec)
+    return hub.cached_revision(*repo) if repo else None
+
+
+def not_cached(models: dict[str, str | None]) -> list[tuple[str, str, str]]:
+    """Of ``{flag: spec}`` (``--classifier``, ``--holdout-classifier``, ``--generator``, ``--tagger``), the hub
+    and torchvision models that the local caches do not hold, as ``(flag, spec, url they download from)``
+    for :func:`dct_audit.adapters.hub.require_downloadable`. Local files, plugins and names no library knows
+    are left to their loaders."""
+    from .adapters import hub
+    from .adapters.classifier import parse_spec, torchvision_checkpoint
+
+    missing = []
+    for flag, spec in models.items():
+        if not spec:
+            continue
+        if flag == "--tagger":
+            repo = tagger_repo(spec)
+        else:
+            repo = hub_repo(spec, "generator" if flag == "--generator" else "classifier")
+            if repo is None and flag != "--generator":
+                try:
+                    kind, model_id = parse_spec(spec)
+                    path, url = torchvision_checkpoint(model_id) if kind == "torchvision" else (None, "")
+                except DctAuditError:  # a bad name: its loader says so, in one line
+                    path = None
+                if path is not None and not path.is_file():
+                    missing.append((flag, spec, url))
+                continue
+        if repo is not None and hub.cached_revision(*repo) is None:
+            missing.append((flag, spec, hub.hub_url()))
+    return missing
 
 
 def model_fingerprints(opts: RunOptions, local: bool = True) -> dict[str, dict[str, str]]:

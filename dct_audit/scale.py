@@ -34,7 +34,7 @@ def _task(values: dict, k: int, n: int, threads: int) -> list[int]:
 def check_reachable(address: str, timeout: float = 5.0) -> None:
     """One line, in seconds, when a ``host:port`` (or ``ray://host:port``) Ray address cannot be reached;
     ``ray.init`` itself retries for minutes. ``auto`` (the cluster this machine belongs to) is left to Ray."""
-    import socket
+    from .adapters.hub import probe
 
     rest = address.removeprefix("ray://")
     host, _, port = rest.rpartition(":")
@@ -42,14 +42,12 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
         return
     if not port.isdigit():
         raise DctAuditError(f"--ray {address}: the port must be a number (HOST:PORT, e.g. 10.0.0.5:6379)")
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()  # [::1]:6379
-    except OSError as e:
-        why = "unknown host" if isinstance(e, socket.gaierror) else (e.strerror or type(e).__name__).lower()
+    why = probe(host.strip("[]"), int(port), timeout)  # [::1]:6379
+    if why:
         raise DctAuditError(
             f"--ray {address}: cannot reach a Ray cluster there ({why}); start one with `ray start --head` "
             "and pass its address, or pass --ray alone for a cluster on this machine"
-        ) from None
+        )
 
 
 def run_on_ray(opts: RunOptions, classifier=None, generator=None, tagger=None):

@@ -452,6 +452,9 @@ def test_download_fetches_no_root_single_file_checkpoint(monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    from dct_audit.adapters import hub
+
+    monkeypatch.setattr(hub, "_unreachable_host", lambda host, port: None)  # as if the hub answered
     download(generator="stabilityai/sd-turbo", say=lambda m: None)
 
     def fetched(path):

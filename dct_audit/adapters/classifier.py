@@ -417,6 +417,15 @@ def _tv_weights(model_id: str):
     return name, enum[tag]
 
 
+def torchvision_checkpoint(model_id: str) -> tuple[Path, str]:
+    """Where ``torch.hub`` keeps the weights of ``NAME[.WEIGHTS]`` (``TORCH_HOME``), and the URL it fetches them
+    from: what ``get_model`` loads."""
+    from urllib.parse import urlsplit
+
+    url = _tv_weights(model_id)[1].url
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlsplit(url).path), url
+
+
 def _labels_from_categories(categories: list[str], source: str) -> LabelSet:
     if len(categories) == 1000:
         return LabelSet.imagenet("imagenet-1k")

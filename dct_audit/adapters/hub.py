@@ -2,14 +2,21 @@
 
 Every loader wraps its library call in :func:`missing_model_guard`, so a model that is not cached on
 an offline machine becomes one line that names ``dct-audit download`` instead of a stack of retries.
+Before any model loads, :func:`require_downloadable` names, in one line and in seconds, every model that
+is not cached and cannot be fetched now: the hub's client retries an unreachable host for over a minute
+per file, and a run would name only the first model it failed on.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from ..errors import DctAuditError
 
@@ -25,9 +32,79 @@ def looks_like_path(name: str) -> bool:
 
 def hf_kwargs(model_id: str) -> dict:
     """Extra ``from_pretrained`` arguments: local folders and offline mode never reach the network."""
-    if Path(model_id).exists() or offline():
-        return {"local_files_only": True}
+    if Path(model_id).exists() or offline() or unreachable():
+        return {"local_files_only": True}  # a cached model loads without the client's minute of retries
     return {}
+
+
+def hub_url() -> str:
+    """The hub's address (``HF_ENDPOINT`` where set), as the Hugging Face libraries use it."""
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+_PROXIES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+
+
+def probe(host: str, port: int, timeout: float = 5.0) -> str | None:
+    """Why nothing answers at ``host:port`` within ``timeout`` seconds (``unknown host``, ``connection
+    refused``, ``no answer in 5 s``), or None when something does. The name lookup counts against the
+    timeout too (a thread: ``getaddrinfo`` itself has none)."""
+    result: list[str | None] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result.append(None)
+        except OSError as e:
+            result.append(
+                "unknown host" if isinstance(e, socket.gaierror) else (e.strerror or type(e).__name__).lower()
+            )
+
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(timeout + 0.5)
+    return result[0] if result else f"no answer in {timeout:g} s"
+
+
+@functools.cache
+def _unreachable_host(host: str, port: int) -> str | None:
+    return probe(host, port)
+
+
+def unreachable(url: str | None = None) -> str | None:
+    """Why models cannot be downloaded from ``url`` (default: the hub) now: ``HF_HUB_OFFLINE=1 is set`` (for
+    the hub), or what the host's probe found; None when it answers, or when a proxy is set (only the
+    libraries know how to go through it). Each host is probed once per process."""
+    url = url or hub_url()
+    if offline() and url == hub_url():
+        return "HF_HUB_OFFLINE=1 is set"
+    if any(os.environ.get(v) for v in _PROXIES):
+        return None
+    parts = urlsplit(url)
+    if not parts.hostname:
+        return None
+    why = _unreachable_host(parts.hostname, parts.port or (80 if parts.scheme == "http" else 443))
+    return f"{parts.hostname}: {why}" if why else None
+
+
+def require_downloadable(missing: list[tuple[str, str, str]]) -> None:
+    """``missing``: ``(flag, spec, url it downloads from)`` of each model about to load that is not in its local
+    cache. Raises one line naming them all and the ``dct-audit download`` command that fetches them, when they
+    cannot be downloaded now; otherwise they download as they load."""
+    blocked = [(flag, spec, why) for flag, spec, url in missing if (why := unreachable(url))]
+    if not blocked:
+        return
+    whys = "; ".join(dict.fromkeys(why for _, _, why in blocked))
+    names = ", ".join(f"{flag} {spec}" for flag, spec, _ in blocked)
+    fetch = " ".join(
+        f"{'--classifier' if flag == '--holdout-classifier' else flag} {spec}" for flag, spec, _ in blocked
+    )
+    raise DctAuditError(
+        f"not in the local cache, and cannot be downloaded now ({whys}): {names}; on a connected machine run "
+        f"`dct-audit download {fetch}` (with the same HF_HOME / TORCH_HOME), or pass local folders"
+    )
 
 
 def _network_errors() -> tuple[type[BaseException], ...]:
@@ -50,7 +127,9 @@ def _network_errors() -> tuple[type[BaseException], ...]:
 
 
 def _first_line(e: BaseException) -> str:
-    return str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+    """The first line of an error, cut at a word (with "...") past 160 characters."""
+    line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return line if len(line) <= 160 else line[:160].rsplit(" ", 1)[0] + " ..."
 
 
 @contextlib.contextmanager
@@ -113,7 +192,7 @@ def hf_file(repo_id: str, filename: str, what: str, flag: str) -> str:
     from huggingface_hub import hf_hub_download
 
     with missing_model_guard(what, flag):
-        return hf_hub_download(repo_id, filename, local_files_only=offline())
+        return hf_hub_download(repo_id, filename, local_files_only=offline() or unreachable() is not None)
 
 
 # the files a model repo has, by what loads it: the first one in the local cache tells its revision
