@@ -131,9 +131,14 @@ def test_hub_models_load_from_the_cache_only_when_the_hub_cannot_be_reached(monk
     assert hub.hf_kwargs("someone/model") == {}
 
 
-def test_a_long_error_is_cut_at_a_word():
+def test_a_failed_load_names_why_the_hub_is_out_of_reach_else_the_libraries_error(monkeypatch, empty_caches):
     line = hub._first_line(RuntimeError("word " * 60))
-    assert len(line) <= 164 and line.endswith("word ...")
-    with pytest.raises(DctAuditError, match=r"\(short\)"):
+    assert len(line) <= 164 and line.endswith("word ...")  # cut at a word
+    monkeypatch.setattr(hub, "_unreachable_host", lambda host, port: None)
+    with pytest.raises(DctAuditError, match=r"the download failed \(short\)"):
+        with hub.missing_model_guard("classifier", "--classifier x"):
+            raise OSError("short")
+    monkeypatch.setattr(hub, "_unreachable_host", lambda host, port: "unknown host")
+    with pytest.raises(DctAuditError, match=r"cannot be downloaded now \(huggingface.co: unknown host\);"):
         with hub.missing_model_guard("classifier", "--classifier x"):
             raise OSError("short")

@@ -155,9 +155,12 @@ def missing_model_guard(
             ) from None
         where = "TORCH_HOME" if torch_hub else "HF_HOME"
         if isinstance(e, _network_errors()):
-            state = "HF_HUB_OFFLINE=1 is set" if offline() else "the download failed"
+            why = None if torch_hub else unreachable()  # torchvision's host is another one
+            state = (
+                f"it cannot be downloaded now ({why})" if why else f"the download failed ({_first_line(e)})"
+            )
             raise DctAuditError(
-                f"{what} could not be loaded: it is not in the local cache ({where}) and {state} ({_first_line(e)}); "
+                f"{what} could not be loaded: it is not in the local cache ({where}) and {state}; "
                 f"on a connected machine run `dct-audit download {flag}`, or pass a local folder"
             ) from None
         if _is_broken_file(e):
