@@ -46,7 +46,9 @@ def test_probe_says_why_a_host_does_not_answer():
         assert hub.probe("127.0.0.1", server.getsockname()[1], timeout=2) is None
 
 
-def test_unreachable_names_the_host_offline_mode_and_leaves_proxies_to_the_libraries(monkeypatch, empty_caches):
+def test_unreachable_names_the_host_offline_mode_and_leaves_proxies_to_the_libraries(
+    monkeypatch, empty_caches
+):
     port = _closed_port()
     assert hub.unreachable(f"http://127.0.0.1:{port}/x") == "127.0.0.1: connection refused"
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")
@@ -101,11 +103,16 @@ def test_run_names_every_model_it_cannot_have_in_one_line_before_loading_any(
     args[args.index("--tagger") + 1] = "ViT-B-32/laion2b_s34b_b79k"
     labels = args.index("--labels")
     del args[labels : labels + 2]
-    code = main([*args, "--holdout-classifier", "tv:resnet18", "--classes", "0", "--out", str(tmp_path / "o")])
+    code = main(
+        [*args, "--holdout-classifier", "tv:resnet18", "--classes", "0", "--out", str(tmp_path / "o")]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and loaded == [] and not (tmp_path / "o").exists()
     assert len(err) == 1, err
-    assert "cannot be downloaded now (huggingface.co: unknown host; download.pytorch.org: unknown host)" in err[0]
+    assert (
+        "cannot be downloaded now (huggingface.co: unknown host; download.pytorch.org: unknown host)"
+        in err[0]
+    )
     assert (
         "`dct-audit download --classifier resnet18.a1_in1k --classifier tv:resnet18 --generator "
         "someone/some-pipeline --tagger ViT-B-32/laion2b_s34b_b79k`" in err[0]
@@ -116,7 +123,10 @@ def test_run_names_every_model_it_cannot_have_in_one_line_before_loading_any(
 def test_download_refuses_at_once_without_a_network_and_takes_two_classifiers(
     empty_caches, no_network, monkeypatch, capsys
 ):
-    assert build_parser().parse_args(["download", "--classifier", "a", "--classifier", "b"]).classifier == ["a", "b"]
+    assert build_parser().parse_args(["download", "--classifier", "a", "--classifier", "b"]).classifier == [
+        "a",
+        "b",
+    ]
     assert main(["download", "--classifier", "resnet18.a1_in1k", "--classifier", "tv:resnet18"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
@@ -125,7 +135,9 @@ def test_download_refuses_at_once_without_a_network_and_takes_two_classifiers(
     ]
 
 
-def test_hub_models_load_from_the_cache_only_when_the_hub_cannot_be_reached(monkeypatch, empty_caches, no_network):
+def test_hub_models_load_from_the_cache_only_when_the_hub_cannot_be_reached(
+    monkeypatch, empty_caches, no_network
+):
     assert hub.hf_kwargs("someone/model") == {"local_files_only": True}
     monkeypatch.setattr(hub, "_unreachable_host", lambda host, port: None)
     assert hub.hf_kwargs("someone/model") == {}
