@@ -105,6 +105,16 @@ def _tagger(text: str) -> str | None:
     return None if str(text).lower() == "none" else text
 
 
+_RANGE_TYPES = (
+    positive_int,
+    nonneg_int,
+    prob_or_off,
+    fraction,
+    finite_float,
+    _batch,
+)  # RunOptions.check runs them
+
+
 def _opt(default=MISSING, help: str = "", *, setting: bool = False, cli: bool = True, **argparse_kw):
     """A run option: ``help`` for ``--help``; ``setting``: it changes results, so it goes into the run's
     settings (a resumed run must match them); ``cli=False``: Python API only; ``argparse_kw``: ``type``,
@@ -257,7 +267,9 @@ class RunOptions:
         f"smallest token-minus-baseline attribute rate to flag (default {MIN_EFFECT})",
         type=fraction,
     )
-    explain_images: int = _opt(4, "token images per class with captum attributions (default 4)", type=int)
+    explain_images: int = _opt(
+        4, "token images per class with captum attributions (default 4)", type=nonneg_int
+    )
     gen_batch: int | None = _opt(
         None,
         "images per generator call without gradient: grids and counterfactual prompts (default: the "
@@ -359,15 +371,22 @@ class RunOptions:
         return dev
 
     def check(self) -> None:
-        """Reject bad values before any model loads (one line each, with the fix)."""
+        """Reject bad values before any model loads (one line each, with the fix). Every field with a checking
+        argparse type or choices is checked by them, so the Python API refuses what the command line does."""
+        for f in fields(self):
+            value, meta = getattr(self, f.name), f.metadata
+            if value is None or isinstance(value, bool) or not meta.get("cli"):
+                continue
+            flag = meta.get("flag") or "--" + f.name.replace("_", "-")
+            if "choices" in meta and value not in meta["choices"]:
+                raise DctAuditError(f"{flag} must be one of {', '.join(meta['choices'])}, not {value!r}")
+            if meta.get("type") in _RANGE_TYPES:
+                try:
+                    meta["type"](str(value))
+                except argparse.ArgumentTypeError as e:
+                    raise DctAuditError(f"{flag}: {e}") from None
         if not 0 < self.alpha < 1:
             raise DctAuditError(f"--alpha must be in (0, 1), not {self.alpha}")
-        if not 0 < self.min_effect <= 1:
-            raise DctAuditError(f"--min-effect must be in (0, 1], not {self.min_effect}")
-        if self.n_images < 1:
-            raise DctAuditError(f"--n-images must be at least 1, not {self.n_images}")
-        if self.confirm not in CONFIRM_MODES:
-            raise DctAuditError(f"--confirm must be one of {', '.join(CONFIRM_MODES)}, not {self.confirm!r}")
         if self.shard is not None:
             parse_shard(self.shard)
             if self.overwrite:
@@ -375,8 +394,6 @@ class RunOptions:
                     "--overwrite cannot be combined with --shard (one shard would delete the others' classes); "
                     "clear the run folder first, then start the shards"
                 )
-        if self.gen_batch is not None and self.gen_batch < 1:
-            raise DctAuditError(f"--gen-batch must be at least 1, not {self.gen_batch}")
         if self.confirm_seeds < 2:
             raise DctAuditError(
                 f"--confirm-seeds must be at least 2 (a paired interval needs two), not {self.confirm_seeds}"
@@ -386,28 +403,14 @@ class RunOptions:
                 f"--confirm-max-seeds must be 0 (off) or more than --confirm-seeds ({self.confirm_seeds}), "
                 f"not {self.confirm_max_seeds}"
             )
-        if self.steps is not None and self.steps < 1:
-            raise DctAuditError(f"--steps must be at least 1, not {self.steps}")
-        if self.grad_steps < 1:
-            raise DctAuditError(f"--grad-steps must be at least 1, not {self.grad_steps}")
-        if self.patience < 0:
-            raise DctAuditError(f"--patience must be 0 (off) or more updates, not {self.patience}")
         if not (self.lr > 0 and self.lr < float("inf")):
             raise DctAuditError(f"--lr must be > 0, not {self.lr}")
         if not 0 <= self.max_norm < float("inf"):
             raise DctAuditError(f"--max-norm must be 0 (no limit) or a positive factor, not {self.max_norm}")
-        if self.val_seeds < 0:
-            raise DctAuditError(f"--val-seeds must be 0 (off) or more, not {self.val_seeds}")
-        if self.eval_every < 1:
-            raise DctAuditError(f"--eval-every must be at least 1, not {self.eval_every}")
         if self.resolution is not None and (self.resolution < 64 or self.resolution % 8):
             raise DctAuditError(
                 f"--resolution must be a multiple of 8 and at least 64, not {self.resolution}"
             )
-        if isinstance(self.batch, str) and self.batch != "auto":
-            raise DctAuditError(f"--batch must be a whole number or auto, not {self.batch!r}")
-        if isinstance(self.batch, int) and self.batch < 1:
-            raise DctAuditError(f"--batch must be at least 1, not {self.batch}")
         if self.name is not None and (Path(self.name).name != self.name or self.name in ("", ".", "..")):
             raise DctAuditError(
                 f"--name {self.name!r} must be a plain folder name (no '/' or '..'); use --out for the parent folder"

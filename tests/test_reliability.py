@@ -493,6 +493,13 @@ def test_python_api_arguments_are_checked_like_command_line_flags(tmp_path, tiny
             "std must be three positive",
         ),
         (dict(labels=["cat", None, 3, "plate"]), "labels= must be a list of class names"),
+        # out-of-range values: refused by the same argparse types and choices as the flags
+        (dict(explain_images=-1), "--explain-images: must be at least 0, not -1"),
+        (dict(snapshot_every=0), "--snapshot-every: must be at least 1, not 0"),
+        (dict(ray_task_cpus=0), "--ray-task-cpus: must be at least 1, not 0"),
+        (dict(stop_prob=1.0), "--stop-prob: must be in [0, 1) (0: off), not 1.0"),
+        (dict(batch="big"), "--batch: 'big' is not a whole number"),
+        (dict(dtype="fp64"), "--dtype must be one of auto, bf16, fp16, fp32, not 'fp64'"),
     ]
     for bad, phrase in cases:
         with pytest.raises(DctAuditError) as e:
