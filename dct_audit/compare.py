@@ -36,7 +36,7 @@ import pandas as pd
 from . import rundir
 from .check import confirmed
 from .errors import DctAuditError
-from .options import ALPHA, MIN_EFFECT
+from .options import ALPHA, MIN_EFFECT, check_option
 from .stats import benjamini_hochberg, paired_rates
 
 # settings that must agree for two runs' images to pair up
@@ -235,6 +235,8 @@ def compare(
     for run in (run_a, run_b, *([out] if out is not None else [])):
         if not isinstance(run, (str, os.PathLike)):
             raise DctAuditError(f"compare() takes run folders (paths), not {run!r}")
+    check_option("alpha", alpha)
+    check_option("min_effect", min_effect)
     if classifiers is not None and not (isinstance(classifiers, (tuple, list)) and len(classifiers) == 2):
         raise DctAuditError("classifiers= must be a pair (a, b) of models in memory (either may be None)")
     ra, ma = _open(run_a)

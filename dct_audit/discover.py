@@ -262,7 +262,7 @@ def discover_run(
     """
     from .check import counterfactual_sweep
     from .generate import eval_seeds
-    from .options import ALPHA
+    from .options import check_option
     from .pipeline import Models, RunOptions, load_models, require_downloadable
     from .records import manifest_options
     from .resolve import ResolvedClass
@@ -283,6 +283,7 @@ def discover_run(
         )
     if top_k < 1:
         raise DctAuditError(f"--top-k must be at least 1, not {top_k}")
+    check_option("alpha", alpha)  # a bad rate is refused, not replaced
     concepts = (
         read_concepts(concepts_file, concept_template)
         if concepts_file
@@ -306,8 +307,6 @@ def discover_run(
         )
     opts = RunOptions(classes=[str(c.index) for c in done], out=str(root.parent), name=root.name, **kwargs)
     alpha = opts.alpha if alpha is None else alpha
-    if not 0 < alpha < 1:
-        alpha = ALPHA
     torch_device = opts.resolved_device()
     given = models or Models()
     require_downloadable(given, opts)  # the check's generator and classifier too: one line before any work

@@ -105,14 +105,14 @@ def _tagger(text: str) -> str | None:
     return None if str(text).lower() == "none" else text
 
 
-_RANGE_TYPES = (
-    positive_int,
-    nonneg_int,
-    prob_or_off,
-    fraction,
-    finite_float,
-    _batch,
-)  # RunOptions.check runs them
+def rate(text: str) -> float:
+    value = _number(text)
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), not {value}")
+    return value
+
+
+_RANGE_TYPES = (positive_int, nonneg_int, prob_or_off, fraction, rate, finite_float, _batch)
 
 
 def _opt(default=MISSING, help: str = "", *, setting: bool = False, cli: bool = True, **argparse_kw):
@@ -261,7 +261,7 @@ class RunOptions:
     attributes: str | None = _opt(
         None, 'attribute vocabulary JSON (replaces the shipped one; "mode": "extend" adds)', metavar="FILE"
     )
-    alpha: float = _opt(ALPHA, f"false discovery rate of findings (default {ALPHA})", type=fraction)
+    alpha: float = _opt(ALPHA, f"false discovery rate of findings (default {ALPHA})", type=rate)
     min_effect: float = _opt(
         MIN_EFFECT,
         f"smallest token-minus-baseline attribute rate to flag (default {MIN_EFFECT})",
@@ -374,19 +374,7 @@ class RunOptions:
         """Reject bad values before any model loads (one line each, with the fix). Every field with a checking
         argparse type or choices is checked by them, so the Python API refuses what the command line does."""
         for f in fields(self):
-            value, meta = getattr(self, f.name), f.metadata
-            if value is None or isinstance(value, bool) or not meta.get("cli"):
-                continue
-            flag = meta.get("flag") or "--" + f.name.replace("_", "-")
-            if "choices" in meta and value not in meta["choices"]:
-                raise DctAuditError(f"{flag} must be one of {', '.join(meta['choices'])}, not {value!r}")
-            if meta.get("type") in _RANGE_TYPES:
-                try:
-                    meta["type"](str(value))
-                except argparse.ArgumentTypeError as e:
-                    raise DctAuditError(f"{flag}: {e}") from None
-        if not 0 < self.alpha < 1:
-            raise DctAuditError(f"--alpha must be in (0, 1), not {self.alpha}")
+            check_option(f.name, getattr(self, f.name))
         if self.shard is not None:
             parse_shard(self.shard)
             if self.overwrite:
@@ -474,6 +462,23 @@ class RunOptions:
         }
         s["batch"] = batch
         return s
+
+
+def check_option(name: str, value) -> None:
+    """A ``RunOptions`` field's value checked by its flag's argparse type and choices (one line naming the
+    flag): what ``RunOptions.check`` runs on every field, and other commands' Python API on the options
+    they share with ``run`` (``--alpha``, ``--min-effect``)."""
+    meta = next(f.metadata for f in fields(RunOptions) if f.name == name)
+    if value is None or isinstance(value, bool) or not meta.get("cli"):
+        return
+    flag = meta.get("flag") or "--" + name.replace("_", "-")
+    if "choices" in meta and value not in meta["choices"]:
+        raise DctAuditError(f"{flag} must be one of {', '.join(meta['choices'])}, not {value!r}")
+    if meta.get("type") in _RANGE_TYPES:
+        try:
+            meta["type"](str(value))
+        except argparse.ArgumentTypeError as e:
+            raise DctAuditError(f"{flag}: {e}") from None
 
 
 def parse_shard(text: str) -> tuple[int, int]:

@@ -57,6 +57,16 @@ def test_mismatched_runs_are_one_line_errors(two_runs, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "audit different classes" in err
     assert main(["compare", str(a)]) == 2 and "needs two run folders" in capsys.readouterr().err
+    # rates the command line refuses are refused from Python too (alpha 1 made every difference significant)
+    for bad, message in (
+        ({"alpha": 1.0}, r"--alpha: must be in \(0, 1\)"),
+        ({"min_effect": 0}, "--min-effect"),
+    ):
+        with pytest.raises(DctAuditError, match=message):
+            compare(a, a, cross_score=False, **bad)
+    with pytest.raises(SystemExit) as e:  # argparse's own usage error
+        main(["compare", str(a), str(a), "--alpha", "1"])
+    assert e.value.code == 2 and "must be in (0, 1), not 1.0" in capsys.readouterr().err
     # the same indices naming other classes (a classifier with another label list): not paired by index
     renamed = RunDir(shutil.copytree(a, Path(a).parent / "renamed"))
     manifest = renamed.read_manifest()

@@ -176,6 +176,7 @@ def test_discover_on_a_finished_run_keeps_every_tested_concept_and_only_confirme
         ({"concepts_file": str(words), "concept_template": "no braces"}, "needs one"),
         ({"concepts_file": str(words), "top_k": 0}, "at least 1"),
         ({"concepts_file": str(words), "with_template": "{}"}, "needs two"),
+        ({"concepts_file": str(words), "alpha": 1.0}, r"--alpha: must be in \(0, 1\), not 1.0"),  # was: 0.05
     ):
         with pytest.raises(DctAuditError, match=message):
             D.discover_run(run_dir, check=False, quiet=True, **kwargs)
