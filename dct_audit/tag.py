@@ -216,7 +216,7 @@ class Tagger:
 
 def check_tagger(spec: str) -> None:
     """Check cheaply, before any model loads or any file is written, that the tagger can be had: a known
-    architecture, and offline, its weights in the cache. Raises one line naming the fix."""
+    architecture, and its weights cached or downloadable now. Raises one line naming the fix."""
     if registry.matches("tagger", spec):
         return  # a plugin checks its own spec when it loads
     if spec.startswith("hf:"):
@@ -235,16 +235,9 @@ def check_tagger(spec: str) -> None:
     if not cfg:
         tags = ", ".join(t for a, t in open_clip.list_pretrained() if a == arch) or "none"
         raise DctAuditError(f"tagger '{arch}' has no pretrained tag '{tag}'; known tags: {tags}")
-    repo = (cfg.get("hf_hub") or "").strip("/")
-    if hub.offline() and repo:
-        from huggingface_hub import try_to_load_from_cache
+    from .records import not_cached
 
-        names = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
-        if not any(isinstance(try_to_load_from_cache(repo, n), str) for n in names):
-            raise DctAuditError(
-                f"tagger could not be loaded: {spec} is not in the local cache (HF_HOME) and HF_HUB_OFFLINE=1 is "
-                f"set; on a connected machine run `dct-audit download --tagger {spec}`, or pass --tagger none"
-            )
+    hub.require_downloadable(not_cached({"--tagger": spec}))  # its weights, cached or to be had
 
 
 def load_tagger(spec: str = DEFAULT_TAGGER, device: str | torch.device = "cpu") -> Tagger:
