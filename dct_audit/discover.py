@@ -263,8 +263,8 @@ def discover_run(
     from .check import counterfactual_sweep
     from .generate import eval_seeds
     from .options import check_option
-    from .pipeline import Models, RunOptions, load_models, require_downloadable
-    from .records import manifest_options
+    from .pipeline import Models, RunOptions, load_models
+    from .records import manifest_options, require_downloadable
     from .resolve import ResolvedClass
     from .tag import AttributeBank, load_tagger, load_vocabulary
 

@@ -37,6 +37,7 @@ from .records import (  # noqa: F401
     model_fingerprints,
     peak_memory_mb,
     placeholder_for,
+    require_downloadable,
     tagger_revision,
 )
 from .resolve import ResolvedClass
@@ -272,22 +273,6 @@ def finish_run(run_dir: str | Path, classifier=None, generator=None, tagger=None
             )
     opts = RunOptions(classes=[str(c.index) for c in classes], out=str(root.parent), name=root.name, **kwargs)
     return run_with_options(opts, classifier=clf, generator=gen, tagger=tg)
-
-
-def require_downloadable(models: Models, opts: RunOptions) -> None:
-    """One line naming every model still to load that is not cached and cannot be downloaded now."""
-    from .adapters import hub
-    from .records import not_cached
-
-    named = {
-        "--classifier": (models.classifier, opts.classifier),
-        "--holdout-classifier": (models.holdout, opts.holdout_classifier),
-        "--generator": (models.generator, opts.generator),
-        "--tagger": (models.tagger or models.bank, opts.tagger),
-    }
-    hub.require_downloadable(
-        not_cached({flag: spec for flag, (loaded, spec) in named.items() if loaded is None})
-    )
 
 
 def load_models(

@@ -252,6 +252,20 @@ def not_cached(models: dict[str, str | None]) -> list[tuple[str, str, str]]:
     return missing
 
 
+def require_downloadable(models, opts: RunOptions) -> None:
+    """One line naming every model of ``opts`` that ``models`` (a ``pipeline.Models``) does not hold yet and
+    that is neither cached nor downloadable now; nothing when they can all be had."""
+    from .adapters import hub
+
+    named = {
+        "--classifier": (models.classifier, opts.classifier),
+        "--holdout-classifier": (models.holdout, opts.holdout_classifier),
+        "--generator": (models.generator, opts.generator),
+        "--tagger": (models.tagger or models.bank, opts.tagger),
+    }
+    hub.require_downloadable(not_cached({flag: spec for flag, (held, spec) in named.items() if held is None}))
+
+
 def model_fingerprints(opts: RunOptions, local: bool = True) -> dict[str, dict[str, str]]:
     """What identifies each of the run's models beyond its name: ``{"classifier": {"local_files_sha256": sha}}``
     for local files, ``{"generator": {"hub_revision": commit}}`` for a hub model in the local cache (the
