@@ -226,13 +226,27 @@ def _cmd_compare(args) -> int:
         names = [c.strip() for c in args.classifiers.split(",") if c.strip()]
         if len(names) != 2 or not args.classes:
             raise DctAuditError("--classifiers needs exactly two names (A,B) and --classes")
+        from .adapters import hub
+        from .adapters.classifier import describe_classifier
         from .api import run
+        from .options import RunOptions
+        from .records import not_cached
 
         extra = {
             k: v
             for k, v in {"generator": args.generator, "tagger": args.tagger, "labels": args.labels}.items()
             if v
         }
+        # B's name and both classifiers' weights, before A's audit (hours on real models) rather than after it
+        for name in names:
+            describe_classifier(name, args.labels)
+        opts = RunOptions(classifier=names[0], classes=args.classes, **extra)
+        models = [
+            *(("--classifier", n) for n in names),
+            ("--generator", opts.generator),
+            ("--tagger", opts.tagger),
+        ]
+        hub.require_downloadable(not_cached(models))
         runs = [run(n, args.classes, **extra).run_dir for n in names]
     elif len(args.runs) == 2:
         runs = args.runs

@@ -222,16 +222,17 @@ def tagger_revision(spec: str | None) -> str | None:
     return hub.cached_revision(*repo) if repo else None
 
 
-def not_cached(models: dict[str, str | None]) -> list[tuple[str, str, str]]:
-    """Of ``{flag: spec}`` (``--classifier``, ``--holdout-classifier``, ``--generator``, ``--tagger``), the hub
-    and torchvision models that the local caches do not hold, as ``(flag, spec, url they download from)``
+def not_cached(models) -> list[tuple[str, str, str]]:
+    """Of ``{flag: spec}`` or ``[(flag, spec), ...]`` (flags ``--classifier``, ``--holdout-classifier``,
+    ``--generator``, ``--tagger``), the hub and torchvision models that the local caches do not hold, as
+    ``(flag, spec, url they download from)``
     for :func:`dct_audit.adapters.hub.require_downloadable`. Local files, plugins and names no library knows
     are left to their loaders."""
     from .adapters import hub
     from .adapters.classifier import parse_spec, torchvision_checkpoint
 
     missing = []
-    for flag, spec in models.items():
+    for flag, spec in models.items() if isinstance(models, dict) else models:
         if not spec:
             continue
         if flag == "--tagger":

@@ -154,3 +154,20 @@ def test_a_failed_load_names_why_the_hub_is_out_of_reach_else_the_libraries_erro
     with pytest.raises(DctAuditError, match=r"cannot be downloaded now \(huggingface.co: unknown host\);"):
         with hub.missing_model_guard("classifier", "--classifier x"):
             raise OSError("short")
+
+
+def test_compare_of_two_classifiers_checks_both_before_auditing_the_first(
+    empty_caches, no_network, tiny_pipelines, monkeypatch, capsys
+):
+    from dct_audit import api
+
+    audited = []
+    monkeypatch.setattr(api, "run", lambda *a, **k: audited.append(a))
+    base = ["compare", "--classes", "0", "--generator", tiny_pipelines["turbo"], "--tagger", "none"]
+    assert main([*base, "--classifiers", "resnet18.a1_in1k,tv:resnet18"]) == 2
+    err = capsys.readouterr().err
+    assert "--classifier resnet18.a1_in1k, --classifier tv:resnet18;" in err
+    assert "`dct-audit download --classifier resnet18.a1_in1k --classifier tv:resnet18`" in err
+    assert main([*base, "--classifiers", "resnet18.a1_in1k,resnet5"]) == 2  # B misspelt
+    assert "unknown classifier 'resnet5'" in capsys.readouterr().err
+    assert audited == []
