@@ -231,15 +231,26 @@ def _cmd_compare(args) -> int:
         from .api import run
         from .options import RunOptions
         from .records import not_cached
+        from .resolve import resolve_classes
 
         extra = {
             k: v
             for k, v in {"generator": args.generator, "tagger": args.tagger, "labels": args.labels}.items()
             if v
         }
-        # B's name and both classifiers' weights, before A's audit (hours on real models) rather than after it
-        for name in names:
-            describe_classifier(name, args.labels)
+        # B's name, its classes and both classifiers' weights, before A's audit (hours on real models)
+        resolved = [
+            [
+                (c.index, c.name)
+                for c in resolve_classes(args.classes, describe_classifier(n, args.labels)[1])[0]
+            ]
+            for n in names
+        ]
+        if resolved[0] != resolved[1]:
+            raise DctAuditError(
+                f"--classes {args.classes} names other classes in {names[0]} ({resolved[0][:3]}) than in {names[1]} "
+                f"({resolved[1][:3]}): compare classifiers that share a label list"
+            )
         opts = RunOptions(classifier=names[0], classes=args.classes, **extra)
         models = [
             *(("--classifier", n) for n in names),

@@ -171,3 +171,17 @@ def test_compare_of_two_classifiers_checks_both_before_auditing_the_first(
     assert main([*base, "--classifiers", "resnet18.a1_in1k,resnet5"]) == 2  # B misspelt
     assert "unknown classifier 'resnet5'" in capsys.readouterr().err
     assert audited == []
+
+
+def test_compare_of_two_classifiers_refuses_classes_they_name_differently_before_any_audit(
+    monkeypatch, capsys
+):
+    from dct_audit import api
+
+    audited = []
+    monkeypatch.setattr(api, "run", lambda *a, **k: audited.append(a))
+    names = "resnet18.a1_in1k,vit_base_patch16_224.augreg_in21k"  # ImageNet-1k vs ImageNet-21k labels
+    assert main(["compare", "--classifiers", names, "--classes", "American lobster"]) == 2
+    err = capsys.readouterr().err
+    assert "names other classes in resnet18.a1_in1k ([(122, 'American lobster')]) than in" in err
+    assert "([(1856, 'American lobster')])" in err and audited == []
