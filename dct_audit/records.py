@@ -222,34 +222,36 @@ def tagger_revision(spec: str | None) -> str | None:
     return hub.cached_revision(*repo) if repo else None
 
 
+def _torchvision_file(spec: str) -> tuple[Path, str] | None:
+    """Where ``torch.hub`` keeps a ``tv:`` classifier's weights and their URL; None for any other spec."""
+    from .adapters.classifier import parse_spec, torchvision_checkpoint
+
+    try:
+        kind, model_id = parse_spec(spec)
+        return torchvision_checkpoint(model_id) if kind == "torchvision" else None
+    except DctAuditError:  # a bad name: its loader says so, in one line
+        return None
+
+
 def not_cached(models) -> list[tuple[str, str, str]]:
     """Of ``{flag: spec}`` or ``[(flag, spec), ...]`` (flags ``--classifier``, ``--holdout-classifier``,
     ``--generator``, ``--tagger``), the hub and torchvision models that the local caches do not hold, as
-    ``(flag, spec, url they download from)``
-    for :func:`dct_audit.adapters.hub.require_downloadable`. Local files, plugins and names no library knows
-    are left to their loaders."""
+    ``(flag, spec, url they download from)`` for :func:`dct_audit.adapters.hub.require_downloadable`. Local
+    files, plugins and names no library knows are left to their loaders."""
     from .adapters import hub
-    from .adapters.classifier import parse_spec, torchvision_checkpoint
 
     missing = []
     for flag, spec in models.items() if isinstance(models, dict) else models:
         if not spec:
             continue
-        if flag == "--tagger":
-            repo = tagger_repo(spec)
-        else:
-            repo = hub_repo(spec, "generator" if flag == "--generator" else "classifier")
-            if repo is None and flag != "--generator":
-                try:
-                    kind, model_id = parse_spec(spec)
-                    path, url = torchvision_checkpoint(model_id) if kind == "torchvision" else (None, "")
-                except DctAuditError:  # a bad name: its loader says so, in one line
-                    path = None
-                if path is not None and not path.is_file():
-                    missing.append((flag, spec, url))
-                continue
+        role = {"--tagger": "tagger", "--generator": "generator"}.get(flag, "classifier")
+        repo = tagger_repo(spec) if role == "tagger" else hub_repo(spec, role)
         if repo is not None and hub.cached_revision(*repo) is None:
             missing.append((flag, spec, hub.hub_url()))
+        elif (
+            repo is None and role == "classifier" and (tv := _torchvision_file(spec)) and not tv[0].is_file()
+        ):
+            missing.append((flag, spec, tv[1]))
     return missing
 
 
