@@ -53,8 +53,8 @@ DEMO_SETTINGS = dict(
 # (check.class_response), on 8 seeds, then on 32 for the attributes the 8 leave open (check.check_class).
 # Measured (README "Truth benchmark", benchmarks/bench_confirm_seeds.py): 8-then-32 decides exactly as 32
 # seeds everywhere on the runs of seeds 53, 59, 61 and the shipped world (28/31, 0 unplanted) with 72% of the
-# prompts on 32 seeds; on twenty-one fresh seeds (53-123) it confirmed 189/207 relied-on planted biases, where the
-# default check (8 seeds, unadjusted) confirmed 158/207; with the association stage 1 and 0 unplanted. The default of
+# prompts on 32 seeds; on twenty-two fresh seeds (53-125) it confirmed 200/218 relied-on planted biases, where the
+# default check (8 seeds, unadjusted) confirmed 168/218; with the association stage 1 and 0 unplanted. The default of
 # `demo --classifier`, not of the shipped demo: about 3x the check's images (229 s for the demo), which its
 # 180 s on a 2-core CPU cannot afford.
 THOROUGH = dict(confirm_seeds=8, confirm_max_seeds=32, adjust=True)
@@ -147,9 +147,9 @@ def audit_world_classifier(  # noqa: D417
     its confirmed findings against the planted set in its ``training.json``.
 
     ``thorough`` (default): the check of ``THOROUGH``, which the shipped demo leaves out only for its time
-    budget. On twenty-one fresh truth-benchmark seeds (53-123) it confirmed 189/207 relied-on planted biases, 221
-    of its 222 confirmed findings planted (with the association stage), where the shipped demo's check
-    confirmed 158/207 and 162/162; an audit of another classifier has no 180 s target, so it gets the better
+    budget. On twenty-two fresh truth-benchmark seeds (53-125) it confirmed 200/218 relied-on planted biases, 234
+    of its 235 confirmed findings planted (with the association stage), where the shipped demo's check
+    confirmed 168/218 and 172/172; an audit of another classifier has no 180 s target, so it gets the better
     check."""
     from .world.truth import PlantedSet
 

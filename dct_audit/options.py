@@ -295,9 +295,9 @@ class RunOptions:
         "new seeds (default 0: off)",
         type=int,
     )
-    # Measured on twenty-one fresh truth-benchmark seeds (README "Truth benchmark"): with 8 seeds, then 32 for the
-    # open attributes (--confirm-max-seeds 32) it confirmed 189 of 207 relied-on planted biases, where the
-    # default (8 seeds, unadjusted) confirmed 158 (with the association stage: 1 and 0 unplanted); at 8 seeds alone it
+    # Measured on twenty-two fresh truth-benchmark seeds (README "Truth benchmark"): with 8 seeds, then 32 for the
+    # open attributes (--confirm-max-seeds 32) it confirmed 200 of 218 relied-on planted biases, where the
+    # default (8 seeds, unadjusted) confirmed 168 (with the association stage: 1 and 0 unplanted); at 8 seeds alone it
     # is no better (seeds 53, 59: one more plant, one more unplanted). `dct-audit demo --thorough` turns both
     # on; off here because the real vocabulary's check is already 1,536 images per class at 8 seeds. A third
     # stage (--confirm-max-seeds 128) found 4 more of 62 plants and 17 more unplanted attributes: not the default.
