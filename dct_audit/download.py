@@ -28,8 +28,9 @@ def download(
         )
     from .records import not_cached
 
-    missing = not_cached({"--generator": generator, "--tagger": tagger})
-    missing += [m for c in classifiers for m in not_cached({"--classifier": c})]
+    missing = not_cached(
+        [("--generator", generator), ("--tagger", tagger), *(("--classifier", c) for c in classifiers)]
+    )
     whys = dict.fromkeys(why for _, _, url in missing if (why := hub.unreachable(url)))
     if whys:  # the hub's client would retry for over a minute per file first
         raise DctAuditError(
