@@ -69,6 +69,14 @@ class InvertConfig:
     # Keep the token's norm at most this many times the vocabulary's mean norm (0: no limit): a token far
     # outside the embedding distribution makes the text encoder's output meaningless.
     max_norm: float = 0.0
+    # What decides the kept token and patience with validation seeds: "loss" (mean cross-entropy) or "prob"
+    # (mean target probability). Mean cross-entropy can fall while every image moves away from the class.
+    select: str = "loss"
+    # Inversions of a class whose plain images the classifier rarely calls the class can sit on a plateau for
+    # the whole budget with one stream of training seeds and escape it with another. An attempt that ends
+    # without reaching the stop is followed by a fresh one (the init word again, new training seeds, the same
+    # validation seeds), up to this many; the token kept is the best one over all attempts.
+    attempts: int = 1
 
     def check(self) -> None:
         if self.batch < 1 or self.grad_accum < 1:
@@ -85,8 +93,12 @@ class InvertConfig:
             raise ValueError(f"val_seeds must be in [0, {SEED_STREAM}), not {self.val_seeds}")
         if not self.max_norm >= 0:
             raise ValueError(f"max_norm must be >= 0, not {self.max_norm}")
+        if self.attempts < 1:
+            raise ValueError(f"attempts must be >= 1, not {self.attempts}")
         if self.eval_every < 1:
             raise ValueError(f"eval_every must be >= 1, not {self.eval_every}")
+        if self.select not in ("loss", "prob"):
+            raise ValueError(f"select must be 'loss' or 'prob', not {self.select!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, not {self.lr}")
         for t in self.templates:
@@ -103,6 +115,7 @@ class InversionResult:
     best_loss: float
     stop_reason: str  # "accuracy" | "patience" | "max_updates"
     restarts: int = 0  # restarts from another init word that were used
+    attempts: int = 1  # attempts run (config.attempts at most)
     best_val_accuracy: float | None = None  # validation accuracy of the kept token (with val_seeds)
     history: list[dict] = field(default_factory=list)
     snapshots: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)  # (update, seed, (3, H, W))
@@ -154,9 +167,44 @@ def invert_class(
     progress: Callable[[dict], None] | None = None,
 ) -> InversionResult:
     """Learn the token for ``target``; returns the best token (lowest validation loss, or lowest training
-    loss without validation seeds), not the last one."""
+    loss without validation seeds), not the last one, over up to ``config.attempts`` attempts."""
     # 1. Check inputs
     config.check()
+    start = time.perf_counter()
+    runs: list[tuple[InversionResult, float]] = []
+    for attempt in range(config.attempts):
+        update0 = sum(len(r.history) for r, _ in runs)
+        runs.append(
+            _attempt(
+                generator, classifier, target, class_name, placeholder, config, progress, attempt, update0
+            )
+        )
+        if runs[-1][0].stop_reason == "accuracy":
+            break
+    # the attempt that reached the stop, else the best judged score (the same validation seeds for all)
+    best, _ = min(runs, key=lambda run: (run[0].stop_reason != "accuracy", run[1]))
+    generator.set_token(placeholder, best.vector.to(device=generator.device))
+    best.history = [row for r, _ in runs for row in r.history]
+    best.seconds, best.attempts = time.perf_counter() - start, len(runs)
+    return best
+
+
+ATTEMPT_SEEDS = 100_000  # attempt a draws its training seeds from offset a * ATTEMPT_SEEDS
+
+
+def _attempt(
+    generator: Generator,
+    classifier: Classifier,
+    target: int,
+    class_name: str,
+    placeholder: str,
+    config: InvertConfig,
+    progress: Callable[[dict], None] | None,
+    attempt: int,
+    update0: int,
+) -> tuple[InversionResult, float]:
+    """One attempt from the init word; update numbers start at ``update0``. Returns the result and its judged
+    score (lower is better)."""
     device = generator.device
     start = time.perf_counter()
 
@@ -179,8 +227,9 @@ def invert_class(
     prompts = token_prompts(config.templates, placeholder, class_name, per_update)
     val_seeds = val_seed_list(config.seed, config.val_seeds)
     val_prompts = token_prompts(config.templates, placeholder, class_name, len(val_seeds))
-    seed_offset = 0
+    seed_offset = attempt * ATTEMPT_SEEDS
     best_loss, best_update, last_improved = math.inf, 0, 0
+    best_score = math.inf  # what decides: best_loss, or minus the mean target probability (select="prob")
     best_val_accuracy = None
     best_vector = init.clone()
     history: list[dict] = []
@@ -194,10 +243,12 @@ def invert_class(
         t0 = time.perf_counter()
         seeds = [train_seed(config.seed, seed_offset + j) for j in range(per_update)]
         row = {
-            "update": update,
+            "update": update0 + update,
             "seed_offset": seed_offset,
             "lr": optimizer.param_groups[0]["lr"],
-            "event": "",
+            "event": f"attempt {attempt + 1}: from '{config.init_word}' with new seeds"
+            if attempt and not update
+            else "",
         }
 
         # 4a. Validation of the current token (the one the step below would change), on fixed seeds
@@ -240,12 +291,13 @@ def invert_class(
             loss=loss_value, target_prob=sum(probs) / len(probs), accuracy=accuracy, grad_norm=float("nan")
         )
         if update % config.snapshot_every == 0:
-            snapshots.append((update, seeds[0], first_image))
+            snapshots.append((update0 + update, seeds[0], first_image))
 
         # 5. Decisions, on validation numbers when there are any, else on this batch
         judged_loss, judged_acc = (
             (row["val_loss"], row["val_accuracy"]) if validated else (loss_value, accuracy)
         )
+        judged = -row["val_prob"] if validated and config.select == "prob" else judged_loss
         decide = validated or not val_seeds
         if not math.isfinite(loss_value):
             vector.data.copy_(best_vector.to(device))
@@ -254,8 +306,13 @@ def invert_class(
             optimizer.state.clear()
             row["event"] = "non-finite loss: restored best token, halved lr"
         else:
-            if decide and judged_loss < best_loss:
-                best_loss, best_update, last_improved = judged_loss, update, update
+            if decide and judged < best_score:
+                best_score, best_loss, best_update, last_improved = (
+                    judged,
+                    judged_loss,
+                    update0 + update,
+                    update,
+                )
                 best_vector = vector.detach().float().cpu().clone()
                 best_val_accuracy = judged_acc if validated else None
             reached = judged_acc >= config.stop_accuracy and (
@@ -263,7 +320,11 @@ def invert_class(
             )
             if decide and reached:
                 stop_reason = "accuracy"
-                best_loss, best_update = judged_loss, update  # the accepted token is the one that passed
+                best_loss, best_update = (
+                    judged_loss,
+                    update0 + update,
+                )  # the accepted token is the one that passed
+                best_score = judged
                 best_vector = vector.detach().float().cpu().clone()
                 best_val_accuracy = judged_acc if validated else None
             elif decide and config.patience and update - last_improved >= config.patience and starts:
@@ -303,7 +364,7 @@ def invert_class(
             progress(row)
         if stop_reason != "max_updates":  # stopped early: keep the last image in the evolution strip
             if update % config.snapshot_every != 0:
-                snapshots.append((update, seeds[0], first_image))
+                snapshots.append((update0 + update, seeds[0], first_image))
             break
 
     # 6. The last step's token has not been judged yet: validate it too
@@ -312,8 +373,9 @@ def invert_class(
             generator, classifier, val_prompts, val_seeds, target, config, guidance, uncond
         )
         history[-1].update(final_val_loss=val_loss, final_val_accuracy=val_acc, final_val_prob=val_prob)
-        if val_loss < best_loss:
-            best_loss, best_update = val_loss, config.max_updates
+        if (-val_prob if config.select == "prob" else val_loss) < best_score:
+            best_score = -val_prob if config.select == "prob" else val_loss
+            best_loss, best_update = val_loss, update0 + config.max_updates
             best_vector = vector.detach().float().cpu().clone()
             best_val_accuracy = val_acc
 
@@ -321,7 +383,7 @@ def invert_class(
     if not math.isfinite(best_loss):
         best_vector = init.clone()
     generator.set_token(placeholder, best_vector.to(device=device))
-    return InversionResult(
+    result = InversionResult(
         placeholder=placeholder,
         vector=best_vector,
         init_vector=init,
@@ -334,6 +396,7 @@ def invert_class(
         restarts=restarts,
         best_val_accuracy=best_val_accuracy,
     )
+    return result, best_score if math.isfinite(best_loss) else math.inf
 
 
 def save_token(path, placeholder: str, vector: torch.Tensor) -> None:

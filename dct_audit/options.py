@@ -12,7 +12,7 @@ import argparse
 import math
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from .errors import DctAuditError
 
@@ -225,6 +225,13 @@ class RunOptions:
         setting=True,
         type=_words,
         metavar="W1,W2",
+    )
+    attempts: int = _opt(
+        1,
+        "a class whose inversion ends without reaching the stop is learned again from the init word with new "
+        "training seeds, up to this many attempts; the best token over all is kept (default 1)",
+        setting=True,
+        type=positive_int,
     )
     max_norm: float = _opt(
         2.0,
@@ -450,6 +457,10 @@ class RunOptions:
         if self.batch is not None:
             return self.batch
         return 4 if device.type == "cuda" else 2
+
+    # Settings added after runs were first recorded, with the value those older runs used without naming it:
+    # resuming such a run at that value is not a change of settings.
+    ADDED_SETTINGS: ClassVar[dict] = {"attempts": 1}
 
     def settings(self, batch: int | str) -> dict:
         """The options that change results (a resumed run must match them), as JSON values."""

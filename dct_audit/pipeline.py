@@ -421,6 +421,7 @@ def audit_class(
         token_unchanged=unchanged,
         stop_reason=inv.stop_reason,
         restarts=inv.restarts,
+        attempts=inv.attempts,
         best_val_accuracy=inv.best_val_accuracy,
         best_update=inv.best_update,
         best_loss=inv.best_loss,

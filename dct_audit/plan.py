@@ -96,7 +96,7 @@ def plan_run(
     # 2. Check the run folder (refuses other settings unless --overwrite); nothing is written yet
     root = Path(opts.out) / (opts.name or default_run_name(opts.classifier))
     settings = opts.settings(batch)
-    run_dir, previous = rundir.open_run_dir(root, settings, opts.overwrite)
+    run_dir, previous = rundir.open_run_dir(root, settings, opts.overwrite, opts.ADDED_SETTINGS)
     if generator is None:
         check_generator_spec(opts.generator)  # a local folder or hub index that cannot work: before anything
     elif generator.device.type != device.type:

@@ -162,6 +162,7 @@ class ClassSummary:
     memory: dict  # process_peak_rss_mb (and cuda_peak_allocated_mb)
     holdout_token_accuracy: float | None = None  # with --holdout-classifier only
     holdout_baseline_accuracy: float | None = None
+    attempts: int | None = None  # inversion attempts run (None: written before --attempts)
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -580,8 +581,11 @@ def check_free_space(root: Path, needed_bytes: int) -> None:
         )
 
 
-def open_run_dir(root: Path, settings: dict, overwrite: bool) -> tuple[RunDir, Manifest | None]:
-    """Check a run folder without writing anything: settings must match unless ``overwrite``.
+def open_run_dir(
+    root: Path, settings: dict, overwrite: bool, added: dict | None = None
+) -> tuple[RunDir, Manifest | None]:
+    """Check a run folder without writing anything: settings must match unless ``overwrite``. A setting in
+    ``added`` that an older run did not record counts as recorded at the value given there.
 
     Returns the run dir and the previous manifest (``None`` for a fresh or overwritten run).
     """
@@ -591,7 +595,7 @@ def open_run_dir(root: Path, settings: dict, overwrite: bool) -> tuple[RunDir, M
         return run, None
     previous = run.read_manifest()
     if previous is not None:
-        old = previous.settings
+        old = {**{k: v for k, v in (added or {}).items() if k in settings}, **previous.settings}
         diffs = [k for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)]
         if diffs:
             shown = "; ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in diffs[:3])

@@ -609,3 +609,19 @@ def test_a_hub_model_is_recorded_by_its_cached_revision_and_a_resume_after_an_up
     # local files, torchvision weights (named by hash) and in-memory models are not hub revisions
     for spec in ("tv:resnet50", "in-memory:ResNet@3f2a", str(tmp_path)):
         assert records.hub_repo(spec, "classifier") is None
+
+
+def test_a_run_recorded_before_a_setting_existed_resumes_at_its_old_value(tmp_path):
+    """A manifest written before --attempts existed lacks the key: resuming at the value those runs used
+    (1) is not a change of settings; asking for another value is."""
+    from dct_audit.options import RunOptions
+
+    old = {"seed": 0, "lr": 0.01}
+    rundir.RunDir(tmp_path).write_manifest(rundir.Manifest(settings=old))
+    added = RunOptions.ADDED_SETTINGS
+    assert added == {"attempts": 1}
+    rundir.open_run_dir(tmp_path, {**old, "attempts": 1}, False, added)
+    with pytest.raises(DctAuditError, match="attempts: 1 -> 2"):
+        rundir.open_run_dir(tmp_path, {**old, "attempts": 2}, False, added)
+    with pytest.raises(DctAuditError, match="attempts: None -> 1"):
+        rundir.open_run_dir(tmp_path, {**old, "attempts": 1}, False)  # without the table: a change
