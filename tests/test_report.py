@@ -168,6 +168,27 @@ def test_a_class_without_history_rows_renders_without_a_training_plot(tiny_run, 
     assert "<h2>Training</h2>" in page and "loss and target probability over updates" not in page
 
 
+def test_a_token_that_did_not_reach_the_stop_points_to_attempts_and_a_second_attempt_is_named(
+    tiny_run, tmp_path
+):
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    path = run / "classes" / "0000-american-lobster" / "class.json"
+    summary = rundir.read_json(path)
+    page = run / "report" / "classes" / "0000-american-lobster.html"
+    shown = {}
+    for stop, attempts in (("max_updates", 1), ("max_updates", 2), ("accuracy", 1)):
+        rundir.write_json(path, {**summary, "stop_reason": stop, "attempts": attempts})
+        rundir.RunDir(run).mark_done(0, "american lobster")
+        report.render_report(run)
+        text = " ".join(parse(page).texts)
+        shown[stop, attempts] = ("--attempts 2" in text, "in 2 attempts" in text)
+    assert shown == {
+        ("max_updates", 1): (True, False),
+        ("max_updates", 2): (False, True),
+        ("accuracy", 1): (False, False),
+    }
+
+
 def test_sparse_metadata_still_renders(tiny_run, tmp_path):
     """A manifest or class.json missing optional keys (an older or partial run) renders with dashes."""
     run = shutil.copytree(tiny_run, tmp_path / "run")
