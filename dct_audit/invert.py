@@ -185,6 +185,7 @@ def invert_class(
     best, _ = min(runs, key=lambda run: (run[0].stop_reason != "accuracy", run[1]))
     generator.set_token(placeholder, best.vector.to(device=generator.device))
     best.history = [row for r, _ in runs for row in r.history]
+    best.restarts = sum(r.restarts for r, _ in runs)
     best.seconds, best.attempts = time.perf_counter() - start, len(runs)
     return best
 
@@ -307,12 +308,8 @@ def _attempt(
             row["event"] = "non-finite loss: restored best token, halved lr"
         else:
             if decide and judged < best_score:
-                best_score, best_loss, best_update, last_improved = (
-                    judged,
-                    judged_loss,
-                    update0 + update,
-                    update,
-                )
+                best_score, best_loss = judged, judged_loss
+                best_update, last_improved = update0 + update, update
                 best_vector = vector.detach().float().cpu().clone()
                 best_val_accuracy = judged_acc if validated else None
             reached = judged_acc >= config.stop_accuracy and (
@@ -320,11 +317,8 @@ def _attempt(
             )
             if decide and reached:
                 stop_reason = "accuracy"
-                best_loss, best_update = (
-                    judged_loss,
-                    update0 + update,
-                )  # the accepted token is the one that passed
-                best_score = judged
+                # the accepted token is the one that passed
+                best_score, best_loss, best_update = judged, judged_loss, update0 + update
                 best_vector = vector.detach().float().cpu().clone()
                 best_val_accuracy = judged_acc if validated else None
             elif decide and config.patience and update - last_improved >= config.patience and starts:
@@ -373,9 +367,9 @@ def _attempt(
             generator, classifier, val_prompts, val_seeds, target, config, guidance, uncond
         )
         history[-1].update(final_val_loss=val_loss, final_val_accuracy=val_acc, final_val_prob=val_prob)
-        if (-val_prob if config.select == "prob" else val_loss) < best_score:
-            best_score = -val_prob if config.select == "prob" else val_loss
-            best_loss, best_update = val_loss, update0 + config.max_updates
+        score = -val_prob if config.select == "prob" else val_loss
+        if score < best_score:
+            best_score, best_loss, best_update = score, val_loss, update0 + config.max_updates
             best_vector = vector.detach().float().cpu().clone()
             best_val_accuracy = val_acc
 

@@ -336,6 +336,8 @@ def audit_class(
     )
 
     def on_update(row: dict) -> None:
+        if row["update"] >= bar.total:  # another attempt (--attempts)
+            bar.total += config.max_updates
         bar.update(1)
         bar.set_postfix(
             loss=f"{row['loss']:.3f}", p=f"{row['target_prob']:.2f}", acc=f"{row['accuracy']:.2f}"

@@ -1,5 +1,6 @@
 """The DCT loop: it learns, it touches nothing but its vector, it keeps the best token, it survives NaN."""
 
+import dataclasses
 import math
 
 import pytest
@@ -212,7 +213,7 @@ def test_an_attempt_that_ends_without_the_stop_is_followed_by_a_fresh_one(models
     )
     judged = [h["val_loss"] for h in hist] + [hist[2]["final_val_loss"], hist[5]["final_val_loss"]]
     assert result.best_loss == min(judged)
-    one = invert_class(gen, clf, TARGET, NAME, "<dct-2>", InvertConfig(**{**config.__dict__, "attempts": 1}))
+    one = invert_class(gen, clf, TARGET, NAME, "<dct-2>", dataclasses.replace(config, attempts=1))
     assert one.attempts == 1 and [h["loss"] for h in one.history] == [h["loss"] for h in hist[:3]]
     assert result.best_loss <= one.best_loss  # a second attempt never keeps a worse token
 
