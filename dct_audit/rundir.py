@@ -177,6 +177,16 @@ class ClassSummary:
         return cls(**{f.name: d.get(f.name) for f in fields(cls)})
 
 
+def token_not_learned(summary: dict) -> bool:
+    """A class's ``class.json`` (as a dict) whose token did not reach the stop and makes the classifier call
+    the evaluation images the class no more often than the plain prompt does: what such a token brings in is
+    not evidence of what the classifier looks for."""
+    token, baseline = summary.get("token_accuracy"), summary.get("baseline_accuracy")
+    numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in (token, baseline))
+    missed = summary.get("stop_reason") in ("max_updates", "patience")
+    return bool(numbers and missed and token <= baseline)
+
+
 @dataclass
 class ManifestClass:
     """One class of a run as the manifest lists it (every class asked for, finished or not)."""

@@ -189,6 +189,40 @@ def test_a_token_that_did_not_reach_the_stop_points_to_attempts_and_a_second_att
     }
 
 
+def test_a_token_no_better_than_the_plain_prompt_is_marked_not_learned_on_its_page_and_the_index(
+    tiny_run, tmp_path
+):
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    for other in sorted(run.glob("classes/*/class.json"))[1:]:  # the other classes reached the stop
+        rundir.write_json(other, {**rundir.read_json(other), "stop_reason": "accuracy"})
+        rundir.RunDir(run).mark_done(int(other.parent.name[:4]), rundir.read_json(other)["name"])
+    path = run / "classes" / "0000-american-lobster" / "class.json"
+    summary = rundir.read_json(path)
+    page = run / "report" / "classes" / "0000-american-lobster.html"
+    shown = {}
+    cases = {  # stop reason, token accuracy, baseline accuracy
+        "plateau": ("max_updates", 0.0, 0.0),
+        "worse": ("patience", 0.1, 0.25),
+        "better": ("max_updates", 0.5, 0.25),
+        "reached the stop": ("accuracy", 1.0, 1.0),
+        "no numbers": ("max_updates", None, 0.0),
+    }
+    for case, (stop, token, baseline) in cases.items():
+        numbers = {"stop_reason": stop, "token_accuracy": token, "baseline_accuracy": baseline}
+        rundir.write_json(path, {**summary, **numbers})
+        rundir.RunDir(run).mark_done(0, "american lobster")
+        index = report.render_report(run)
+        on_page = "The token did not learn this class:" in " ".join(parse(page).texts)
+        shown[case] = (on_page, "not learned" in " ".join(parse(index).texts))
+    assert shown == {
+        "plateau": (True, True),
+        "worse": (True, True),
+        "better": (False, False),
+        "reached the stop": (False, False),
+        "no numbers": (False, False),
+    }
+
+
 def test_sparse_metadata_still_renders(tiny_run, tmp_path):
     """A manifest or class.json missing optional keys (an older or partial run) renders with dashes."""
     run = shutil.copytree(tiny_run, tmp_path / "run")

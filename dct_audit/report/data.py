@@ -188,6 +188,7 @@ def _class_row(run_dir: Path, c: dict, flagged: dict, self_contained: bool) -> d
         **{k: None for k in (*_SUMMARY_KEYS, "holdout_token_accuracy", "holdout_baseline_accuracy")},
         **{k: None for k in ("updates", "stop_reason", "best_update", "seconds", "attempts")},
         "top_flagged": flagged.get(c["index"], []),
+        "not_learned": False,
     }
     state, detail = rundir.verify_folder(folder, quick=True)  # against its DONE marker, as verify checks
     if state in ("missing", "incomplete"):
@@ -209,6 +210,7 @@ def _class_row(run_dir: Path, c: dict, flagged: dict, self_contained: bool) -> d
     row["updates"] = to_number(summary.get("updates"))
     row["stop_reason"] = summary.get("stop_reason")
     row["attempts"] = to_number(summary.get("attempts"))
+    row["not_learned"] = rundir.token_not_learned(summary)
     row["seconds"] = to_number((summary.get("timings") or {}).get("total_s"))
     row["placeholder"] = summary.get("placeholder", row["placeholder"])
     row["name"] = str(summary.get("name", row["name"]))
