@@ -77,6 +77,10 @@ class InvertConfig:
     # without reaching the stop is followed by a fresh one (the init word again, new training seeds, the same
     # validation seeds), up to this many; the token kept is the best one over all attempts.
     attempts: int = 1
+    # The training loss: "ce", the paper's mean cross-entropy toward the class, or "meanprob", minus the log of
+    # the mean target probability over the batch, which weighs each image by its probability: the images
+    # nearest the class lead, where cross-entropy pushes every image alike (also those that stay far).
+    objective: str = "ce"
 
     def check(self) -> None:
         if self.batch < 1 or self.grad_accum < 1:
@@ -97,6 +101,8 @@ class InvertConfig:
             raise ValueError(f"attempts must be >= 1, not {self.attempts}")
         if self.eval_every < 1:
             raise ValueError(f"eval_every must be >= 1, not {self.eval_every}")
+        if self.objective not in ("ce", "meanprob"):
+            raise ValueError(f"objective must be 'ce' or 'meanprob', not {self.objective!r}")
         if self.select not in ("loss", "prob"):
             raise ValueError(f"select must be 'loss' or 'prob', not {self.select!r}")
         if not self.lr > 0:
@@ -155,6 +161,14 @@ def _val_score(
             hits += (logits.argmax(-1) == target).tolist()
             probs += logits.softmax(-1)[:, target].tolist()
     return sum(losses) / len(losses), sum(hits) / len(hits), sum(probs) / len(probs)
+
+
+def class_loss(logits: torch.Tensor, target: torch.Tensor, objective: str = "ce") -> torch.Tensor:
+    """The training loss of one batch (``InvertConfig.objective``)."""
+    if objective == "ce":
+        return F.cross_entropy(logits, target)
+    log_p = F.log_softmax(logits, -1).gather(1, target[:, None]).squeeze(1)  # (b,)
+    return math.log(len(log_p)) - torch.logsumexp(log_p, 0)  # -log(mean p)
 
 
 def invert_class(
@@ -276,7 +290,7 @@ def _attempt(
                     uncond=uncond,
                 )  # (b, 3, H, W)
                 logits = classifier(images).float()  # (b, C)
-            loss = F.cross_entropy(logits, target_t)
+            loss = class_loss(logits, target_t, config.objective)
             if torch.isfinite(loss):
                 (loss / config.grad_accum).backward()
             losses.append(loss.item())

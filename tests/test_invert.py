@@ -228,3 +228,33 @@ def test_an_attempt_that_reaches_the_stop_is_the_last(models, monkeypatch):
     assert (result.attempts, result.stop_reason, len(result.history)) == (1, "accuracy", 1)
     with pytest.raises(ValueError, match="attempts"):
         InvertConfig(attempts=0).check()
+
+
+def test_meanprob_objective_is_minus_log_mean_probability_and_weighs_images_by_it():
+    from dct_audit.invert import class_loss
+
+    logits = torch.tensor([[3.0, 0.0, 0.0], [0.0, 2.0, 0.0], [-1.0, 4.0, 0.0]], requires_grad=True)
+    target = torch.zeros(3, dtype=torch.long)
+    p = logits.softmax(-1)[:, 0]
+    loss = class_loss(logits, target, "meanprob")
+    assert loss.item() == pytest.approx(-math.log(p.mean().item()), rel=1e-6)
+    assert class_loss(logits, target, "ce").item() == pytest.approx(-p.log().mean().item(), rel=1e-6)
+    loss.backward()
+    # d loss / d logit_target = -(1 - p_i) p_i / sum p: the image farthest from the class (last, p = 0.007)
+    # barely counts, where cross-entropy (-(1 - p_i) / n) would weigh it most
+    g = -logits.grad[:, 0]
+    assert g.min() > 0 and g[2] < 0.1 * min(g[0], g[1])
+    ce_logits = logits.detach().clone().requires_grad_(True)
+    class_loss(ce_logits, target, "ce").backward()
+    assert (-ce_logits.grad[:, 0]).argmax() == 2  # cross-entropy steps hardest on the farthest image
+    with pytest.raises(ValueError, match="objective"):
+        InvertConfig(objective="hinge").check()
+
+
+def test_inversion_with_the_meanprob_objective_raises_target_probability(models):
+    gen, clf = models
+    config = InvertConfig(lr=0.2, max_updates=8, stop_accuracy=1.0, objective="meanprob")
+    result = invert_class(gen, clf, TARGET, NAME, "<dct-1>", config)
+    hist = result.history
+    assert result.best_loss < hist[0]["loss"] - 0.03
+    assert max(h["target_prob"] for h in hist[1:]) > hist[0]["target_prob"]
