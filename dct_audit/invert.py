@@ -70,8 +70,9 @@ class InvertConfig:
     # outside the embedding distribution makes the text encoder's output meaningless.
     max_norm: float = 0.0
     # What decides the kept token and patience with validation seeds: "loss" (mean cross-entropy) or "prob"
-    # (mean target probability). Mean cross-entropy can fall while every image moves away from the class.
-    select: str = "loss"
+    # (mean target probability; the "meanprob" objective on the validation images). Mean cross-entropy can fall
+    # while every image moves away from the class. None: the one that matches ``objective``.
+    select: str | None = None
     # Inversions of a class whose plain images the classifier rarely calls the class can sit on a plateau for
     # the whole budget with one stream of training seeds and escape it with another. An attempt that ends
     # without reaching the stop is followed by a fresh one (the init word again, new training seeds, the same
@@ -81,6 +82,11 @@ class InvertConfig:
     # the mean target probability over the batch, which weighs each image by its probability: the images
     # nearest the class lead, where cross-entropy pushes every image alike (also those that stay far).
     objective: str = "ce"
+
+    @property
+    def by_prob(self) -> bool:
+        """Whether validation decides by the mean target probability (else by the mean cross-entropy)."""
+        return self.select == "prob" or (self.select is None and self.objective == "meanprob")
 
     def check(self) -> None:
         if self.batch < 1 or self.grad_accum < 1:
@@ -103,7 +109,7 @@ class InvertConfig:
             raise ValueError(f"eval_every must be >= 1, not {self.eval_every}")
         if self.objective not in ("ce", "meanprob"):
             raise ValueError(f"objective must be 'ce' or 'meanprob', not {self.objective!r}")
-        if self.select not in ("loss", "prob"):
+        if self.select not in (None, "loss", "prob"):
             raise ValueError(f"select must be 'loss' or 'prob', not {self.select!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, not {self.lr}")
@@ -312,7 +318,7 @@ def _attempt(
         judged_loss, judged_acc = (
             (row["val_loss"], row["val_accuracy"]) if validated else (loss_value, accuracy)
         )
-        judged = -row["val_prob"] if validated and config.select == "prob" else judged_loss
+        judged = -row["val_prob"] if validated and config.by_prob else judged_loss
         decide = validated or not val_seeds
         if not math.isfinite(loss_value):
             vector.data.copy_(best_vector.to(device))
@@ -381,7 +387,7 @@ def _attempt(
             generator, classifier, val_prompts, val_seeds, target, config, guidance, uncond
         )
         history[-1].update(final_val_loss=val_loss, final_val_accuracy=val_acc, final_val_prob=val_prob)
-        score = -val_prob if config.select == "prob" else val_loss
+        score = -val_prob if config.by_prob else val_loss
         if score < best_score:
             best_score, best_loss, best_update = score, val_loss, update0 + config.max_updates
             best_vector = vector.detach().float().cpu().clone()

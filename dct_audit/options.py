@@ -233,6 +233,14 @@ class RunOptions:
         setting=True,
         type=positive_int,
     )
+    objective: str = _opt(
+        "ce",
+        "the inversion's loss: 'ce', the paper's cross-entropy toward the class, or 'meanprob', minus the log of "
+        "the mean target probability, which lets the images nearest the class lead (the kept token then decided "
+        "by the validation probability); default ce",
+        setting=True,
+        choices=("ce", "meanprob"),
+    )
     max_norm: float = _opt(
         2.0,
         "keep the token's norm at most this many times the vocabulary's mean norm (default 2; 0: no limit)",
@@ -460,7 +468,7 @@ class RunOptions:
 
     # Settings added after runs were first recorded, with the value those older runs used without naming it:
     # resuming such a run at that value is not a change of settings.
-    ADDED_SETTINGS: ClassVar[dict] = {"attempts": 1}
+    ADDED_SETTINGS: ClassVar[dict] = {"attempts": 1, "objective": "ce"}
 
     def settings(self, batch: int | str) -> dict:
         """The options that change results (a resumed run must match them), as JSON values."""

@@ -249,6 +249,9 @@ def test_meanprob_objective_is_minus_log_mean_probability_and_weighs_images_by_i
     assert (-ce_logits.grad[:, 0]).argmax() == 2  # cross-entropy steps hardest on the farthest image
     with pytest.raises(ValueError, match="objective"):
         InvertConfig(objective="hinge").check()
+    # validation decides by the matching measure unless told otherwise
+    assert (InvertConfig().by_prob, InvertConfig(objective="meanprob").by_prob) == (False, True)
+    assert not InvertConfig(objective="meanprob", select="loss").by_prob
 
 
 def test_inversion_with_the_meanprob_objective_raises_target_probability(models):

@@ -619,8 +619,10 @@ def test_a_run_recorded_before_a_setting_existed_resumes_at_its_old_value(tmp_pa
     old = {"seed": 0, "lr": 0.01}
     rundir.RunDir(tmp_path).write_manifest(rundir.Manifest(settings=old))
     added = RunOptions.ADDED_SETTINGS
-    assert added == {"attempts": 1}
-    rundir.open_run_dir(tmp_path, {**old, "attempts": 1}, False, added)
+    assert added == {"attempts": 1, "objective": "ce"}
+    rundir.open_run_dir(tmp_path, {**old, "attempts": 1, "objective": "ce"}, False, added)
+    with pytest.raises(DctAuditError, match="objective: 'ce' -> 'meanprob'"):
+        rundir.open_run_dir(tmp_path, {**old, "attempts": 1, "objective": "meanprob"}, False, added)
     with pytest.raises(DctAuditError, match="attempts: 1 -> 2"):
         rundir.open_run_dir(tmp_path, {**old, "attempts": 2}, False, added)
     with pytest.raises(DctAuditError, match="attempts: None -> 1"):
