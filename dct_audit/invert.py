@@ -258,6 +258,7 @@ def _attempt(
     stop_reason = "max_updates"
     restarts = 0
     target_t = torch.full((config.batch,), target, device=device, dtype=torch.long)
+    measure = "probability" if config.by_prob and val_seeds else "loss"  # what patience waits on
 
     # 4. Updates
     for update in range(config.max_updates):
@@ -348,10 +349,10 @@ def _attempt(
                 restarts += 1
                 last_improved = update
                 seed_offset += per_update
-                row["event"] = f"no better loss for {config.patience} updates: restart from '{word}'"
+                row["event"] = f"no better {measure} for {config.patience} updates: restart from '{word}'"
             elif decide and config.patience and update - last_improved >= config.patience:
                 stop_reason = "patience"
-                row["event"] = f"no better loss for {config.patience} updates: stopped"
+                row["event"] = f"no better {measure} for {config.patience} updates: stopped"
             else:
                 if config.fresh_seeds:
                     seed_offset += per_update
