@@ -2,7 +2,8 @@
 
 Only one embedding vector is optimised. Each update generates images from fixed seeds with the token
 in the prompt, keeps autograd only for the last ``grad_steps`` denoising steps, the decoder and the
-classifier, and steps AdamW on the cross-entropy toward the target class.
+classifier, and steps AdamW on the cross-entropy toward the target class (the paper's), or on minus the log of
+the mean target probability (``objective="meanprob"``, ``class_loss``).
 """
 
 from __future__ import annotations
