@@ -187,8 +187,9 @@ def invert_class(
     config: InvertConfig,
     progress: Callable[[dict], None] | None = None,
 ) -> InversionResult:
-    """Learn the token for ``target``; returns the best token (lowest validation loss, or lowest training
-    loss without validation seeds), not the last one, over up to ``config.attempts`` attempts."""
+    """Learn the token for ``target``; returns the best token (lowest validation loss, highest validation
+    probability with ``by_prob``, or lowest training loss without validation seeds), not the last one, over up to
+    ``config.attempts`` attempts."""
     # 1. Check inputs
     config.check()
     start = time.perf_counter()
