@@ -143,23 +143,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_NOT_LEARNED = (
-    "; the token did not learn the class (try --attempts 2)",
-    "; the token did not learn the class",
-)
-
-
 def _cmd_run(args) -> int:
     from .pipeline import run_with_options
-    from .rundir import token_not_learned
+    from .rundir import retry_flags, token_not_learned
 
-    result = run_with_options(options_from_args(args))
+    options = options_from_args(args)
+    result = run_with_options(options)
     for c in result.classes:
-        print(
+        line = (
             f"{c['name']} ({c['index']}): token accuracy {c['token_accuracy']:.2f} vs baseline {c['baseline_accuracy']:.2f}, "
             f"{c['updates']} updates ({c['stop_reason']}), {c['timings']['total_s']:.1f} s"
-            + (_NOT_LEARNED[(c.get("attempts") or 1) > 1] if token_not_learned(c) else "")
         )
+        if token_not_learned(c):
+            retry = retry_flags(c, {"objective": options.objective})
+            line += "; the token did not learn the class" + (f" (try {retry})" if retry else "")
+        print(line)
     _print_findings(result.findings)
     if result.findings:
         print(_count(result.findings))

@@ -187,6 +187,18 @@ def token_not_learned(summary: dict) -> bool:
     return bool(numbers and missed and token <= baseline)
 
 
+def retry_flags(summary: dict, settings: dict) -> str | None:
+    """The flags of ``run`` that learn a class's token again when it did not reach the stop (``class.json``
+    as a dict, the manifest's settings): ``--objective meanprob`` and ``--attempts 2``, each unless the run
+    already used it (README "Hard tokens"); None when the token reached the stop or both were used."""
+    if summary.get("stop_reason") not in ("max_updates", "patience"):
+        return None
+    flags = [] if settings.get("objective") == "meanprob" else ["--objective meanprob"]
+    if (summary.get("attempts") or 1) < 2:
+        flags.append("--attempts 2")
+    return " ".join(flags) or None
+
+
 @dataclass
 class ManifestClass:
     """One class of a run as the manifest lists it (every class asked for, finished or not)."""

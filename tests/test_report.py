@@ -7,6 +7,7 @@ of one class) are shared with ``test_report_browser.py``.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -168,24 +169,34 @@ def test_a_class_without_history_rows_renders_without_a_training_plot(tiny_run, 
     assert "<h2>Training</h2>" in page and "loss and target probability over updates" not in page
 
 
-def test_a_token_that_did_not_reach_the_stop_points_to_attempts_and_a_second_attempt_is_named(
-    tiny_run, tmp_path
-):
+def test_a_token_that_did_not_reach_the_stop_points_to_the_flags_the_run_did_not_use(tiny_run, tmp_path):
     run = shutil.copytree(tiny_run, tmp_path / "run")
     path = run / "classes" / "0000-american-lobster" / "class.json"
     summary = rundir.read_json(path)
+    manifest = rundir.read_json(run / "manifest.json")
     page = run / "report" / "classes" / "0000-american-lobster.html"
     shown = {}
-    for stop, attempts in (("max_updates", 1), ("max_updates", 2), ("accuracy", 1)):
+    for stop, attempts, objective in (
+        ("max_updates", 1, "ce"),
+        ("patience", 2, "ce"),
+        ("max_updates", 1, "meanprob"),
+        ("max_updates", 2, "meanprob"),
+        ("accuracy", 1, "ce"),
+    ):
+        settings = {**manifest["settings"], "objective": objective}
+        rundir.write_json(run / "manifest.json", {**manifest, "settings": settings})
         rundir.write_json(path, {**summary, "stop_reason": stop, "attempts": attempts})
         rundir.RunDir(run).mark_done(0, "american lobster")
         report.render_report(run)
         text = " ".join(parse(page).texts)
-        shown[stop, attempts] = ("--attempts 2" in text, "in 2 attempts" in text)
+        hint = re.search(r"did not reach the stop; \s*(.*?)\s* learns it again", text)
+        shown[stop, attempts, objective] = (hint and hint.group(1), "in 2 attempts" in text)
     assert shown == {
-        ("max_updates", 1): (True, False),
-        ("max_updates", 2): (False, True),
-        ("accuracy", 1): (False, False),
+        ("max_updates", 1, "ce"): ("--objective meanprob --attempts 2", False),
+        ("patience", 2, "ce"): ("--objective meanprob", True),
+        ("max_updates", 1, "meanprob"): ("--attempts 2", False),
+        ("max_updates", 2, "meanprob"): (None, True),
+        ("accuracy", 1, "ce"): (None, False),
     }
 
 

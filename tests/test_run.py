@@ -266,6 +266,29 @@ def test_missing_hub_model_offline_names_download(tmp_path, monkeypatch, tiny_cl
     assert main(proc_args) == 2
 
 
+@pytest.mark.parametrize(
+    "extra, attempts, expected",
+    [
+        ([], 1, "; the token did not learn the class (try --objective meanprob --attempts 2)"),
+        (["--objective", "meanprob"], 1, "; the token did not learn the class (try --attempts 2)"),
+        (["--objective", "meanprob", "--attempts", "2"], 2, "; the token did not learn the class\n"),
+    ],
+)
+def test_run_names_a_token_that_did_not_learn_and_the_flags_left_to_try(
+    run_args, monkeypatch, capsys, extra, attempts, expected
+):
+    """The printed line of a class whose token missed the stop and gained nothing over the plain prompt."""
+    summary = {"name": "spiny lobster", "index": 1, "updates": 3, "attempts": attempts}
+    summary |= {"token_accuracy": 0.0, "baseline_accuracy": 0.25, "timings": {"total_s": 1.0}}
+    classes = [{**summary, "stop_reason": "max_updates"}, {**summary, "stop_reason": "accuracy"}]
+    result = pipeline.RunResult(run_dir=Path("r1"), classes=classes, findings=[], report=None)
+    monkeypatch.setattr(pipeline, "run_with_options", lambda options: result)
+    assert main([*run_args, "--classes", "lobster", *extra]) == 0
+    lines = capsys.readouterr().out.splitlines(keepends=True)
+    assert lines[0].endswith("(max_updates), 1.0 s" + expected.rstrip("\n") + "\n")
+    assert lines[1].endswith("(accuracy), 1.0 s\n")  # reached the stop: nothing to say
+
+
 def test_download_offline_is_one_line(monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert main(["download", "--generator", "stabilityai/sd-turbo"]) == 2

@@ -40,7 +40,10 @@ def read_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, self_contai
     manifest = read_manifest(run_dir)
     enrichment = read_enrichment(run_dir)
     flagged = _top_flagged(enrichment)
-    rows = [_class_row(run_dir, c, flagged, self_contained) for c in listed_classes(run_dir, manifest)]
+    rows = [
+        _class_row(run_dir, c, flagged, self_contained, manifest.settings or {})
+        for c in listed_classes(run_dir, manifest)
+    ]
     runs = manifest.class_runs
     finished = sorted(r["finished"] for r in runs.values() if isinstance(r, dict) and r.get("finished"))
     done = [r for r in rows if r["status"] == "done"]
@@ -174,7 +177,7 @@ def listed_classes(run_dir: Path, manifest: rundir.Manifest) -> list[dict]:
     return out
 
 
-def _class_row(run_dir: Path, c: dict, flagged: dict, self_contained: bool) -> dict:
+def _class_row(run_dir: Path, c: dict, flagged: dict, self_contained: bool, settings: dict) -> dict:
     """One index row: status and summary numbers from ``class.json`` (status only if unfinished)."""
     folder = run_dir / rundir.CLASSES_DIR / c["folder"]
     row = {
@@ -189,6 +192,7 @@ def _class_row(run_dir: Path, c: dict, flagged: dict, self_contained: bool) -> d
         **{k: None for k in ("updates", "stop_reason", "best_update", "seconds", "attempts")},
         "top_flagged": flagged.get(c["index"], []),
         "not_learned": False,
+        "retry": None,
     }
     state, detail = rundir.verify_folder(folder, quick=True)  # against its DONE marker, as verify checks
     if state in ("missing", "incomplete"):
@@ -211,6 +215,7 @@ def _class_row(run_dir: Path, c: dict, flagged: dict, self_contained: bool) -> d
     row["stop_reason"] = summary.get("stop_reason")
     row["attempts"] = to_number(summary.get("attempts"))
     row["not_learned"] = rundir.token_not_learned(summary)
+    row["retry"] = rundir.retry_flags(summary, settings)
     row["seconds"] = to_number((summary.get("timings") or {}).get("total_s"))
     row["placeholder"] = summary.get("placeholder", row["placeholder"])
     row["name"] = str(summary.get("name", row["name"]))
