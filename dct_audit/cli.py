@@ -123,8 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the counterfactual check adjusted for what else the generator drew, on 8 seeds then 32 for the "
         "attributes the 8 leave open (--confirm-max-seeds 32 --adjust): more planted biases confirmed at the same "
         "precision on the truth benchmark (200/218 vs 168/218 relied-on on twenty-two fresh seeds), about 3x the check's "
-        "images; and tokens learned with --objective meanprob, a second time for a class that did not reach the stop "
-        "(--attempts 2); "
+        "images; and a class whose token did not reach the stop learned a second time (--attempts 2); "
         "default: on with --classifier, off for the shipped demo (its 180 s budget)",
     )
     p.add_argument("--quiet", action="store_true")

@@ -25,7 +25,11 @@ from .world.paths import ATTRIBUTES_FILE, CLASSIFIERS, GENERATOR, NEEDED, WEIGHT
 # norm: without it, three classes that rely on their planted context (0.72-0.99) reached validation accuracy
 # 0.0 / 0.56 / 0.62 in 60 updates; with it 1.0 / 1.0 / 1.0 in 37-45. Chosen on random planted worlds
 # (benchmarks/bench_truth.py), not on the shipped one: deciding on each update's own fresh batch kept
-# lucky-batch tokens and stopped on noise (README, "Truth benchmark").
+# lucky-batch tokens and stopped on noise (README, "Truth benchmark"). The tokens learn with the "meanprob"
+# objective (minus the log of the mean target probability: the images nearest the class lead), chosen on the
+# hard classes of random planted worlds (19/28 learned against 13/28 with the paper's cross-entropy) and a fresh
+# seed's truth benchmark (README "Hard tokens"); on the shipped world (AVX2 machine) it learned the cross token
+# that cross-entropy did not (accuracy 0.38 against 0.00, baseline 0.06), in less time (206 s vs 239 s).
 DEMO_SETTINGS = dict(
     templates=("a photo of a {}", "a {}", "a picture of a {}"),
     contexts=("a photo of a {}", "a picture of a {}"),
@@ -47,6 +51,7 @@ DEMO_SETTINGS = dict(
     confirm="all",
     confirm_seeds=8,
     gen_batch=32,  # no-gradient images: 256 world images in 5.6 s at batch 32, 7.8 s at 8 (2-core CPU)
+    objective="meanprob",
 )
 
 # `dct-audit demo --thorough`: the check adjusted for the other attributes the generator drew
@@ -57,12 +62,11 @@ DEMO_SETTINGS = dict(
 # default check (8 seeds, unadjusted) confirmed 168/218; with the association stage 1 and 0 unplanted. The default of
 # `demo --classifier`, not of the shipped demo: about 3x the check's images (229 s for the demo), which its
 # 180 s on a 2-core CPU cannot afford.
-# Its tokens learn with the "meanprob" objective (the images nearest the class lead) and a class whose token
-# ends without reaching the stop is learned a second time (``attempts=2``): on seeds 123 and 125 the tokens of
-# relied-on planted classes confirmed by the check drew their plant for 19/22 instead of 14/22 (attempts alone:
-# 17/22; "--confirm flagged" precision 19/19), with the same confirmed findings, none on the four controls, and
-# 21% less inversion time (README "Hard tokens").
-THOROUGH = dict(confirm_seeds=8, confirm_max_seeds=32, adjust=True, attempts=2, objective="meanprob")
+# A class whose token ends without reaching the stop is learned a second time (``attempts=2``): with the
+# "meanprob" objective, on seeds 123 and 125 the tokens of relied-on planted classes confirmed by the check drew
+# their plant for 19/22 instead of 14/22 with one attempt of cross-entropy (attempts alone: 17/22), on the fresh
+# seed 127 8/10 instead of 7/10, with the same confirmed findings and none on the controls (README "Hard tokens").
+THOROUGH = dict(confirm_seeds=8, confirm_max_seeds=32, adjust=True, attempts=2)
 
 
 def world_models() -> dict[str, str]:

@@ -85,6 +85,8 @@ TOKEN_MISSES_ALLOWED = 1
 
 
 def test_inversion_raises_the_target_accuracy_of_every_class_it_changes(world):
+    settings = json.loads((world["biased"].run_dir / "manifest.json").read_text())["settings"]
+    assert (settings["objective"], settings["attempts"]) == ("meanprob", 1)  # the demo's inversion
     changed, missed = set(), []
     for c in world["biased"].classes:
         if c["token_unchanged"]:  # the classifier accepted the baseline's validation images: nothing to learn
