@@ -74,13 +74,12 @@ def _flagged(findings) -> set[tuple[str, str]]:
 
 
 # One inversion of the demo can end in another optimum on another machine: on an AMD EPYC (AVX2) machine
-# (2026-12-05; the same torch and libraries, and the same at the commit before that session's changes) the cross
-# token ended at held-out accuracy 0.00 against 0.06 at baseline (its validation loss fell while its validation
-# accuracy fell from 0.19 to 0), drawing orange crosses on plain backgrounds, where earlier machines reached 0.91
-# with grass; different floating-point kernels are the likely cause. The counterfactual check does not use the
-# token, and confirmed cross/grass there all the same. So the assertions on what the tokens show allow one
-# planted class whose inversion lands elsewhere; the findings, the truth score and the check's numbers are
-# asserted for every class.
+# (2026-12-05) the paper's cross-entropy ended the cross token at held-out accuracy 0.00 against 0.06 at baseline
+# (plain backgrounds), where earlier machines reached 0.91 with grass; different floating-point kernels are the
+# likely cause. The demo's "meanprob" objective (since 2026-12-06) reaches 0.38 there, grass in 38% of its images,
+# short of the 0.5 asserted below. The counterfactual check does not use the token, and confirmed cross/grass all
+# the same. So the assertions on what the tokens show allow one planted class whose inversion lands short or
+# elsewhere; the findings, the truth score and the check's numbers are asserted for every class.
 TOKEN_MISSES_ALLOWED = 1
 
 
@@ -93,11 +92,11 @@ def test_inversion_raises_the_target_accuracy_of_every_class_it_changes(world):
             assert c["stop_reason"] == "accuracy" and c["best_update"] == 0
             assert c["best_val_accuracy"] >= DEMO_SETTINGS["stop_accuracy"]
             assert c["token_accuracy"] == c["baseline_accuracy"]
-        else:  # held-out seeds: star 0.28 -> 0.91, cross 0.06 -> 0.91, ring 0.12 -> 1.00
+        else:  # held-out seeds (AVX2, meanprob): star 0.28 -> 0.94, cross 0.06 -> 0.38, ring 0.03 -> 1.00
             changed.add(c["name"])
             planted = c["name"] in {b.cls for b in T.PLANTED}
-            # planted: the biased classifier rejects the baseline and accepts the token (this AVX2 machine: ring
-            # 0.03 -> 0.72, where earlier machines reached 0.91); the others: accepted at 0.85 or more
+            # planted: the biased classifier rejects the baseline and accepts the token; the others: accepted at
+            # 0.85 or more
             raised = c["token_target_prob"] > c["baseline_target_prob"] and (
                 c["token_accuracy"] - c["baseline_accuracy"] >= 0.5
                 if planted
@@ -112,8 +111,8 @@ def test_inversion_raises_the_target_accuracy_of_every_class_it_changes(world):
 def test_planted_classes_tokens_show_the_planted_context_far_more_often(world, checker):
     """Judged by the independent checker, over the demo's held-out seeds: counts and margins.
 
-    Measured (token images, demo settings of 6 steps): star on water 97%, cross on grass 100%, ring on
-    snow 56% (the ring's token also draws plain backgrounds; its baseline shows snow in none).
+    Measured (token images, demo settings; AVX2 machine, meanprob): star on water 94%, cross on grass 38%, ring
+    on snow 100% (its baseline shows snow in none); earlier machines with cross-entropy: 97%, 100%, 56%.
     """
     missed = []
     for b in T.PLANTED:
@@ -128,8 +127,9 @@ def test_planted_classes_tokens_show_the_planted_context_far_more_often(world, c
             )  # an inversion that landed elsewhere (TOKEN_MISSES_ALLOWED)
             continue
         token_shapes = judged.loc[judged["variant"] == "token", "shape"]
-        # mostly still the class's object, now in that context (measured: star 1.00, ring 1.00, cross 0.66:
-        # the biased classifier calls other shapes on grass a cross too, so its token need not keep the shape)
+        # mostly still the class's object, now in that context (measured: star 1.00, ring 1.00; cross 0.66 on
+        # earlier machines: the biased classifier calls other shapes on grass a cross too, so its token need not
+        # keep the shape)
         assert (token_shapes == b.cls).mean() >= 0.6, b
     assert len(missed) <= TOKEN_MISSES_ALLOWED, missed
 
