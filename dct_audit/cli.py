@@ -126,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
         "images; and a class whose token did not reach the stop learned a second time (--attempts 2); "
         "default: on with --classifier, off for the shipped demo (its 180 s budget)",
     )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the demo's runs in --out that were made with other settings (an earlier version's, "
+        "or with(out) --thorough)",
+    )
     p.add_argument("--quiet", action="store_true")
 
     # report ------------------------------------------------------------------------------------
@@ -341,7 +347,9 @@ def _cmd_demo(args) -> int:
 
     if args.classifier:
         thorough = args.thorough is not False
-        result = audit_world_classifier(args.classifier, args.out, quiet=args.quiet, thorough=thorough)
+        result = audit_world_classifier(
+            args.classifier, args.out, quiet=args.quiet, thorough=thorough, overwrite=args.overwrite
+        )
         run = result["run"]
         _print_findings(run.findings)
         print(f"{_count(run.findings)}; report: {run.report}")
@@ -351,7 +359,9 @@ def _cmd_demo(args) -> int:
             print(format_score(result["truth"]) + f"; {Path(run.run_dir) / 'truth.json'}")
         return 0
     thorough = THOROUGH if args.thorough else {}
-    result = demo(args.out, compare_unbiased=not args.no_compare, quiet=args.quiet, **thorough)
+    result = demo(
+        args.out, compare_unbiased=not args.no_compare, quiet=args.quiet, overwrite=args.overwrite, **thorough
+    )
     biased = result["biased"]
     _print_findings(biased.findings)
     print(f"biased classifier: {_count(biased.findings)}; report: {biased.report}")

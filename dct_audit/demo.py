@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .errors import DctAuditError
+from .errors import DctAuditError, OtherSettings
 from .world.paths import ATTRIBUTES_FILE, CLASSIFIERS, GENERATOR, NEEDED, WEIGHTS
 
 # Settings for a laptop CPU: the world's images are 32 px and its models small, so the inversion can afford
@@ -101,16 +101,22 @@ def demo_run(
 
     models = world_models()
     settings = {"generator": models["generator"], "tagger": "world", **DEMO_SETTINGS, **overrides}
-    return run(
-        models.get(classifier, classifier),
-        classes or ",".join(SHAPES),
-        name=name,
-        attributes=models["attributes"],
-        out=out,
-        device="cpu",
-        quiet=quiet,
-        **settings,
-    )
+    try:
+        return run(
+            models.get(classifier, classifier),
+            classes or ",".join(SHAPES),
+            name=name,
+            attributes=models["attributes"],
+            out=out,
+            device="cpu",
+            quiet=quiet,
+            **settings,
+        )
+    except OtherSettings as e:  # the demo names its runs itself: another --out, not --name
+        raise DctAuditError(
+            f"'{e.root}' holds a demo run made with other settings ({e.changes}), e.g. by an earlier version "
+            "or with(out) --thorough; pass --overwrite to replace it, or another --out"
+        ) from None
 
 
 def score_truth(run, classifier_folder) -> dict | None:

@@ -50,7 +50,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import DctAuditError
+from .errors import DctAuditError, OtherSettings
 
 MARKER = "DONE"
 # run level
@@ -622,10 +622,7 @@ def open_run_dir(
         if diffs:
             shown = "; ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in diffs[:3])
             more = f" (+{len(diffs) - 3} more)" if len(diffs) > 3 else ""
-            raise DctAuditError(
-                f"'{root}' holds a run made with other settings ({shown}{more}); "
-                "pass --overwrite to replace it or --name to start a new run"
-            )
+            raise OtherSettings(root, shown + more)
     return run, previous
 
 

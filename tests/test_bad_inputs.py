@@ -194,6 +194,12 @@ CASES = [
         2,
         "is not a world classifier folder (no training.json)",
     ),
+    (  # a run of an earlier version (or of --thorough) in --out: the demo names its runs, so no --name
+        "demo-other-settings",
+        "demo --out {TMP}/olddemo --no-compare",
+        2,
+        "holds a demo run made with other settings (batch: None -> 8; classifier: None -> '",
+    ),
     # download
     ("download-local-file", "download --classifier file:{MODEL}", 2, "there is nothing to download"),
     (
@@ -240,6 +246,10 @@ def files(tmp_path, tiny_classifier, tiny_pipelines):
     config = {"architecture": "resnet18", "num_classes": 4, "label_names": ["a", "b", "c", "d"]}
     (tmp_path / "corrupt-timm" / "config.json").write_text(json.dumps(config))
     (tmp_path / "corrupt-timm" / "model.safetensors").write_bytes(b"\xff" * 4000)
+    (tmp_path / "olddemo" / "demo-biased").mkdir(parents=True)
+    (tmp_path / "olddemo" / "demo-biased" / "manifest.json").write_text(
+        json.dumps({"settings": {"objective": "ce"}})
+    )
     (tmp_path / "worldclf").mkdir()
     (tmp_path / "worldclf" / "config.json").write_text("{}")
     (tmp_path / "worldclf" / "training.json").write_text("{trunc")
@@ -281,3 +291,19 @@ def test_the_suite_covers_every_command():
     commands = {c[1].split()[0] for c in CASES}
     assert commands >= {"run", "classes", "compare", "report", "demo", "download", "verify"}
     assert len(CASES) >= 35
+
+
+def test_demo_overwrite_reaches_the_runs(monkeypatch, capsys, tmp_path):
+    """`demo --overwrite` (the fix the line above names) replaces the demo's runs: it reaches ``run``."""
+    import dct_audit.demo
+
+    seen = {}
+
+    def fake_demo(out, compare_unbiased=True, quiet=False, **overrides):
+        seen.update(overrides, out=out)
+        raise dct_audit.demo.DctAuditError("stop here")
+
+    monkeypatch.setattr(dct_audit.demo, "demo", fake_demo)
+    assert main(["demo", "--out", str(tmp_path), "--overwrite", "--thorough"]) == 2
+    assert seen["overwrite"] is True and seen["attempts"] == 2 and seen["out"] == str(tmp_path)
+    assert main(["demo", "--out", str(tmp_path)]) == 2 and seen["overwrite"] is False
