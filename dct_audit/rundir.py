@@ -194,7 +194,8 @@ def retry_flags(summary: dict, settings: dict) -> str | None:
     if summary.get("stop_reason") not in ("max_updates", "patience"):
         return None
     flags = [] if settings.get("objective") == "meanprob" else ["--objective meanprob"]
-    if (summary.get("attempts") or 1) < 2:
+    attempts = summary.get("attempts")  # None: written before --attempts; anything else but a number: damaged
+    if not (isinstance(attempts, int | float) and attempts >= 2):
         flags.append("--attempts 2")
     return " ".join(flags) or None
 

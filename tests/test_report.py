@@ -214,6 +214,21 @@ def test_token_not_learned_needs_a_missed_stop_and_no_gain_over_the_plain_prompt
         assert rundir.token_not_learned(summary) is expected, summary
 
 
+def test_retry_flags_name_what_the_run_did_not_use_and_survive_a_damaged_summary():
+    cases = {  # stop reason, attempts, objective -> flags
+        ("patience", 1, "ce"): "--objective meanprob --attempts 2",
+        ("max_updates", None, "meanprob"): "--attempts 2",  # written before --attempts: one attempt
+        ("max_updates", "two", "meanprob"): "--attempts 2",  # damaged: as one attempt, no error
+        ("max_updates", 2, None): "--objective meanprob",  # written before --objective: ce
+        ("max_updates", 3, "meanprob"): None,
+        ("accuracy", 1, "ce"): None,
+        (None, 1, "ce"): None,
+    }
+    for (stop, attempts, objective), expected in cases.items():
+        summary = {"stop_reason": stop, "attempts": attempts}
+        assert rundir.retry_flags(summary, {"objective": objective}) == expected, (stop, attempts, objective)
+
+
 def test_a_token_that_did_not_learn_is_marked_on_its_page_and_in_the_index(tiny_run, tmp_path):
     run = shutil.copytree(tiny_run, tmp_path / "run")
     for other in sorted(run.glob("classes/*/class.json"))[1:]:  # the other classes reached the stop
