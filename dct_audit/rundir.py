@@ -177,13 +177,16 @@ class ClassSummary:
         return cls(**{f.name: d.get(f.name) for f in fields(cls)})
 
 
+MISSED_STOP = ("max_updates", "patience")  # stop reasons of an inversion that did not reach its stop
+
+
 def token_not_learned(summary: dict) -> bool:
     """A class's ``class.json`` (as a dict) whose token did not reach the stop and makes the classifier call
     the evaluation images the class no more often than the plain prompt does: what such a token brings in is
     not evidence of what the classifier looks for."""
     token, baseline = summary.get("token_accuracy"), summary.get("baseline_accuracy")
     numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in (token, baseline))
-    missed = summary.get("stop_reason") in ("max_updates", "patience")
+    missed = summary.get("stop_reason") in MISSED_STOP
     return bool(numbers and missed and token <= baseline)
 
 
@@ -191,7 +194,7 @@ def retry_flags(summary: dict, settings: dict) -> str | None:
     """The flags of ``run`` that learn a class's token again when it did not reach the stop (``class.json``
     as a dict, the manifest's settings): ``--objective meanprob`` and ``--attempts 2``, each unless the run
     already used it (README "Hard tokens"); None when the token reached the stop or both were used."""
-    if summary.get("stop_reason") not in ("max_updates", "patience"):
+    if summary.get("stop_reason") not in MISSED_STOP:
         return None
     flags = [] if settings.get("objective") == "meanprob" else ["--objective meanprob"]
     attempts = summary.get("attempts")  # None: written before --attempts; anything else but a number: damaged

@@ -198,7 +198,7 @@ CASES = [
         "demo-other-settings",
         "demo --out {TMP}/olddemo --no-compare",
         2,
-        "holds a demo run made with other settings (batch: None -> 8; classifier: None -> '",
+        "pass --overwrite to replace it, or another --out",  # the demo's own fix, not run's --name
     ),
     # download
     ("download-local-file", "download --classifier file:{MODEL}", 2, "there is nothing to download"),
