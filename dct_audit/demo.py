@@ -30,7 +30,8 @@ from .world.paths import ATTRIBUTES_FILE, CLASSIFIERS, GENERATOR, NEEDED, WEIGHT
 # hard classes of random planted worlds (19/28 learned against 13/28 with the paper's cross-entropy); on two fresh
 # seeds' truth benchmark it was no worse and no better (10/17 plants brought in by the token either way, with
 # two attempts; README "Hard tokens"). On the shipped world (AVX2 machine) it learned the cross token that
-# cross-entropy did not (accuracy 0.38 against 0.00, baseline 0.06), in less time (206 s vs 239 s).
+# cross-entropy did not (accuracy 0.38 against 0.00, baseline 0.06), in less time (206 s vs 239 s, one run each):
+# that, not the fresh seeds, tipped the demo to it; it changes no confirmed finding (they use the plain prompt).
 DEMO_SETTINGS = dict(
     templates=("a photo of a {}", "a {}", "a picture of a {}"),
     contexts=("a photo of a {}", "a picture of a {}"),
