@@ -126,11 +126,16 @@ def build_parser() -> argparse.ArgumentParser:
         "images; and a class whose token did not reach the stop learned a second time (--attempts 2); "
         "default: on with --classifier, off for the shipped demo (its 180 s budget)",
     )
+    add_run_arguments(  # the flags a class page names for a token that did not reach the stop
+        p,
+        only=("attempts", "objective"),
+        override="as for run (default: the demo's, meanprob and one attempt; two with --thorough)",
+    )
     p.add_argument(
         "--overwrite",
         action="store_true",
         help="replace the demo's runs in --out that were made with other settings (an earlier version's, "
-        "or with(out) --thorough)",
+        "or with other --thorough, --attempts or --objective)",
     )
     p.add_argument("--quiet", action="store_true")
 
@@ -345,10 +350,11 @@ def _cmd_demo(args) -> int:
     from .demo import THOROUGH, audit_world_classifier, demo
     from .world.truth import format_score
 
+    given = {k: getattr(args, k) for k in ("attempts", "objective") if getattr(args, k) is not None}
     if args.classifier:
         thorough = args.thorough is not False
         result = audit_world_classifier(
-            args.classifier, args.out, quiet=args.quiet, thorough=thorough, overwrite=args.overwrite
+            args.classifier, args.out, quiet=args.quiet, thorough=thorough, overwrite=args.overwrite, **given
         )
         run = result["run"]
         _print_findings(run.findings)
@@ -358,9 +364,9 @@ def _cmd_demo(args) -> int:
         else:
             print(format_score(result["truth"]) + f"; {Path(run.run_dir) / 'truth.json'}")
         return 0
-    thorough = THOROUGH if args.thorough else {}
+    settings = {**(THOROUGH if args.thorough else {}), **given}
     result = demo(
-        args.out, compare_unbiased=not args.no_compare, quiet=args.quiet, overwrite=args.overwrite, **thorough
+        args.out, compare_unbiased=not args.no_compare, quiet=args.quiet, overwrite=args.overwrite, **settings
     )
     biased = result["biased"]
     _print_findings(biased.findings)

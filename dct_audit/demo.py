@@ -118,7 +118,7 @@ def demo_run(
     except OtherSettings as e:  # the demo names its runs itself: another --out, not --name
         raise DctAuditError(
             f"'{e.root}' holds a demo run made with other settings ({e.changes}), e.g. by an earlier version "
-            "or with(out) --thorough; pass --overwrite to replace it, or another --out"
+            "or with other --thorough, --attempts or --objective; pass --overwrite to replace it, or another --out"
         ) from None
 
 

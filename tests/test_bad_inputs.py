@@ -200,6 +200,8 @@ CASES = [
         2,
         "pass --overwrite to replace it, or another --out",  # the demo's own fix, not run's --name
     ),
+    ("demo-attempts-0", "demo --out {TMP}/demo --attempts 0", 2, "must be at least 1"),
+    ("demo-objective-unknown", "demo --out {TMP}/demo --objective mse", 2, "invalid choice: 'mse'"),
     # download
     ("download-local-file", "download --classifier file:{MODEL}", 2, "there is nothing to download"),
     (
@@ -307,3 +309,25 @@ def test_demo_overwrite_reaches_the_runs(monkeypatch, capsys, tmp_path):
     assert main(["demo", "--out", str(tmp_path), "--overwrite", "--thorough"]) == 2
     assert seen["overwrite"] is True and seen["attempts"] == 2 and seen["out"] == str(tmp_path)
     assert main(["demo", "--out", str(tmp_path)]) == 2 and seen["overwrite"] is False
+
+
+def test_demo_takes_the_retry_flags_a_class_page_names(monkeypatch, tmp_path):
+    """A demo class whose token missed the stop names `--objective` / `--attempts` (``rundir.retry_flags``):
+    `demo` accepts them, over the demo's settings and over --thorough's second attempt."""
+    import dct_audit.demo
+
+    seen = {}
+
+    def fake(*args, **overrides):
+        seen.clear()
+        seen.update(overrides)
+        raise dct_audit.demo.DctAuditError("stop here")
+
+    monkeypatch.setattr(dct_audit.demo, "demo", fake)
+    monkeypatch.setattr(dct_audit.demo, "audit_world_classifier", fake)
+    assert main(["demo", "--out", str(tmp_path), "--thorough", "--attempts", "3", "--objective", "ce"]) == 2
+    assert seen["attempts"] == 3 and seen["objective"] == "ce" and seen["confirm_max_seeds"] == 32
+    assert main(["demo", "--out", str(tmp_path)]) == 2
+    assert "attempts" not in seen and "objective" not in seen  # not given: the demo's own settings
+    assert main(["demo", "--classifier", str(tmp_path), "--attempts", "2"]) == 2
+    assert seen["attempts"] == 2 and seen["thorough"] is True
