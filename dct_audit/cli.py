@@ -213,8 +213,14 @@ def _cmd_discover(args) -> int:
             f"held-out pairs, q={r.q_value:.2g}); {verdict}"
         )
     n = int(table["significant"].sum())
-    print(
-        f"{len(table)} concept(s) tested, {n} significant, {int(table['confirmed'].sum())} confirmed: {args.run_dir}/discovered.csv"
+    checked = (
+        "not checked (--no-check)"
+        if args.no_check
+        else f"{int(table['confirmed'].sum())} confirmed by the counterfactual check (the findings)"
+    )
+    print(  # significance alone is weak evidence: a token moves its images (README "Reading a discovered finding")
+        f"{len(table)} concept(s) tested, {n} closer to the token's images on held-out seeds (not a finding by "
+        f"itself), {checked}: {args.run_dir}/discovered.csv"
     )
     print(f"report: {render_report(args.run_dir)}")
     return 0

@@ -180,3 +180,15 @@ def test_discover_on_a_finished_run_keeps_every_tested_concept_and_only_confirme
     ):
         with pytest.raises(DctAuditError, match=message):
             D.discover_run(run_dir, check=False, quiet=True, **kwargs)
+
+    # the command line's summary does not call significant concepts findings (the token moves its images)
+    from dct_audit.cli import main
+
+    monkeypatch.undo()  # the real tagger again
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    capsys.readouterr()
+    argv = ["discover", str(run_dir), "--concepts", str(words), "--top-k", "4", "--alpha", "0.5", "--quiet"]
+    assert main([*argv, "--no-check"]) == 0
+    out = capsys.readouterr().out
+    assert "closer to the token's images on held-out seeds (not a finding by itself), not checked" in out
+    assert " significant" not in out
