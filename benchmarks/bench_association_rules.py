@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from bench_confirm_seeds import runs_with_truth  # benchmarks/ is on the path of a script run from it
 from scipy import stats
 
 from dct_audit import rundir
@@ -96,15 +97,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     vocabulary = load_vocabulary(str(ATTRIBUTES_FILE))
     rows = []
-    for folder in map(Path, args.folders):
-        worlds = pd.read_csv(folder / "worlds.csv")
-        for world, g in worlds.groupby("world"):
-            planted = {(r.cls, r.value): bool(r.relies) for r in g.itertuples() if isinstance(r.cls, str)}
-            run = folder / "runs" / f"demo-{world}"
-            if (run / rundir.COUNTERFACTUAL_DIR / rundir.ASSOCIATION).is_file() and (
-                run / rundir.FINDINGS
-            ).is_file():
-                rows += rows_of_run(run, planted, f"{folder.name}/{world}", vocabulary)
+    for label, run, planted, _ in runs_with_truth(args.folders, None):
+        if (run / rundir.COUNTERFACTUAL_DIR / rundir.ASSOCIATION).is_file() and (
+            run / rundir.FINDINGS
+        ).is_file():
+            rows += rows_of_run(run, planted, label, vocabulary)
     df = pd.DataFrame(rows)
     if df.empty:
         print("no run with an association stage in these folders", file=sys.stderr)

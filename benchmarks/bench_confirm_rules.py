@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from bench_confirm_seeds import runs_with_truth  # benchmarks/ is on the path of a script run from it
 
 from dct_audit import rundir
 from dct_audit.check import attribute_effect, confirmed
@@ -47,6 +48,8 @@ def rows_of_run(run: Path, planted: dict, world: str, vocabulary) -> list[dict]:
     f = enrichment[enrichment["flagged"]]
     flagged = set(zip(f["class_name"], f["attribute"], strict=True))
     for file in sorted((run / rundir.COUNTERFACTUAL_DIR).glob("*.json")):
+        if file.name == rundir.ASSOCIATION:  # the association stage's cache, not a class's check
+            continue
         cls = file.stem.split("-", 1)[1]
         sweep = json.loads(file.read_text())["prompts"]
         for a in vocabulary.attributes:
@@ -87,13 +90,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     vocabulary = load_vocabulary(str(ATTRIBUTES_FILE))
     rows = []
-    for folder in map(Path, args.folders):
-        worlds = pd.read_csv(folder / "worlds.csv")
-        for world, g in worlds.groupby("world"):
-            planted = {(r.cls, r.value): bool(r.relies) for r in g.itertuples() if isinstance(r.cls, str)}
-            run = folder / "runs" / f"demo-{world}"
-            if (run / rundir.COUNTERFACTUAL_DIR).is_dir():
-                rows += rows_of_run(run, planted, f"{folder.name}/{world}", vocabulary)
+    for label, run, planted, _ in runs_with_truth(args.folders, None):
+        if (run / rundir.COUNTERFACTUAL_DIR).is_dir():
+            rows += rows_of_run(run, planted, label, vocabulary)
     if args.shipped:
         planted = {(b.cls, b.value): True for b in T.PLANTED}
         rows += rows_of_run(Path(args.shipped), planted, "shipped", vocabulary)
