@@ -68,8 +68,8 @@ def rows_of_run(run: Path, planted: dict, world: str, vocabulary) -> list[dict]:
             continue
         a, index = by_name[f["attribute"]], str(f["class_index"])
 
-        def probs(template, a=assoc, i=index):
-            return np.concatenate([cache[template.format(s)]["probs"][i] for s in a["subjects"]])
+        def probs(template, subjects=assoc["subjects"], i=index):
+            return np.concatenate([cache[template.format(s)]["probs"][i] for s in subjects])
 
         kept = {r["name"] for r in assoc["replacements"]}
         others = [probs(t) for n, t in vocabulary.replacements(a) if n in kept]
